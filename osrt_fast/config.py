@@ -1,0 +1,173 @@
+"""Typed configuration: the reference's YAML layout (`data`, `model`, `training`), checked.
+
+A reference run directory's `config.yaml` loads unchanged. Unknown keys are an error that names
+the key and the valid ones; YAML is always parsed with the safe loader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or section is malformed; the message says what to change."""
+
+
+@dataclass
+class DataConfig:
+    # 'procedural' (built-in generator), 'clevr3d', 'obsurf_msn', 'osrt' / 'msn' (MSN-Hard), 'nmr'
+    dataset: str = "procedural"
+    # Dataset folder; the reference's default is data/<dataset>.
+    path: Optional[str] = None
+    # Target rays sampled per scene and training step.
+    num_points: int = 2048
+    # Dataset-specific keyword arguments (e.g. downsample, max_objects, num_input_views, and for
+    # 'procedural' the generator settings num_scenes, height, width, num_views, ...).
+    kwargs: dict = field(default_factory=dict)
+
+    def resolved_path(self) -> str:
+        return self.path if self.path is not None else os.path.join("data", self.dataset)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "osrt"            # 'osrt' | 'srt'
+    encoder_kwargs: dict = field(default_factory=dict)
+    decoder: str = "slot_mixer"      # 'slot_mixer' | 'spatial_broadcast' | 'srt'
+    decoder_kwargs: dict = field(default_factory=dict)
+    # The reference's switch to PyTorch's default initialisation instead of the paper's.
+    use_default_init: bool = False
+    # Which implementation computes the model: 'eager' is the definition and runs everywhere.
+    backend: str = "eager"
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 256
+    num_workers: int = 1
+    model_selection_metric: str = "psnr"
+    model_selection_mode: str = "maximize"
+    print_every: int = 10
+    visualize_every: int = 5000
+    validate_every: int = 5000
+    checkpoint_every: int = 1000
+    backup_every: int = 25000
+    max_it: int = 4_000_000
+    decay_it: int = 4_000_000
+    lr_warmup: int = 2500
+    # Options beyond the reference (the reference's values are the defaults).
+    peak_lr: float = 1e-4
+    decay_rate: float = 0.16
+    seed: int = 0
+    device: str = "auto"             # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
+    max_nonfinite_steps: int = 5     # stop after this many non-finite losses in a row
+    eval_batch_size: Optional[int] = None   # default: max(1, batch_size // 8), as the reference
+    vis_scenes: int = 6               # scenes in the visualisation grids
+    # Reference keys for its NeRF decoder; accepted so its configs load, unused by OSRT.
+    num_coarse_samples: Optional[int] = None
+    num_fine_samples: Optional[int] = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig}
+
+
+def _build(cls, values: Any, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(repr(f'{where}.{k}') for k in unknown)}; "
+            f"valid keys in '{where}' are: {', '.join(sorted(valid))}")
+    kwargs = {}
+    for name, value in values.items():
+        default = valid[name].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"'{where}.{name}' must be true or false, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
+                and value.is_integer():
+            value = int(value)   # YAML writes 4e6 as a float
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if valid[name].default_factory is dict and value is None:  # type: ignore[comparison-overlap]
+            value = {}
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Any) -> Config:
+    """Builds a checked Config from a dict with (some of) the sections data, model, training."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping with sections {sorted(_SECTIONS)}, "
+                          f"got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; valid sections are: "
+                          f"{', '.join(sorted(_SECTIONS))}")
+    cfg = Config(**{name: _build(cls, raw.get(name), name) for name, cls in _SECTIONS.items()})
+    validate(cfg)
+    return cfg
+
+
+def model_config_from_any(model_cfg: Any) -> ModelConfig:
+    """Accepts a ModelConfig, a reference-style `model:` dict, or a whole Config."""
+    if isinstance(model_cfg, ModelConfig):
+        return model_cfg
+    if isinstance(model_cfg, Config):
+        return model_cfg.model
+    return _build(ModelConfig, model_cfg, "model")
+
+
+def validate(cfg: Config) -> None:
+    t = cfg.training
+    if t.model_selection_mode not in ("maximize", "minimize"):
+        raise ConfigError("training.model_selection_mode must be 'maximize' or 'minimize', "
+                          f"got {t.model_selection_mode!r}")
+    if t.batch_size < 1:
+        raise ConfigError(f"training.batch_size must be positive, got {t.batch_size}")
+    if cfg.data.num_points < 1:
+        raise ConfigError(f"data.num_points must be positive, got {cfg.data.num_points}")
+    if cfg.model.backend not in ("eager", "triton"):
+        raise ConfigError(f"model.backend must be 'eager' or 'triton', got {cfg.model.backend!r}")
+    if not isinstance(cfg.data.kwargs, dict):
+        raise ConfigError("data.kwargs must be a mapping")
+
+
+def load_config(path: str) -> Config:
+    """Reads a YAML config (safe loader) into a checked Config."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist; the configs shipped with "
+                          "osrt-fast are in configs/ (e.g. configs/demo.yaml)")
+    with open(path, "r") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
