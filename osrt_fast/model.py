@@ -1,0 +1,477 @@
+"""OSRT, eager: the definition every fast path is measured against.
+
+Module attribute names reproduce the reference's state-dict keys (stelzner/osrt), so its
+checkpoints load as they are; `Identity` stands where the reference has a zero-rate Dropout,
+keeping the indices of `nn.Sequential` keys.
+
+Shapes: B scenes, V input views of H x W pixels, R query rays, K slots, N set-latent tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError, ModelConfig, model_config_from_any
+
+NUM_OCTAVES = 15
+QUERY_DIM = 4 * 3 * NUM_OCTAVES      # 180: sin and cos of 3 coordinates, for position and direction
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation (OSRT appendix / the reference's Linear subclasses)
+
+def init_attention_linear(layer: nn.Linear) -> None:
+    """Truncated normal, std sqrt(1/fan_in), cut at 2 std; zero bias (JAX's default)."""
+    std = math.sqrt(1.0 / layer.weight.shape[1])
+    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def init_vit_linear(layer: nn.Linear) -> None:
+    """Xavier uniform, bias N(0, 1e-6) (ViT's MLP layers)."""
+    nn.init.xavier_uniform_(layer.weight)
+    if layer.bias is not None:
+        nn.init.normal_(layer.bias, std=1e-6)
+
+
+def init_decoder_linear(layer: nn.Linear) -> None:
+    """Xavier uniform, zero bias (SRT's decoder layers)."""
+    nn.init.xavier_uniform_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def linear(in_dim: int, out_dim: int, init, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(in_dim, out_dim, bias=bias)
+    layer.paper_init = init          # applied by OSRT.reset_parameters unless use_default_init
+    return layer
+
+
+# --------------------------------------------------------------------------------------------
+# Ray encoding
+
+def sinusoidal_encoding(x: torch.Tensor, start_octave: float, num_octaves: int = NUM_OCTAVES):
+    """[..., D] -> [..., 2 * D * num_octaves]: all sines, then all cosines, coordinate-major."""
+    octaves = torch.arange(start_octave, start_octave + num_octaves, dtype=x.dtype, device=x.device)
+    scaled = (x.unsqueeze(-1) * (2.0 ** octaves * math.pi)).flatten(-2)
+    return torch.cat((torch.sin(scaled), torch.cos(scaled)), -1)
+
+
+def ray_encoding(camera_pos: torch.Tensor, rays: torch.Tensor, pos_start_octave: float = 0.0):
+    """The 180 query features of rays: encoding of the camera position, then of the direction.
+
+    camera_pos [..., 3] and rays [..., 3] -> [..., 180].
+    """
+    pos = sinusoidal_encoding(camera_pos, pos_start_octave)
+    direction = sinusoidal_encoding(rays, 0.0)
+    return torch.cat((pos.expand(direction.shape), direction), -1)
+
+
+class RayEncoder(nn.Module):
+    """Holds the octave setting; no parameters (as the reference, nothing in the state dict)."""
+
+    def __init__(self, pos_start_octave: float = 0.0):
+        super().__init__()
+        self.pos_start_octave = pos_start_octave
+
+    def forward(self, camera_pos: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
+        """camera_pos [B, 3], rays [B, H, W, 3] -> [B, 180, H, W]; or [B, R, 3] each -> [B, R, 180]."""
+        if rays.dim() == 4:
+            enc = ray_encoding(camera_pos[:, None, None, :], rays, self.pos_start_octave)
+            return enc.permute(0, 3, 1, 2)
+        return ray_encoding(camera_pos, rays, self.pos_start_octave)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer (pre-LayerNorm, ViT style)
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x, **kwargs):
+        return self.fn(self.norm(x), **kwargs)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(linear(dim, hidden_dim, init_vit_linear), nn.GELU(), nn.Identity(),
+                                 linear(hidden_dim, dim, init_vit_linear))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (`to_qkv`) or cross-attention (`to_q`, `to_kv`) through SDPA."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, selfatt: bool = True,
+                 kv_dim: Optional[int] = None):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        if selfatt:
+            self.to_qkv = linear(dim, 3 * inner, init_attention_linear, bias=False)
+        else:
+            self.to_q = linear(dim, inner, init_attention_linear, bias=False)
+            self.to_kv = linear(kv_dim, 2 * inner, init_attention_linear, bias=False)
+        self.to_out = nn.Sequential(linear(inner, dim, init_attention_linear), nn.Identity())
+
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, N, dim] attends to itself, or to z [B, M, kv_dim] when given."""
+        if z is None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q = self.to_q(x)
+            k, v = self.to_kv(z).chunk(2, dim=-1)
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
+                 selfatt: bool = True, kv_dim: Optional[int] = None):
+        super().__init__()
+        self.layers = nn.ModuleList([
+            nn.ModuleList([
+                PreNorm(dim, Attention(dim, heads, dim_head, selfatt=selfatt, kv_dim=kv_dim)),
+                PreNorm(dim, FeedForward(dim, mlp_dim)),
+            ]) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = attn(x, z=z) + x
+            x = ff(x) + x
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders
+
+class SRTConvBlock(nn.Module):
+    """3x3 conv, ReLU, 3x3 conv with stride 2, ReLU; no biases."""
+
+    def __init__(self, idim: int, hdim: int, odim: int):
+        super().__init__()
+        conv = dict(kernel_size=3, padding=1, bias=False)
+        self.layers = nn.Sequential(nn.Conv2d(idim, hdim, stride=1, **conv), nn.ReLU(),
+                                    nn.Conv2d(hdim, odim, stride=2, **conv), nn.ReLU())
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class ImprovedSRTEncoder(nn.Module):
+    """SRT encoder with OSRT's improvements (appendix A.4): images + rays -> set-latents.
+
+    Defaults are the paper's; widths are configurable for small experiments.
+    """
+
+    def __init__(self, num_conv_blocks: int = 3, num_att_blocks: int = 5, pos_start_octave: float = 0,
+                 conv_dim: int = 96, latent_dim: int = 768, num_heads: int = 12,
+                 head_dim: int = 64, mlp_dim: int = 1536):
+        super().__init__()
+        self.ray_encoder = RayEncoder(pos_start_octave)
+        self.downsample = 2 ** num_conv_blocks
+        blocks, width = [SRTConvBlock(3 + QUERY_DIM, conv_dim, 2 * conv_dim)], 2 * conv_dim
+        for _ in range(1, num_conv_blocks):
+            blocks.append(SRTConvBlock(width, width, 2 * width))
+            width *= 2
+        self.conv_blocks = nn.Sequential(*blocks)
+        self.per_patch_linear = nn.Conv2d(width, latent_dim, kernel_size=1)
+        self.transformer = Transformer(latent_dim, num_att_blocks, num_heads, head_dim, mlp_dim)
+        self.latent_dim = latent_dim
+
+    def forward(self, images: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor):
+        """images [B, V, 3, H, W], camera_pos [B, V, 3], rays [B, V, H, W, 3] -> [B, V*h*w, latent]."""
+        check_encoder_inputs(images, camera_pos, rays, self.downsample)
+        batch, views = images.shape[:2]
+        x = torch.cat((images.flatten(0, 1),
+                       self.ray_encoder(camera_pos.flatten(0, 1), rays.flatten(0, 1))), 1)
+        x = self.per_patch_linear(self.conv_blocks(x))           # [B*V, latent, h, w]
+        x = x.flatten(2).transpose(1, 2).reshape(batch, -1, x.shape[1])
+        return self.transformer(x)
+
+
+def check_encoder_inputs(images, camera_pos, rays, multiple: int) -> None:
+    if images.dim() != 5 or images.shape[2] != 3:
+        raise ValueError(f"images must be [B, V, 3, H, W], got {tuple(images.shape)}")
+    b, v, _, h, w = images.shape
+    if h % multiple or w % multiple:
+        raise ValueError(
+            f"input images are {h}x{w} pixels, but the encoder's {int(math.log2(multiple))} "
+            f"stride-2 conv blocks need height and width divisible by {multiple}; resize or crop "
+            f"the images (e.g. to {h - h % multiple or multiple}x{w - w % multiple or multiple}) "
+            "or change data.kwargs.downsample")
+    if tuple(camera_pos.shape) != (b, v, 3):
+        raise ValueError(f"camera_pos must be [B, V, 3] = {(b, v, 3)}, got {tuple(camera_pos.shape)}")
+    if tuple(rays.shape) != (b, v, h, w, 3):
+        raise ValueError(f"rays must be [B, V, H, W, 3] = {(b, v, h, w, 3)}, got {tuple(rays.shape)}")
+
+
+class SlotAttention(nn.Module):
+    """Slot Attention (Locatello et al.) with learned initial slots, as in OSRT.
+
+    Softmax over the slots, + eps, renormalised over the inputs; GRU update; residual MLP.
+    """
+
+    def __init__(self, num_slots: int, input_dim: int = 768, slot_dim: int = 1536,
+                 hidden_dim: int = 3072, iters: int = 1, eps: float = 1e-8):
+        super().__init__()
+        self.num_slots, self.slot_dim, self.iters, self.eps = num_slots, slot_dim, iters, eps
+        self.initial_slots = nn.Parameter(torch.randn(num_slots, slot_dim))
+        self.to_q = linear(slot_dim, slot_dim, init_attention_linear, bias=False)
+        self.to_k = linear(input_dim, slot_dim, init_attention_linear, bias=False)
+        self.to_v = linear(input_dim, slot_dim, init_attention_linear, bias=False)
+        self.gru = nn.GRUCell(slot_dim, slot_dim)
+        self.mlp = nn.Sequential(linear(slot_dim, hidden_dim, init_attention_linear), nn.ReLU(),
+                                 linear(hidden_dim, slot_dim, init_attention_linear))
+        self.norm_input = nn.LayerNorm(input_dim)
+        self.norm_slots = nn.LayerNorm(slot_dim)
+        self.norm_pre_mlp = nn.LayerNorm(slot_dim)
+
+    def attention_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q [B, K, D], k and v [B, N, D] -> (updates [B, K, D], attention [B, K, N])."""
+        logits = torch.bmm(q, k.transpose(1, 2)) * self.slot_dim ** -0.5
+        attn = logits.softmax(dim=1) + self.eps
+        attn = attn / attn.sum(dim=-1, keepdim=True)
+        return torch.bmm(attn, v), attn
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs [B, N, input_dim] -> slots [B, K, slot_dim]."""
+        batch = inputs.shape[0]
+        inputs = self.norm_input(inputs)
+        k, v = self.to_k(inputs), self.to_v(inputs)
+        slots = self.initial_slots.unsqueeze(0).expand(batch, -1, -1)
+        for _ in range(self.iters):
+            updates, _ = self.attention_step(self.to_q(self.norm_slots(slots)), k, v)
+            slots = self.gru(updates.flatten(0, 1), slots.flatten(0, 1)).view_as(updates)
+            slots = slots + self.mlp(self.norm_pre_mlp(slots))
+        return slots
+
+
+class OSRTEncoder(nn.Module):
+    """Improved SRT encoder followed by Slot Attention: images -> slots [B, K, slot_dim]."""
+
+    def __init__(self, pos_start_octave: float = 0, num_slots: int = 6, slot_dim: int = 1536,
+                 slot_iters: int = 1, randomize_initial_slots: bool = False,
+                 slot_mlp_dim: Optional[int] = None, **srt_kwargs):
+        super().__init__()
+        if randomize_initial_slots:
+            raise ConfigError("model.encoder_kwargs.randomize_initial_slots is not supported (the "
+                              "reference's option has no noise scale and fails); set it to false")
+        self.srt_encoder = ImprovedSRTEncoder(pos_start_octave=pos_start_octave, **srt_kwargs)
+        self.slot_attention = SlotAttention(num_slots, input_dim=self.srt_encoder.latent_dim,
+                                            slot_dim=slot_dim,
+                                            hidden_dim=slot_mlp_dim or 2 * slot_dim,
+                                            iters=slot_iters)
+
+    def forward(self, images, camera_pos, rays):
+        """images [B, V, 3, H, W], camera_pos [B, V, 3], rays [B, V, H, W, 3] -> [B, K, slot_dim]."""
+        return self.slot_attention(self.srt_encoder(images, camera_pos, rays))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoders
+
+class RayPredictor(nn.Module):
+    """Query MLP over the ray encoding, then cross-attention blocks to the latents.
+
+    Called `allocation_transformer` in the decoders. Heads are z/12 wide, the MLP 2z.
+    """
+
+    def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, z_dim: int = 1536,
+                 num_heads: int = 12):
+        super().__init__()
+        self.input_mlp = nn.Sequential(linear(QUERY_DIM, 2 * QUERY_DIM, init_decoder_linear), nn.ReLU(),
+                                       linear(2 * QUERY_DIM, QUERY_DIM, init_decoder_linear))
+        self.query_encoder = RayEncoder(pos_start_octave)
+        self.transformer = Transformer(QUERY_DIM, num_att_blocks, num_heads, z_dim // num_heads,
+                                       2 * z_dim, selfatt=False, kv_dim=z_dim)
+
+    def forward(self, z, camera_pos, rays):
+        """z [B, N, z_dim], camera_pos and rays [B, R, 3] -> (features [B, R, 180], queries [B, R, 180])."""
+        queries = self.input_mlp(self.query_encoder(camera_pos, rays))
+        return self.transformer(queries, z), queries
+
+
+class MixingBlock(nn.Module):
+    """Per ray, softmax weights over the slots (the segmentation) and the weighted slot mean."""
+
+    def __init__(self, input_dim: int = QUERY_DIM, slot_dim: int = 1536, att_dim: int = 1536,
+                 layer_norm: bool = False):
+        super().__init__()
+        self.to_q = linear(input_dim, att_dim, init_decoder_linear, bias=False)
+        self.to_k = linear(slot_dim, att_dim, init_decoder_linear, bias=False)
+        self.layer_norm = layer_norm
+        if layer_norm:
+            self.norm1 = nn.LayerNorm(input_dim)
+            self.norm2 = nn.LayerNorm(slot_dim)
+        self.scale = att_dim ** -0.5
+
+    def forward(self, x, slots):
+        """x [B, R, input_dim], slots [B, K, slot_dim] -> (mixed [B, R, slot_dim], weights [B, R, K])."""
+        if self.layer_norm:
+            x = self.norm1(x)
+        logits = torch.bmm(self.to_q(x), self.to_k(slots).transpose(1, 2)) * self.scale
+        weights = logits.softmax(dim=-1)
+        mixed = torch.bmm(weights, slots)        # never a [B, R, K, D] broadcast
+        if self.layer_norm:
+            mixed = self.norm2(mixed)
+        return mixed, weights
+
+
+def render_mlp_layers(input_dim: int, hidden_dim: int, out_dim: int, num_hidden: int = 4):
+    """Linear, LeakyReLU(0.01) pairs, then a Linear to out_dim (indices 0, 2, ... as the reference)."""
+    layers, width = [], input_dim
+    for _ in range(num_hidden):
+        layers += [linear(width, hidden_dim, init_decoder_linear), nn.LeakyReLU()]
+        width = hidden_dim
+    layers.append(linear(width, out_dim, init_decoder_linear))
+    return layers
+
+
+class RenderMLP(nn.Module):
+    def __init__(self, input_dim: int = 1536 + QUERY_DIM, hidden_dim: int = 1536):
+        super().__init__()
+        self.net = nn.Sequential(*render_mlp_layers(input_dim, hidden_dim, 3), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SlotMixerDecoder(nn.Module):
+    """OSRT's Slot Mixer decoder: slots + query rays -> pixels and per-ray slot weights."""
+
+    def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, layer_norm: bool = False,
+                 slot_dim: int = 1536, att_dim: Optional[int] = None,
+                 render_hidden_dim: Optional[int] = None, num_heads: int = 12):
+        super().__init__()
+        self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=slot_dim,
+                                                   num_heads=num_heads)
+        self.mixing_block = MixingBlock(slot_dim=slot_dim, att_dim=att_dim or slot_dim,
+                                        layer_norm=layer_norm)
+        self.render_mlp = RenderMLP(slot_dim + QUERY_DIM, render_hidden_dim or slot_dim)
+
+    def forward(self, slot_latents, camera_pos, rays, **kwargs):
+        """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]})."""
+        x, queries = self.allocation_transformer(slot_latents, camera_pos, rays)
+        mixed, weights = self.mixing_block(x, slot_latents)
+        pixels = self.render_mlp(torch.cat((mixed, queries), -1))
+        return pixels, {"segmentation": weights}
+
+
+class ImprovedSRTDecoder(nn.Module):
+    """The improved SRT decoder: allocation transformer over set-latents, then the render MLP."""
+
+    def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, latent_dim: int = 768,
+                 render_hidden_dim: int = 1536, num_heads: int = 12):
+        super().__init__()
+        self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=latent_dim,
+                                                   num_heads=num_heads)
+        self.render_mlp = RenderMLP(QUERY_DIM, render_hidden_dim)
+
+    def forward(self, set_latents, camera_pos, rays, **kwargs):
+        """set_latents [B, N, latent], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {})."""
+        x, _ = self.allocation_transformer(set_latents, camera_pos, rays)
+        return self.render_mlp(x), {}
+
+
+class SpatialBroadcastDecoder(nn.Module):
+    """Each slot decoded independently per ray to a logit and a colour; softmax over slots mixes.
+
+    Inherently [B, R, K, ...]: about 23x Slot Mixer's decoder cost at K = 32.
+    """
+
+    def __init__(self, pos_start_octave: float = 0, slot_dim: int = 1536, hidden_dim: int = 1536):
+        super().__init__()
+        self.query_encoder = RayEncoder(pos_start_octave)
+        self.render_mlp = nn.Sequential(*render_mlp_layers(slot_dim + QUERY_DIM, hidden_dim, 4))
+
+    def forward(self, slot_latents, camera_pos, rays, **kwargs):
+        """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]})."""
+        queries = self.query_encoder(camera_pos, rays)
+        num_rays, num_slots = queries.shape[1], slot_latents.shape[1]
+        x = torch.cat((queries.unsqueeze(2).expand(-1, -1, num_slots, -1),
+                       slot_latents.unsqueeze(1).expand(-1, num_rays, -1, -1)), -1)
+        out = self.render_mlp(x)
+        weights = out[..., 0].softmax(dim=2)
+        pixels = (torch.sigmoid(out[..., 1:]) * weights.unsqueeze(-1)).sum(2)
+        return pixels, {"segmentation": weights}
+
+
+# --------------------------------------------------------------------------------------------
+
+ENCODERS = {"osrt": OSRTEncoder, "srt": ImprovedSRTEncoder}
+DECODERS = {"slot_mixer": SlotMixerDecoder, "spatial_broadcast": SpatialBroadcastDecoder,
+            "srt": ImprovedSRTDecoder}
+
+
+def _construct(kind: str, registry: dict, name: str, kwargs: dict) -> nn.Module:
+    if name not in registry:
+        raise ConfigError(f"unknown model.{kind} {name!r}; valid: {', '.join(registry)}")
+    cls = registry[name]
+    import inspect
+    params = inspect.signature(cls.__init__).parameters
+    valid = [p for p in params if p not in ("self", "srt_kwargs")]
+    if cls is OSRTEncoder:
+        valid += [p for p in inspect.signature(ImprovedSRTEncoder.__init__).parameters
+                  if p not in ("self", "pos_start_octave")]
+    unknown = sorted(set(kwargs or {}) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in model.{kind}_kwargs for {kind} {name!r}; "
+                          f"valid keys: {', '.join(sorted(valid))}")
+    return cls(**(kwargs or {}))
+
+
+class OSRT(nn.Module):
+    """OSRT (or SRT) from the reference's `model:` config section.
+
+    `model.encoder(images, camera_pos, rays)` and `model.decoder(latents, camera_pos, rays)` have
+    the reference's signatures; `model(...)` runs both.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        cfg: ModelConfig = model_config_from_any(cfg)
+        if cfg.backend != "eager":
+            raise ConfigError(f"model.backend {cfg.backend!r} is not available in this version; "
+                              "use backend: eager")
+        self.cfg = cfg
+        self.encoder = _construct("encoder", ENCODERS, cfg.encoder, cfg.encoder_kwargs)
+        self.decoder = _construct("decoder", DECODERS, cfg.decoder, cfg.decoder_kwargs)
+        self._check_widths()
+        if not cfg.use_default_init:
+            self.reset_parameters()
+
+    def _check_widths(self) -> None:
+        enc = self.encoder
+        latent = (enc.slot_attention.slot_dim if isinstance(enc, OSRTEncoder) else enc.latent_dim)
+        dec = self.decoder
+        expected = (dec.allocation_transformer.transformer.layers[0][0].fn.to_kv.in_features
+                    if hasattr(dec, "allocation_transformer")
+                    else dec.render_mlp[0].in_features - QUERY_DIM)
+        if latent != expected:
+            raise ConfigError(f"the encoder outputs {latent}-d latents but the decoder expects "
+                              f"{expected}-d; set the decoder's slot_dim/latent_dim to {latent}")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's initialisation; convs, GRU and LayerNorms keep PyTorch's defaults."""
+        for module in self.modules():
+            init = getattr(module, "paper_init", None)
+            if init is not None:
+                init(module)
+
+    def forward(self, images, camera_pos, rays, target_camera_pos, target_rays):
+        latents = self.encoder(images, camera_pos, rays)
+        return self.decoder(latents, target_camera_pos, target_rays)

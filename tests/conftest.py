@@ -1,0 +1,33 @@
+"""Test-wide setup. TRITON_INTERPRET must be set before any @triton.jit is imported."""
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = os.environ.get("OSRT_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+REFERENCE_VECTORS = os.path.join(SHARED, "spec", "reference_vectors")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_model_config(**overrides):
+    """A small OSRT (Slot Mixer) for fast CPU tests."""
+    cfg = {
+        "encoder": "osrt",
+        "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 3, "slot_dim": 32,
+                           "num_conv_blocks": 3, "num_att_blocks": 1, "conv_dim": 8,
+                           "latent_dim": 32, "num_heads": 2, "head_dim": 16, "mlp_dim": 64},
+        "decoder": "slot_mixer",
+        "decoder_kwargs": {"pos_start_octave": -5, "slot_dim": 32, "num_att_blocks": 1,
+                           "render_hidden_dim": 32, "num_heads": 2},
+    }
+    cfg.update(overrides)
+    return cfg
