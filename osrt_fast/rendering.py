@@ -1,0 +1,418 @@
+"""Rendering novel views: chunked decoding, the reference's camera motions, frames and videos.
+
+Camera motions are pure functions of time t in [0, 1): given the base camera (the first input
+view's position, [1, 3]) they return that frame's (camera_pos [1, 3], rays [1, H, W, 3]), so a
+frame can be reproduced on its own. They follow the reference's `render.py` (same constants and
+easing); rays come from the CLEVR3D camera model in `geometry`.
+
+Output layout of `render_scene_frames` (the reference's, under `<run>/render/<name>/<sceneid>/`):
+    input_{i}.png             every input view
+    renders/{frame}.png       rendered RGB
+    segmentations/{frame}.png colourised argmax over slots (slot decoders only)
+    renders.mp4               the renders as a video
+    video.mp4                 side by side: input 0 (scaled to the render height) | render | seg
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import geometry
+from .visualize import colorize_segmentation, to_uint8
+
+MOTIONS = ("rotate", "zoom", "closeup", "rotate_and_closeup", "eyeroll")
+
+# The reference's 'zoom' motion narrows the sensor from its default width to a fifth of it.
+ZOOM_SENSOR_MAX = geometry.SENSOR_WIDTH
+ZOOM_SENSOR_MIN = geometry.SENSOR_WIDTH / 5
+EYEROLL_RADIUS = 1.5
+
+
+# --------------------------------------------------------------------------- chunked decoding
+
+def render_image(decoder: Callable, latents, camera_pos: torch.Tensor, rays: torch.Tensor,
+                 max_rays: int = 16384) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Decodes whole images in chunks of rays, so memory stays bounded at any resolution.
+
+    Args:
+        decoder: `decoder(latents, camera_pos [B, R, 3], rays [B, R, 3]) -> (pixels [B, R, 3],
+            extras)`, extras a dict of per-ray tensors [B, R, ...] (e.g. 'segmentation' [B, R, K]).
+        latents: whatever the encoder returned (passed through unchanged).
+        camera_pos: [B, 3] one camera per scene.
+        rays: [B, H, W, 3] ray directions.
+        max_rays: rays per decoder call, summed over the batch (the reference uses
+            num_points * batch_size, i.e. a training step's worth).
+    Returns:
+        img [B, H, W, 3] and extras with each per-ray tensor reshaped to [B, H, W, ...]; extras
+        that are not per-ray tensors are dropped.
+
+    Gradient mode is the caller's choice: wrap in `torch.no_grad()` for inference.
+    """
+    if rays.dim() != 4 or rays.shape[-1] != 3:
+        raise ValueError(f"rays must be [B, H, W, 3], got {tuple(rays.shape)}")
+    batch_size, height, width = rays.shape[:3]
+    if camera_pos.shape != (batch_size, 3):
+        raise ValueError(f"camera_pos must be [B, 3] = [{batch_size}, 3], "
+                         f"got {tuple(camera_pos.shape)}")
+    num_rays = height * width
+    flat_rays = rays.reshape(batch_size, num_rays, 3)
+    flat_pos = camera_pos[:, None, :].expand(batch_size, num_rays, 3)
+    chunk = max(1, int(max_rays) // batch_size)
+
+    pixel_chunks, extra_chunks = [], []
+    for start in range(0, num_rays, chunk):
+        stop = min(start + chunk, num_rays)
+        pixels, extras = decoder(latents, flat_pos[:, start:stop].contiguous(),
+                                 flat_rays[:, start:stop].contiguous())
+        pixel_chunks.append(pixels)
+        extra_chunks.append(extras or {})
+
+    img = torch.cat(pixel_chunks, 1).reshape(batch_size, height, width, -1)
+    agg = {}
+    for key in extra_chunks[0]:
+        parts = [e.get(key) for e in extra_chunks]
+        if not all(torch.is_tensor(p) and p.dim() >= 2 and p.shape[0] == batch_size
+                   for p in parts):
+            continue
+        if sum(p.shape[1] for p in parts) != num_rays:
+            continue
+        cat = torch.cat(parts, 1)
+        agg[key] = cat.reshape(batch_size, height, width, *cat.shape[2:])
+    return img, agg
+
+
+# --------------------------------------------------------------------------- camera motions
+
+def lerp(x, y, t):
+    return x + (y - x) * t
+
+
+def easeout(t: float) -> float:
+    """Starts at speed 1.5, ends at speed 0.5: the reference's easing of the closeup's height."""
+    return -0.5 * t ** 2 + 1.5 * t
+
+
+def apply_fade(t: float, t_fade: float = 0.2) -> float:
+    """Maps t in [0, 1] to a position in [0, 1] with constant acceleration for the first and last
+    `t_fade` and constant speed in between (the reference's ease in/out)."""
+    v_max = 1.0 / (1.0 - t_fade)
+    acc = v_max / t_fade
+    if t <= t_fade:
+        return 0.5 * acc * t ** 2
+    if t <= 1.0 - t_fade:
+        return 0.5 * acc * t_fade ** 2 + v_max * (t - t_fade)
+    return 1.0 - 0.5 * acc * (t - 1.0) ** 2
+
+
+def _as_np(x) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def camera_rays_torch(camera_pos: torch.Tensor, height: int, width: int,
+                      sensor_width: float = geometry.SENSOR_WIDTH,
+                      track_point=None) -> torch.Tensor:
+    """Rays [1, H, W, 3] of a camera at camera_pos [1, 3] (torch, same device, float32)."""
+    rays = geometry.camera_rays(_as_np(camera_pos)[0], height, width,
+                                sensor_width=sensor_width, track_point=track_point)
+    return torch.from_numpy(rays)[None].to(device=camera_pos.device, dtype=torch.float32)
+
+
+def rotate_camera(camera_pos: torch.Tensor, rays: torch.Tensor, t: float):
+    """Rotates camera_pos [..., 3] and rays [..., 3] by 2*pi*t about the world z axis."""
+    theta = 2 * math.pi * t
+    return geometry.rotate_about_z(camera_pos, theta), geometry.rotate_about_z(rays, theta)
+
+
+def closeup_camera(camera_pos: torch.Tensor, rays: torch.Tensor, t: float, zoomout: float = 1.0,
+                   closeup: float = 0.2, z_closeup: float = 0.1, lookup: float = 3.0):
+    """The reference's `get_camera_closeup`: fly toward the scene centre while panning up.
+
+    The camera moves from `zoomout * camera_pos` to `closeup` times that (its height eased to
+    `z_closeup` times the original), and the tracked point from the origin to a point on the
+    ground `lookup` times as far along the original view direction, so the camera ends up low
+    and looking across the scene. The base rays [1, H, W, 3] are carried along by the relative
+    rotation between the original and the current extrinsics.
+
+    Args: camera_pos [1, 3], rays [1, H, W, 3], t in [0, 1].
+    Returns: (camera_pos [1, 3], rays [1, H, W, 3]).
+    """
+    orig_pos = _as_np(camera_pos)[0] * zoomout
+    orig_track = np.zeros(3)
+    orig_ext = geometry.world_to_camera(orig_pos, orig_track)
+
+    final_pos = closeup * orig_pos
+    final_pos[2] = z_closeup * orig_pos[2]
+    final_track = orig_pos + (orig_track - orig_pos) * lookup
+    final_track[2] = 0.0
+
+    cur_pos = lerp(orig_pos, final_pos, t)
+    cur_pos[2] = lerp(orig_pos[2], final_pos[2], easeout(t))
+    cur_track = lerp(orig_track, final_track, t)
+    new_ext = geometry.world_to_camera(cur_pos, cur_track)
+
+    # Camera-to-new-camera rotation in float64, then one float32 rotation of the rays.
+    relative = torch.from_numpy(np.linalg.inv(new_ext) @ orig_ext).to(rays.device, rays.dtype)
+    cur_rays = geometry.transform_points(rays, relative, translate=False)
+    cur_pos_t = torch.from_numpy(cur_pos)[None].to(camera_pos.device, camera_pos.dtype)
+    return cur_pos_t, cur_rays
+
+
+def camera_motion(motion: str, camera_pos: torch.Tensor, t: float, height: int, width: int,
+                  transform: Optional[torch.Tensor] = None):
+    """One frame's camera of a motion.
+
+    Args:
+        motion: one of MOTIONS.
+            'rotate': orbit about the z axis by 2*pi*t, tracking the scene centre.
+            'zoom': stationary, the sensor narrows from 0.032 to 0.032/5 (5x zoom).
+            'closeup': `closeup_camera` at t.
+            'rotate_and_closeup': orbit while moving in and out (closeup at
+                (1 - cos(2*pi*t)) / 4 with lookup 1.5).
+            'eyeroll': stationary, tracking a point circling the centre at radius 1.5.
+        camera_pos: [1, 3] base camera (in model coordinates).
+        t: time in [0, 1).
+        height, width: image size.
+        transform: optional [4, 4] world-to-model transform of datasets stored in canonical
+            camera coordinates; motions then happen in world space, as in the reference.
+    Returns:
+        (camera_pos [1, 3], rays [1, H, W, 3]) torch float32 on camera_pos's device.
+    """
+    if motion not in MOTIONS:
+        raise ValueError(f"unknown motion {motion!r}; valid motions are: {', '.join(MOTIONS)}")
+    camera_pos = camera_pos.float()
+    if camera_pos.shape != (1, 3):
+        raise ValueError(f"camera_pos must be [1, 3], got {tuple(camera_pos.shape)}")
+    if transform is not None:
+        transform = transform.to(camera_pos.device, torch.float32)
+        camera_pos = geometry.transform_points(camera_pos, torch.inverse(transform))
+
+    if motion == "rotate":
+        rays = camera_rays_torch(camera_pos, height, width)
+        cur_pos, cur_rays = rotate_camera(camera_pos, rays, t)
+    elif motion == "zoom":
+        sensor = lerp(ZOOM_SENSOR_MAX, ZOOM_SENSOR_MIN, t)
+        cur_pos, cur_rays = camera_pos, camera_rays_torch(camera_pos, height, width,
+                                                          sensor_width=sensor)
+    elif motion == "closeup":
+        rays = camera_rays_torch(camera_pos, height, width)
+        cur_pos, cur_rays = closeup_camera(camera_pos, rays, t)
+    elif motion == "rotate_and_closeup":
+        rays = camera_rays_torch(camera_pos, height, width)
+        t_closeup = (1.0 - math.cos(2 * math.pi * t)) * 0.25
+        cur_pos, cur_rays = closeup_camera(camera_pos, rays, t_closeup, lookup=1.5)
+        cur_pos, cur_rays = rotate_camera(cur_pos, cur_rays, t)
+    else:  # eyeroll
+        theta = -2 * math.pi * t
+        track = EYEROLL_RADIUS * np.array((math.cos(theta), math.sin(theta), 0.0))
+        cur_pos, cur_rays = camera_pos, camera_rays_torch(camera_pos, height, width,
+                                                          track_point=track)
+
+    if transform is not None:
+        cur_pos = geometry.transform_points(cur_pos, transform)
+        cur_rays = geometry.transform_points(cur_rays, transform, translate=False)
+    return cur_pos, cur_rays
+
+
+# --------------------------------------------------------------------------- videos
+
+def _even_frame(frame, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """uint8 [H, W, 3] padded (edge pixels repeated) to even height and width for yuv420p."""
+    frame = to_uint8(frame)
+    if frame.ndim == 2:
+        frame = frame[..., None]
+    if frame.shape[-1] == 1:
+        frame = np.repeat(frame, 3, -1)
+    frame = frame[..., :3]
+    h, w = frame.shape[:2]
+    if h % 2 or w % 2:
+        frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    return np.ascontiguousarray(frame)
+
+
+def write_video(frames: Iterable, path: str, fps: float = 30, quality: float = 7) -> int:
+    """Encodes frames (uint8 [H, W, 3], or float in [0, 1]) to an H.264 / yuv420p mp4.
+
+    Uses imageio-ffmpeg's bundled ffmpeg, so no system ffmpeg is needed. Odd heights or widths
+    are padded by one edge pixel (yuv420p needs even sizes). All frames must have the first
+    frame's size. The file is written under a temporary name and renamed when complete, so an
+    interrupted run never leaves a truncated video that looks finished.
+    Returns the number of frames written.
+    """
+    import imageio_ffmpeg
+
+    it = iter(frames)
+    try:
+        first = _even_frame(next(it))
+    except StopIteration:
+        raise ValueError(f"write_video({path!r}) got no frames") from None
+    h, w = first.shape[:2]
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.partial{ext or '.mp4'}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    writer = imageio_ffmpeg.write_frames(
+        tmp, (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=quality,
+        macro_block_size=2, ffmpeg_log_level="error")
+    count = 0
+    try:
+        writer.send(None)
+        frame = first
+        while True:
+            if frame.shape[:2] != (h, w):
+                raise ValueError(f"frame {count} has size {frame.shape[:2]}, expected {(h, w)} "
+                                 "like the first frame (after padding to even sizes)")
+            writer.send(frame)
+            count += 1
+            try:
+                frame = _even_frame(next(it))
+            except StopIteration:
+                break
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    writer.close()
+    os.replace(tmp, path)
+    return count
+
+
+def _resize_to_height(img: np.ndarray, height: int) -> np.ndarray:
+    if img.shape[0] == height:
+        return img
+    width = max(1, round(img.shape[1] * height / img.shape[0]))
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
+
+
+def _read_png(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# --------------------------------------------------------------------------- scenes
+
+def _batched_tensor(x, device, ndim: int) -> torch.Tensor:
+    """Item entry -> float tensor on device with a leading batch dim of 1 (added if missing)."""
+    t = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+    t = t.to(device=device, dtype=torch.float32)
+    if t.dim() == ndim - 1:
+        t = t[None]
+    if t.dim() != ndim or t.shape[0] != 1:
+        raise ValueError(f"expected an unbatched item or a batch of one, got shape "
+                         f"{tuple(t.shape)}")
+    return t
+
+
+def _save_png(img: np.ndarray, path: str) -> None:
+    Image.fromarray(img).save(path)
+
+
+def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames: int = 360,
+                        height: Optional[int] = None, width: Optional[int] = None,
+                        fade: bool = False, device=None, fps: float = 30, video: bool = True,
+                        max_rays: int = 16384, progress: bool = True) -> dict:
+    """Renders one scene along a camera motion into `out_dir` (layout in the module docstring).
+
+    Args:
+        model: `OSRT` (`.encoder(images [B,V,3,H,W], camera_pos [B,V,3], rays [B,V,H,W,3])`,
+            `.decoder(latents, camera_pos [B,R,3], rays [B,R,3]) -> (pixels, extras)`).
+        item: a dataset item (numpy or torch, with or without a leading batch dim of 1) with
+            input_images [V,3,H,W], input_camera_pos [V,3], input_rays [V,H,W,3] and optionally
+            transform [4,4].
+        motion: one of MOTIONS; the base camera is the first input view.
+        num_frames: frames over one full motion (t = frame / num_frames).
+        height, width: render size; default the input images' size.
+        fade: ease in and out (`apply_fade`). As in the reference, 'zoom' ignores it.
+        device: where to run; default the model's device.
+        fps: video frame rate.
+        video: also write renders.mp4 and video.mp4.
+        max_rays: rays per decoder call (see `render_image`).
+    Returns:
+        dict with 'dir', 'num_frames', 'seconds' (rendering only), 'segmentation' (bool) and the
+        paths 'renders_video' / 'video' (None without videos).
+    """
+    from tqdm import tqdm
+
+    if motion not in MOTIONS:
+        raise ValueError(f"unknown motion {motion!r}; valid motions are: {', '.join(MOTIONS)}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    images = _batched_tensor(item["input_images"], device, 5)        # [1, V, 3, H, W]
+    camera_pos = _batched_tensor(item["input_camera_pos"], device, 3)  # [1, V, 3]
+    rays = _batched_tensor(item["input_rays"], device, 5)             # [1, V, H, W, 3]
+    transform = item.get("transform")
+    if transform is not None:
+        transform = _batched_tensor(transform, device, 3)[0]         # [4, 4]
+    height = int(height or rays.shape[2])
+    width = int(width or rays.shape[3])
+
+    os.makedirs(out_dir, exist_ok=True)
+    render_dir = os.path.join(out_dir, "renders")
+    seg_dir = os.path.join(out_dir, "segmentations")
+    os.makedirs(render_dir, exist_ok=True)
+    inputs_np = to_uint8(images[0].permute(0, 2, 3, 1))              # [V, H, W, 3]
+    for i, img in enumerate(inputs_np):
+        _save_png(img, os.path.join(out_dir, f"input_{i}.png"))
+
+    model.eval()
+    has_seg = False
+    start = time.perf_counter()
+    with torch.no_grad():
+        latents = model.encoder(images, camera_pos, rays)
+        base_pos = camera_pos[:, 0]                                   # [1, 3]
+        bar = tqdm(range(num_frames), desc=f"render {motion}", unit="frame",
+                   disable=not progress, dynamic_ncols=True)
+        for frame in bar:
+            t = frame / num_frames
+            if fade and motion != "zoom":
+                t = apply_fade(t)
+            cur_pos, cur_rays = camera_motion(motion, base_pos, t, height, width, transform)
+            img, extras = render_image(model.decoder, latents, cur_pos, cur_rays, max_rays)
+            _save_png(to_uint8(img[0]), os.path.join(render_dir, f"{frame}.png"))
+            seg = extras.get("segmentation")
+            if seg is not None:
+                if not has_seg:
+                    os.makedirs(seg_dir, exist_ok=True)
+                    has_seg = True
+                labels = seg[0].argmax(-1).cpu().numpy()
+                _save_png(colorize_segmentation(labels, seg.shape[-1]),
+                          os.path.join(seg_dir, f"{frame}.png"))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+
+    result = {"dir": out_dir, "num_frames": num_frames, "seconds": seconds,
+              "segmentation": has_seg, "renders_video": None, "video": None}
+    if not video:
+        return result
+
+    def renders():
+        for f in range(num_frames):
+            yield _read_png(os.path.join(render_dir, f"{f}.png"))
+
+    def side_by_side():
+        # Input view 0 scaled to the render height, as the reference's plot video shows it.
+        left = _resize_to_height(inputs_np[0], height)
+        for f in range(num_frames):
+            parts = [left, _read_png(os.path.join(render_dir, f"{f}.png"))]
+            if has_seg:
+                parts.append(_read_png(os.path.join(seg_dir, f"{f}.png")))
+            yield np.concatenate(parts, 1)
+
+    result["renders_video"] = os.path.join(out_dir, "renders.mp4")
+    write_video(renders(), result["renders_video"], fps)
+    result["video"] = os.path.join(out_dir, "video.mp4")
+    write_video(side_by_side(), result["video"], fps)
+    return result
