@@ -1,0 +1,78 @@
+"""Shared benchmark helpers: environment record, timing, JSON-lines results."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Model FLOPs of the reference architecture (shared/spec/PERFORMANCE.md), forward pass,
+# MSN-Hard settings: 5 input views of 128x128, K = 32.
+ENCODER_FLOPS_PER_SCENE = 168.5e9
+DECODER_FLOPS_PER_RAY = 27.7e6
+PEAK_FLOPS = {"H100": 798e12, "H200": 798e12}   # measured bf16 dense matmul ceilings
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                         stderr=subprocess.DEVNULL).decode().strip()
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                             stderr=subprocess.DEVNULL).strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = os.environ.get("OSRT_COMMIT", "unknown"), False
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("OSRT_COMMIT", commit) + ("-dirty" if dirty else ""),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cuda": torch.version.cuda,
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, value in PEAK_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def time_cuda(fn, warmup: int = 3, repeat: int = 10) -> list[float]:
+    """Milliseconds per call of fn, timed with CUDA events after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def quantiles(times: list[float]) -> dict:
+    t = torch.tensor(times)
+    return {"median_ms": t.median().item(), "p20_ms": t.quantile(0.2).item(),
+            "p80_ms": t.quantile(0.8).item()}
+
+
+def append_result(name: str, record: dict) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return path
