@@ -1,0 +1,146 @@
+"""Render videos of scenes from a trained model, like the reference's render.py.
+
+    python render.py runs/demo/config.yaml --sceneid 0 --motion rotate [--fade] [--num-frames 360]
+
+The run directory is the config file's folder (the reference's convention); the model is read
+from <run>/model.pt (or model_<it>.pt with --it, or --checkpoint PATH) and frames and videos go to
+<run>/render/<name or motion>/<sceneid>/ (see osrt_fast/rendering.py for the layout).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from osrt_fast.config import ConfigError, load_config
+from osrt_fast.rendering import MOTIONS, render_scene_frames
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Render a video of a scene along a camera motion.")
+    p.add_argument("config", type=str, help="Path to the run's config file (its folder is the "
+                                            "run directory).")
+    p.add_argument("--no-cuda", action="store_true", help="Do not use CUDA.")
+    p.add_argument("--num-frames", type=int, default=360, help="Number of frames to render.")
+    p.add_argument("--sceneid", type=int, default=0, help="Id of the scene to render.")
+    p.add_argument("--sceneid-start", type=int, help="First scene id of a range to render.")
+    p.add_argument("--sceneid-stop", type=int, help="End (exclusive) of a range of scene ids.")
+    p.add_argument("--height", type=int, help="Rendered height in pixels (default: input height).")
+    p.add_argument("--width", type=int, help="Rendered width in pixels (default: input width).")
+    p.add_argument("--name", type=str, help="Name of this sequence (default: the motion).")
+    p.add_argument("--motion", type=str, default="rotate",
+                   help=f"Camera motion, one of: {', '.join(MOTIONS)}.")
+    p.add_argument("--train", action="store_true", help="Use training data.")
+    p.add_argument("--fade", action="store_true", help="Ease the motion in and out.")
+    p.add_argument("--it", type=int, help="Load model_<it>.pt instead of model.pt.")
+    p.add_argument("--checkpoint", type=str, help="Load this checkpoint file instead.")
+    p.add_argument("--novideo", action="store_true",
+                   help="Don't compile the rendered frames into videos.")
+    p.add_argument("--fps", type=float, default=30, help="Video frame rate.")
+    p.add_argument("--max-rays", type=int, default=16384,
+                   help="Rays per decoder call (lower it if rendering runs out of memory).")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"render.py: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _batched_item(item: dict) -> dict:
+    """Dataset item -> torch tensors with a leading batch dim of 1 (non-arrays kept as they are)."""
+    out = {}
+    for k, v in item.items():
+        try:
+            out[k] = torch.as_tensor(v)[None]
+        except (TypeError, ValueError, RuntimeError):   # strings, lists of names, ...
+            out[k] = v
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.motion not in MOTIONS:
+        return _fail(f"unknown motion {args.motion!r}; valid motions are: {', '.join(MOTIONS)}")
+    if args.num_frames < 1:
+        return _fail(f"--num-frames must be positive, got {args.num_frames}")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+
+    run_dir = os.path.dirname(os.path.abspath(args.config))
+    name = args.name or args.motion
+    if args.checkpoint is not None:
+        ckpt_path = args.checkpoint
+    else:
+        ckpt_path = os.path.join(run_dir, f"model_{args.it}.pt" if args.it is not None
+                                 else "model.pt")
+    if not os.path.isfile(ckpt_path):
+        hint = (f"train first: python train.py {args.config}" if args.checkpoint is None
+                and args.it is None else "check the path / iteration (--it) given")
+        return _fail(f"no checkpoint at {ckpt_path}; {hint}")
+
+    if args.sceneid_start is None:
+        start, stop = args.sceneid, args.sceneid + 1
+    else:
+        start = args.sceneid_start
+        stop = args.sceneid_stop if args.sceneid_stop is not None else start + 1
+    if stop <= start:
+        return _fail(f"empty scene range [{start}, {stop})")
+
+    use_cuda = torch.cuda.is_available() and not args.no_cuda
+    device = torch.device("cuda" if use_cuda else "cpu")
+
+    # Imported here so that argument and config errors come back fast.
+    from osrt_fast.checkpoint import CheckpointError, load_checkpoint
+    from osrt_fast.data import get_dataset
+    from osrt_fast.model import OSRT
+
+    try:
+        model = OSRT(cfg.model).to(device)
+    except ConfigError as e:
+        return _fail(f"{args.config}: {e}")
+    try:
+        state = load_checkpoint(ckpt_path, model, map_location=device)
+    except CheckpointError as e:
+        return _fail(str(e))
+    model.eval()
+    it = state.get("it") if isinstance(state, dict) else None
+    print(f"Loaded {ckpt_path}" + (f" (iteration {it})" if it is not None else "")
+          + f" on {device}")
+
+    split = "train" if args.train else "val"
+    dataset = get_dataset(split, cfg.data)
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    if not iterable and stop > len(dataset):
+        return _fail(f"scene ids [{start}, {stop}) out of range: the {split} set has "
+                     f"{len(dataset)} scenes")
+    if iterable:
+        # Streams can't be indexed; skip to the first scene, as the reference does.
+        stream = iter(dataset)
+        for _ in range(start):
+            next(stream)
+
+    for sceneid in range(start, stop):
+        item = next(stream) if iterable else dataset[sceneid]
+        out_dir = os.path.join(run_dir, "render", name, str(sceneid))
+        if os.path.exists(out_dir):
+            print(f"Warning: {out_dir} exists; its contents will be overwritten.")
+        result = render_scene_frames(
+            model, _batched_item(item), out_dir, args.motion, args.num_frames,
+            height=args.height, width=args.width, fade=args.fade, device=device,
+            fps=args.fps, video=not args.novideo, max_rays=args.max_rays)
+        fps = result["num_frames"] / max(result["seconds"], 1e-9)
+        print(f"Scene {sceneid}: {result['num_frames']} frames ({fps:.1f} frames/s) written to "
+              f"{out_dir}")
+        if result["video"] is not None:
+            print(f"  videos: {result['renders_video']}, {result['video']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Rendering: camera motions, chunked decoding, video and grid writing, render.py end to end."""
+import importlib
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from osrt_fast import geometry, rendering, visualize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_POS = torch.tensor([[7.5, -4.0, 6.0]])
+
+
+@pytest.mark.parametrize("motion", rendering.MOTIONS)
+def test_motions_give_finite_unit_rays(motion):
+    for t in (0.0, 0.25, 0.5, 0.9):
+        pos, rays = rendering.camera_motion(motion, BASE_POS, t, 6, 10)
+        assert pos.shape == (1, 3) and rays.shape == (1, 6, 10, 3)
+        assert pos.dtype == rays.dtype == torch.float32
+        assert torch.isfinite(pos).all() and torch.isfinite(rays).all()
+        torch.testing.assert_close(rays.norm(dim=-1), torch.ones(1, 6, 10), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("motion", ["rotate", "zoom", "closeup", "rotate_and_closeup"])
+def test_motions_start_at_the_input_camera(motion):
+    pos, rays = rendering.camera_motion(motion, BASE_POS, 0.0, 5, 7)
+    base = torch.from_numpy(geometry.camera_rays(BASE_POS[0].numpy(), 5, 7))[None]
+    torch.testing.assert_close(pos, BASE_POS)
+    torch.testing.assert_close(rays, base, atol=1e-6, rtol=0)
+
+
+def test_rotate_is_a_rotation_about_z():
+    pos, rays = rendering.camera_motion("rotate", BASE_POS, 0.25, 4, 4)
+    torch.testing.assert_close(pos, geometry.rotate_about_z(BASE_POS, math.pi / 2))
+    # Rotating the camera and its rays together equals rays of the rotated camera.
+    expect = torch.from_numpy(geometry.camera_rays(pos[0].double().numpy(), 4, 4))[None]
+    torch.testing.assert_close(rays, expect, atol=1e-5, rtol=0)
+
+
+def test_closeup_ends_looking_at_its_track_point():
+    pos, rays = rendering.camera_motion("closeup", BASE_POS, 1.0, 8, 8)
+    p = BASE_POS[0].double()
+    torch.testing.assert_close(pos[0].double(), torch.stack([0.2 * p[0], 0.2 * p[1], 0.1 * p[2]]),
+                               atol=1e-5, rtol=0)
+    track = p - 3 * p
+    track[2] = 0
+    view = (track - pos[0].double())
+    centre = rays[0, 3:5, 3:5].double().mean((0, 1))
+    torch.testing.assert_close(centre / centre.norm(), view / view.norm(), atol=1e-5, rtol=0)
+
+
+def test_zoom_narrows_the_field_of_view():
+    _, r0 = rendering.camera_motion("zoom", BASE_POS, 0.0, 4, 4)
+    _, r1 = rendering.camera_motion("zoom", BASE_POS, 0.75, 4, 4)
+    spread = lambda r: (r[0, 0, 0] * r[0, -1, -1]).sum()  # noqa: E731  cos of the corner angle
+    assert spread(r1) > spread(r0)
+
+
+def test_eyeroll_keeps_the_camera_and_tracks_the_circle():
+    pos, rays = rendering.camera_motion("eyeroll", BASE_POS, 0.25, 8, 8)
+    torch.testing.assert_close(pos, BASE_POS)
+    track = np.array((0.0, -1.5, 0.0))   # theta = -pi/2
+    expect = torch.from_numpy(geometry.camera_rays(BASE_POS[0].numpy(), 8, 8, track_point=track))
+    torch.testing.assert_close(rays[0], expect, atol=1e-6, rtol=0)
+
+
+def test_unknown_motion_names_the_valid_ones():
+    with pytest.raises(ValueError, match="rotate_and_closeup"):
+        rendering.camera_motion("spin", BASE_POS, 0.0, 4, 4)
+
+
+def test_transform_round_trip():
+    # A pure translation of the world: the motion must happen in world space.
+    transform = torch.eye(4)
+    transform[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
+    model_pos = BASE_POS + transform[:3, 3]
+    pos, rays = rendering.camera_motion("rotate", model_pos, 0.25, 3, 3, transform=transform)
+    pos_w, rays_w = rendering.camera_motion("rotate", BASE_POS, 0.25, 3, 3)
+    torch.testing.assert_close(pos, pos_w + transform[:3, 3])
+    torch.testing.assert_close(rays, rays_w)
+
+
+def test_apply_fade_matches_the_reference_curve():
+    assert rendering.apply_fade(0.0) == 0.0
+    assert rendering.apply_fade(1.0) == pytest.approx(1.0)
+    assert rendering.apply_fade(0.5) == pytest.approx(0.5)
+    assert rendering.apply_fade(0.1) == pytest.approx(0.5 * (1.25 / 0.2) * 0.01)
+    ts = np.linspace(0, 1, 101)
+    assert np.all(np.diff([rendering.apply_fade(t) for t in ts]) >= 0)
+
+
+class TinyDecoder(torch.nn.Module):
+    """Per-ray MLP with a per-scene latent, and a softmax 'segmentation' over 3 slots."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6 + 4, 16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 6))
+        self.calls = 0
+
+    def forward(self, latents, camera_pos, rays):
+        self.calls += 1
+        x = torch.cat([camera_pos, rays, latents[:, None].expand(-1, rays.shape[1], -1)], -1)
+        out = self.net(x)
+        return torch.sigmoid(out[..., :3]), {"segmentation": out[..., 3:].softmax(-1),
+                                             "not_per_ray": torch.zeros(2)}
+
+
+def test_render_image_chunked_equals_unchunked():
+    dec = TinyDecoder()
+    latents = torch.randn(2, 4)
+    pos = torch.randn(2, 3)
+    rays = torch.nn.functional.normalize(torch.randn(2, 5, 7, 3), dim=-1)
+    with torch.no_grad():
+        full, ex_full = rendering.render_image(dec, latents, pos, rays, max_rays=10_000)
+        assert dec.calls == 1
+        part, ex_part = rendering.render_image(dec, latents, pos, rays, max_rays=6)  # 3 per scene
+    assert dec.calls == 1 + math.ceil(35 / 3)
+    assert full.shape == (2, 5, 7, 3) and ex_full["segmentation"].shape == (2, 5, 7, 3)
+    assert "not_per_ray" not in ex_full
+    torch.testing.assert_close(part, full)
+    torch.testing.assert_close(ex_part["segmentation"], ex_full["segmentation"])
+    # Pixel (i, j) of scene b is the decoder's answer for exactly that ray.
+    px, _ = dec(latents[1:], pos[1:, None], rays[1:, 2, 4][:, None])
+    torch.testing.assert_close(full[1, 2, 4], px[0, 0])
+
+
+def test_render_image_keeps_gradients():
+    dec = TinyDecoder()
+    img, _ = rendering.render_image(dec, torch.randn(1, 4), torch.randn(1, 3),
+                                    torch.randn(1, 3, 3, 3), max_rays=4)
+    img.sum().backward()
+    assert dec.net[0].weight.grad is not None
+
+
+def test_write_video_frames_and_size(tmp_path):
+    import imageio_ffmpeg
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (31, 45, 3), dtype=np.uint8) for _ in range(7)]
+    path = str(tmp_path / "v.mp4")
+    assert rendering.write_video(iter(frames), path, fps=30) == 7
+    assert not any(p.name.endswith(".partial.mp4") for p in tmp_path.iterdir())
+    n, _ = imageio_ffmpeg.count_frames_and_secs(path)
+    assert n == 7
+    reader = imageio_ffmpeg.read_frames(path)
+    meta = reader.__next__()
+    assert tuple(meta["size"]) == (46, 32)          # odd sizes padded to even
+    assert meta["fps"] == pytest.approx(30)
+    decoded = [np.frombuffer(f, np.uint8).reshape(32, 46, 3) for f in reader]
+    assert len(decoded) == 7
+
+
+def test_write_video_rejects_mismatched_frames(tmp_path):
+    frames = [np.zeros((8, 8, 3), np.uint8), np.zeros((10, 8, 3), np.uint8)]
+    with pytest.raises(ValueError, match="size"):
+        rendering.write_video(frames, str(tmp_path / "bad.mp4"))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="no frames"):
+        rendering.write_video([], str(tmp_path / "none.mp4"))
+
+
+def test_segmentation_palette():
+    c = visualize.segmentation_colors(40)
+    assert c.shape == (40, 3) and c.dtype == np.uint8
+    assert len({tuple(x) for x in c}) == 40
+    np.testing.assert_array_equal(visualize.segmentation_colors(5), c[:5])
+    img = visualize.colorize_segmentation(np.array([[[0, 1], [2, 0]]]))
+    assert img.shape == (1, 2, 2, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[0, 0, 0], c[0])
+    assert not np.array_equal(c[0], c[1])
+
+
+def test_to_uint8():
+    out = visualize.to_uint8(np.array([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan]))
+    np.testing.assert_array_equal(out, [0, 0, 128, 255, 255, 0])
+    assert visualize.to_uint8(torch.ones(2, 2)).dtype == np.uint8
+
+
+def test_grid_png(tmp_path):
+    b, h, w = 3, 12, 20
+    images = np.random.default_rng(0).random((b, h, w, 3)).astype(np.float32)
+    labels = np.random.default_rng(1).integers(0, 5, (b, h, w))
+    columns = [("input", images, "image"), ("render 60°", images, "image"),
+               ("pred seg", labels, "clustering"), ("depth", images[..., :1], "image")]
+    path = visualize.draw_visualization_grid(columns, str(tmp_path / "renders-val"),
+                                             row_labels=None, scale=2)
+    assert path.endswith("renders-val.png")
+    pad, head = visualize.GRID_PAD, visualize.GRID_HEADER_H
+    with Image.open(path) as im:
+        assert im.size == (pad + 4 * (2 * w + pad), pad + head + b * (2 * h + pad))
+        arr = np.asarray(im.convert("RGB"))
+    # The first cell holds the first image, upscaled.
+    cell = arr[pad + head:pad + head + 2 * h, pad:pad + 2 * w]
+    np.testing.assert_array_equal(cell[::2, ::2], visualize.to_uint8(images[0]))
+
+    labelled = visualize.draw_visualization_grid(
+        columns, str(tmp_path / "with_labels.png"), row_labels=["a=1", "b=22", "c=333"])
+    with Image.open(labelled) as im:
+        scale = math.ceil(visualize.GRID_MIN_CELL / h)
+        assert im.size[1] == pad + head + b * (h * scale + pad)
+        assert im.size[0] > pad + 4 * (w * scale + pad)      # room for the labels
+
+
+# ----------------------------------------------------------------------------- with the model
+
+def _tiny_model_cfg():
+    from conftest import tiny_model_config
+    return tiny_model_config()
+
+
+def _synthetic_item(v=2, h=16, w=16, seed=0):
+    rng = np.random.default_rng(seed)
+    pos = geometry.hemisphere_cameras(rng, v).astype(np.float32)
+    return {"input_images": rng.random((v, 3, h, w)).astype(np.float32),
+            "input_camera_pos": pos,
+            "input_rays": geometry.camera_rays(pos, h, w)}
+
+
+def test_render_scene_frames_layout(tmp_path):
+    import imageio_ffmpeg
+    from osrt_fast.model import OSRT
+    model = OSRT(_tiny_model_cfg())
+    out = str(tmp_path / "scene")
+    res = rendering.render_scene_frames(model, _synthetic_item(), out, "rotate_and_closeup",
+                                        num_frames=4, height=9, width=14, fade=True,
+                                        progress=False, max_rays=50)
+    assert res["segmentation"]
+    for i in range(2):
+        assert os.path.isfile(os.path.join(out, f"input_{i}.png"))
+    for f in range(4):
+        with Image.open(os.path.join(out, "renders", f"{f}.png")) as im:
+            assert im.size == (14, 9)
+        with Image.open(os.path.join(out, "segmentations", f"{f}.png")) as im:
+            assert im.size == (14, 9)
+    assert imageio_ffmpeg.count_frames_and_secs(res["renders_video"])[0] == 4
+    reader = imageio_ffmpeg.read_frames(res["video"])
+    meta = next(reader)
+    # input (16x16 scaled to 9 rows -> 9 wide) | render 14 | seg 14 = 37 -> padded to 38 x 10
+    assert tuple(meta["size"]) == (38, 10)
+    reader.close()
+
+
+def test_render_scene_frames_rejects_unknown_motion(tmp_path):
+    with pytest.raises(ValueError, match="valid motions"):
+        rendering.render_scene_frames(torch.nn.Linear(1, 1), _synthetic_item(), str(tmp_path),
+                                      "wobble", 2)
+
+
+def _import_render_main():
+    sys.path.insert(0, ROOT)
+    try:
+        return importlib.import_module("render").main
+    finally:
+        sys.path.remove(ROOT)
+
+
+def test_render_py_missing_checkpoint_message(tmp_path, capsys):
+    main = _import_render_main()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"model": _tiny_model_cfg()}))
+    assert main([str(cfg), "--no-cuda"]) != 0
+    err = capsys.readouterr().err
+    assert "model.pt" in err and "python train.py" in err
+    assert main([str(cfg), "--motion", "spin"]) != 0
+    assert "valid motions" in capsys.readouterr().err
+
+
+def test_render_py_end_to_end(tmp_path):
+    pytest.importorskip("osrt_fast.data")
+    pytest.importorskip("osrt_fast.checkpoint")
+    from osrt_fast.model import OSRT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data_kwargs = {"num_scenes": 3, "height": 16, "width": 16, "num_views": 3,
+                   "num_input_views": 2}
+    cfg = {"data": {"dataset": "procedural", "path": str(tmp_path / "data"),
+                    "num_points": 64, "kwargs": data_kwargs},
+           "model": _tiny_model_cfg()}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    model = OSRT(cfg["model"])
+    # The reference's checkpoint format, which load_checkpoint must read.
+    torch.save({"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
+                "it": 7, "epoch_it": 0, "t": 0.0, "loss_val_best": 0.0}, run / "model.pt")
+
+    main = _import_render_main()
+    rc = main([str(run / "config.yaml"), "--sceneid", "1", "--motion", "rotate",
+               "--num-frames", "3", "--no-cuda"])
+    assert rc == 0
+    out = run / "render" / "rotate" / "1"
+    assert sorted(os.listdir(out / "renders")) == ["0.png", "1.png", "2.png"]
+    assert len(os.listdir(out / "segmentations")) == 3
+    assert (out / "renders.mp4").is_file() and (out / "video.mp4").is_file()
+
+    rc = main([str(run / "config.yaml"), "--sceneid-start", "0", "--sceneid-stop", "2",
+               "--motion", "eyeroll", "--name", "eye", "--num-frames", "2", "--novideo",
+               "--no-cuda", "--height", "8", "--width", "12"])
+    assert rc == 0
+    for s in (0, 1):
+        d = run / "render" / "eye" / str(s)
+        with Image.open(d / "renders" / "1.png") as im:
+            assert im.size == (12, 8)
+        assert not (d / "video.mp4").exists()
