@@ -1,0 +1,491 @@
+"""Built-in procedural multi-object scenes: sampler, analytic ray tracer, dataset writer.
+
+The project's default dataset needs no download: `generate_dataset` writes scenes in the
+ObSuRF / CLEVR3D folder layout (see `osrt_fast/data.py`), so one loader reads both.
+
+A scene is a grey ground plane (z = 0) with 2-6 objects (sphere, cube, cylinder) resting on it.
+Sizes are half-extents: a sphere's radius, a cube's half edge, a cylinder's radius and half
+height. Object centres therefore sit at z = size. Cameras come from
+`geometry.hemisphere_cameras` and rays from `geometry.camera_rays`, the CLEVR3D camera.
+
+The tracer intersects every ray with every object analytically (float64), so ids and depths
+are exact: the first hit wins, ids are 1-based in object order, 0 is the ground or the sky.
+
+CLI: python -m osrt_fast.scenes --out data/procedural --num-scenes N --height H --width W
+         --num-views V [--min-objects --max-objects --seed --device]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from osrt_fast import geometry
+
+SPHERE, CUBE, CYLINDER = 1, 2, 3
+SHAPE_NAMES = {SPHERE: "sphere", CUBE: "cube", CYLINDER: "cylinder"}
+
+# Depth given to rays that hit nothing, and the PNG depth encoding's range (CLEVR3D: 40 units).
+MAX_DEPTH = 40.0
+SCENE_RADIUS = 3.0            # object centres lie within this distance of the origin (xy)
+SIZE_RANGE = (0.4, 1.0)
+GROUND_COLOR = (0.5, 0.5, 0.5)
+SKY_COLOR = (0.80, 0.84, 0.90)
+LIGHT_DIR = (-0.45, 0.35, 0.82)   # towards the light; normalised below
+AMBIENT, DIFFUSE = 0.3, 0.7
+# Offset of shadow-ray origins along the surface normal, so a surface does not shadow itself.
+SHADOW_EPS = 1e-6
+# Rays shorter than this do not count as hits (shadow rays start on surfaces).
+T_EPS = 1e-9
+PALETTE = np.array([
+    (0.86, 0.15, 0.15),   # red
+    (0.15, 0.70, 0.20),   # green
+    (0.15, 0.35, 0.90),   # blue
+    (0.95, 0.85, 0.15),   # yellow
+    (0.10, 0.80, 0.85),   # cyan
+    (0.85, 0.20, 0.80),   # magenta
+    (0.98, 0.55, 0.10),   # orange
+    (0.50, 0.20, 0.85),   # purple
+    (0.55, 0.35, 0.15),   # brown
+    (0.95, 0.55, 0.70),   # pink
+])
+
+Seed = Union[int, Sequence[int]]
+
+
+@dataclass
+class Scene:
+    """Objects of one scene (n objects, float64 numpy).
+
+    shape [n] int64 codes (1 sphere, 2 cube, 3 cylinder); position [n, 3] centres (z = size);
+    size [n] half-extents; rotation [n] radians about z; color [n, 3] RGB in [0, 1].
+    """
+    shape: np.ndarray
+    position: np.ndarray
+    size: np.ndarray
+    rotation: np.ndarray
+    color: np.ndarray
+
+    @property
+    def num_objects(self) -> int:
+        return int(self.shape.shape[0])
+
+
+def _seed_list(seed: Seed) -> list:
+    return [int(seed)] if np.isscalar(seed) else [int(s) for s in seed]
+
+
+def _footprint(shape: int, size: float) -> float:
+    """Radius of a circle in the xy plane that contains the object's footprint."""
+    return size * math.sqrt(2.0) if shape == CUBE else size
+
+
+def sample_scene(seed: Seed, min_objects: int = 2, max_objects: int = 6) -> Scene:
+    """Samples a scene deterministically from `seed` (an int or a sequence of ints).
+
+    Positions are rejection-sampled so that objects' footprint circles (plus a small gap) do not
+    overlap; as all objects rest on the ground, that rules out interpenetration.
+    """
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    rng = np.random.default_rng(_seed_list(seed))
+    n = int(rng.integers(min_objects, max_objects + 1))
+    shapes = rng.integers(1, 4, n)
+    sizes = rng.uniform(*SIZE_RANGE, n)
+    rotations = rng.uniform(0, 2 * math.pi, n)
+    replace = n > len(PALETTE)
+    colors = PALETTE[rng.choice(len(PALETTE), n, replace=replace)]
+    colors = np.clip(colors + rng.uniform(-0.06, 0.06, (n, 3)), 0.0, 1.0)
+    gap = 0.05
+    xy = np.zeros((n, 2))
+    for k in range(n):
+        placed = False
+        while not placed:
+            # Crowded scenes: shrink the object a little after many failed tries.
+            for _ in range(100):
+                r = SCENE_RADIUS * math.sqrt(rng.uniform())
+                phi = rng.uniform(0, 2 * math.pi)
+                cand = np.array((r * math.cos(phi), r * math.sin(phi)))
+                need = np.array([_footprint(shapes[k], sizes[k]) + _footprint(shapes[j], sizes[j])
+                                 + gap for j in range(k)])
+                if k == 0 or np.all(np.linalg.norm(xy[:k] - cand, axis=1) > need):
+                    xy[k] = cand
+                    placed = True
+                    break
+            if not placed:
+                sizes[k] *= 0.9
+    position = np.concatenate((xy, sizes[:, None]), 1)
+    return Scene(shape=shapes.astype(np.int64), position=position, size=sizes,
+                 rotation=rotations, color=colors)
+
+
+def sample_cameras(seed: Seed, num_views: int) -> np.ndarray:
+    """Camera positions [num_views, 3] for the scene with this seed (own stream, so the cameras
+    do not depend on how many random numbers the object sampler drew)."""
+    rng = np.random.default_rng(_seed_list(seed) + [0x63616D])
+    return geometry.hemisphere_cameras(rng, num_views)
+
+
+def scene_seed(dataset_seed: int, index: int) -> tuple:
+    """The seed of scene `index` in a dataset generated with `dataset_seed`."""
+    return (int(dataset_seed), int(index))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray tracing (torch, float64, batched over scenes)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pack_scenes(scenes: Sequence[Scene], device) -> dict:
+    """Pads scenes to the largest object count; returns float64/int64 tensors [B, n, ...]."""
+    b = len(scenes)
+    n = max(1, max(s.num_objects for s in scenes))
+    shape = np.zeros((b, n), np.int64)
+    pos = np.zeros((b, n, 3))
+    size = np.ones((b, n))
+    rot = np.zeros((b, n))
+    col = np.zeros((b, n, 3))
+    for i, s in enumerate(scenes):
+        k = s.num_objects
+        shape[i, :k], pos[i, :k], size[i, :k] = s.shape, s.position, s.size
+        rot[i, :k], col[i, :k] = s.rotation, s.color
+    t = lambda a: torch.as_tensor(a, device=device)   # noqa: E731
+    return dict(shape=t(shape), position=t(pos), size=t(size), rotation=t(rot), color=t(col))
+
+
+def _slab(lo: torch.Tensor, hi: torch.Tensor):
+    """Nearest positive parameter of an interval [lo, hi] along a ray, inf where none."""
+    hit = (lo <= hi) & (hi > T_EPS)
+    t = torch.where(lo > T_EPS, lo, hi)
+    return torch.where(hit, t, torch.full_like(t, math.inf))
+
+
+def _intersect(origins: torch.Tensor, dirs: torch.Tensor, objs: dict) -> torch.Tensor:
+    """Ray parameters t [B, R, n] of the first hit of rays with each object (inf: no hit).
+
+    origins, dirs [B, R, 3] (dirs unit length); objs from `_pack_scenes` ([B, n, ...]).
+    """
+    o = origins[:, :, None, :] - objs["position"][:, None, :, :]            # [B, R, n, 3]
+    d = dirs[:, :, None, :].expand_as(o)
+    size = objs["size"][:, None, :]                                          # [B, 1, n]
+    inf = torch.full(o.shape[:-1], math.inf, dtype=o.dtype, device=o.device)
+
+    # Sphere: |o + t d|^2 = r^2. Keep a = |d|^2: float32 rays are unit only to ~1e-7, which
+    # would otherwise put hits ~1e-6 inside the sphere (and shadow them by their own surface).
+    a = (d * d).sum(-1)
+    b = (o * d).sum(-1)
+    c = (o * o).sum(-1) - size ** 2
+    disc = b * b - a * c
+    sq = torch.sqrt(disc.clamp_min(0))
+    t_sphere = torch.where(disc >= 0, _slab((-b - sq) / a, (-b + sq) / a), inf)
+
+    # Cube: slabs in the box frame (the box is rotated by `rotation` about z).
+    cr = torch.cos(objs["rotation"])[:, None, :]
+    sr = torch.sin(objs["rotation"])[:, None, :]
+    ol = torch.stack((cr * o[..., 0] + sr * o[..., 1], -sr * o[..., 0] + cr * o[..., 1],
+                      o[..., 2]), -1)
+    dl = torch.stack((cr * d[..., 0] + sr * d[..., 1], -sr * d[..., 0] + cr * d[..., 1],
+                      d[..., 2]), -1)
+    # Axis-parallel rays: a tiny same-signed direction keeps the slab bounds +-inf, not nan.
+    dl = torch.where(dl.abs() < 1e-300, torch.full_like(dl, 1e-300), dl)
+    t1 = (-size[..., None] - ol) / dl
+    t2 = (size[..., None] - ol) / dl
+    lo = torch.minimum(t1, t2).amax(-1)
+    hi = torch.maximum(t1, t2).amin(-1)
+    t_cube = _slab(lo, hi)
+
+    # Cylinder (vertical axis): the infinite cylinder's interval meets the z slab's.
+    a = d[..., 0] ** 2 + d[..., 1] ** 2
+    bc = o[..., 0] * d[..., 0] + o[..., 1] * d[..., 1]
+    cc = o[..., 0] ** 2 + o[..., 1] ** 2 - size ** 2
+    disc = bc * bc - a * cc
+    sq = torch.sqrt(disc.clamp_min(0))
+    vertical = a < 1e-24
+    safe_a = torch.where(vertical, torch.ones_like(a), a)
+    lo_c = torch.where(vertical, torch.where(cc <= 0, -inf, inf), (-bc - sq) / safe_a)
+    hi_c = torch.where(vertical, torch.where(cc <= 0, inf, -inf), (-bc + sq) / safe_a)
+    miss = (~vertical) & (disc < 0)
+    dz = torch.where(d[..., 2].abs() < 1e-300, torch.full_like(a, 1e-300), d[..., 2])
+    z1 = (-size - o[..., 2]) / dz
+    z2 = (size - o[..., 2]) / dz
+    lo = torch.maximum(lo_c, torch.minimum(z1, z2))
+    hi = torch.minimum(hi_c, torch.maximum(z1, z2))
+    t_cyl = torch.where(miss, inf, _slab(lo, hi))
+
+    shape = objs["shape"][:, None, :].expand_as(t_sphere)
+    t = torch.where(shape == SPHERE, t_sphere,
+                    torch.where(shape == CUBE, t_cube,
+                                torch.where(shape == CYLINDER, t_cyl, inf)))
+    return t
+
+
+def _normals(points: torch.Tensor, ids: torch.Tensor, objs: dict) -> torch.Tensor:
+    """Outward unit normals [B, R, 3] at surface points [B, R, 3] of objects ids [B, R]
+    (1-based; 0 = ground, normal +z)."""
+    idx = (ids - 1).clamp_min(0)
+    gather = lambda a: torch.gather(a, 1, idx) if a.dim() == 2 else \
+        torch.gather(a, 1, idx[..., None].expand(*idx.shape, a.shape[-1]))   # noqa: E731
+    shape, pos, size, rot = (gather(objs[k]) for k in ("shape", "position", "size", "rotation"))
+    p = points - pos
+    sphere_n = p / size[..., None]
+    c, s = torch.cos(rot), torch.sin(rot)
+    pl = torch.stack((c * p[..., 0] + s * p[..., 1], -s * p[..., 0] + c * p[..., 1], p[..., 2]), -1)
+    axis = (pl.abs() / size[..., None]).argmax(-1, keepdim=True)
+    nl = torch.zeros_like(pl).scatter_(-1, axis, torch.gather(torch.sign(pl), -1, axis))
+    cube_n = torch.stack((c * nl[..., 0] - s * nl[..., 1], s * nl[..., 0] + c * nl[..., 1],
+                          nl[..., 2]), -1)
+    radial = torch.sqrt(p[..., 0] ** 2 + p[..., 1] ** 2)
+    on_cap = p[..., 2].abs() >= radial
+    side = torch.stack((p[..., 0], p[..., 1], torch.zeros_like(radial)), -1) \
+        / radial.clamp_min(1e-12)[..., None]
+    cap = torch.zeros_like(p)
+    cap[..., 2] = torch.sign(p[..., 2])
+    cyl_n = torch.where(on_cap[..., None], cap, side)
+    up = torch.zeros_like(p)
+    up[..., 2] = 1
+    sh = shape[..., None]
+    n = torch.where(sh == SPHERE, sphere_n, torch.where(sh == CUBE, cube_n, cyl_n))
+    n = torch.where((ids == 0)[..., None], up, n)
+    return n / n.norm(dim=-1, keepdim=True)
+
+
+def trace(origins: torch.Tensor, dirs: torch.Tensor, objs: dict):
+    """Casts rays [B, R, 3] into packed scenes; returns (t [B, R], ids [B, R] int64).
+
+    ids: k = object k (1-based), 0 = ground plane or nothing; t = inf where nothing is hit.
+    """
+    t_obj = _intersect(origins, dirs, objs)
+    t_best, arg = t_obj.min(-1)
+    ids = torch.where(torch.isfinite(t_best), arg + 1, torch.zeros_like(arg))
+    dz = dirs[..., 2]
+    t_ground = torch.where(dz < 0, -origins[..., 2] / torch.where(dz < 0, dz, -torch.ones_like(dz)),
+                           torch.full_like(dz, math.inf))
+    ground_first = t_ground < t_best
+    ids = torch.where(ground_first, torch.zeros_like(ids), ids)
+    return torch.minimum(t_best, t_ground), ids
+
+
+def _render_packed(objs: dict, camera_pos: torch.Tensor, height: int, width: int):
+    """Renders B packed scenes from cameras [B, V, 3]; returns rgb, ids, depth [B, V, H, W, ...]."""
+    b, v = camera_pos.shape[:2]
+    device = camera_pos.device
+    rays = geometry.camera_rays(camera_pos.cpu().numpy(), height, width)    # float32 [B,V,H,W,3]
+    # Trace exactly the float32 rays the loader uses, so depth * ray lands on the surface.
+    dirs = torch.as_tensor(rays, device=device).double().reshape(b, -1, 3)
+    origins = camera_pos[:, :, None, None, :].expand(b, v, height, width, 3).reshape(b, -1, 3)
+    t, ids = trace(origins, dirs, objs)
+    hit_any = torch.isfinite(t)
+    t_safe = torch.where(hit_any, t, torch.zeros_like(t))
+    points = origins + t_safe[..., None] * dirs
+    normals = _normals(points, ids, objs)
+
+    light = torch.tensor(LIGHT_DIR, dtype=torch.float64, device=device)
+    light = light / light.norm()
+    # Shadow rays point up (the light is above the horizon), so the ground never blocks them.
+    shadow_t, _ = trace(points + SHADOW_EPS * normals, light.expand_as(points), objs)
+    lit = ~torch.isfinite(shadow_t)
+    lambert = (normals * light).sum(-1).clamp_min(0) * lit
+    shade = AMBIENT + DIFFUSE * lambert
+
+    obj_color = torch.gather(objs["color"], 1,
+                             (ids - 1).clamp_min(0)[..., None].expand(*ids.shape, 3))
+    ground = torch.tensor(GROUND_COLOR, dtype=torch.float64, device=device)
+    base = torch.where((ids > 0)[..., None], obj_color, ground.expand_as(obj_color))
+    rgb = (base * shade[..., None]).clamp(0, 1)
+    sky = torch.tensor(SKY_COLOR, dtype=torch.float64, device=device)
+    rgb = torch.where(hit_any[..., None], rgb, sky.expand_as(rgb))
+    depth = torch.where(hit_any, t, torch.full_like(t, MAX_DEPTH)).clamp_max(MAX_DEPTH)
+    shape = (b, v, height, width)
+    return rgb.float().reshape(*shape, 3), ids.reshape(shape), depth.float().reshape(shape)
+
+
+def render_views(scene: Scene, camera_pos, height: int, width: int, device="cpu") -> dict:
+    """Renders one scene from cameras `camera_pos` [V, 3].
+
+    Returns numpy dict: rgb float32 [V, H, W, 3] in [0, 1], instances int64 [V, H, W]
+    (0 = ground or sky, k = object k), depth float32 [V, H, W] (Euclidean distance along the
+    ray; MAX_DEPTH where nothing is hit, and clipped to it).
+    """
+    return {k: v[0] for k, v in render_batch([scene], np.asarray(camera_pos)[None],
+                                             height, width, device).items()}
+
+
+render_scene = render_views   # the name in docs/DESIGN.md
+
+
+def render_batch(scenes: Sequence[Scene], camera_pos, height: int, width: int,
+                 device="cpu") -> dict:
+    """Renders B scenes, each from its cameras `camera_pos` [B, V, 3], in one batched call.
+
+    Returns the `render_views` dict with a leading batch axis [B, V, ...].
+    """
+    dev = _resolve_device(device)
+    objs = _pack_scenes(scenes, dev)
+    cams = torch.as_tensor(np.asarray(camera_pos, np.float64), device=dev)
+    with torch.no_grad():
+        rgb, ids, depth = _render_packed(objs, cams, height, width)
+    return dict(rgb=rgb.cpu().numpy(), instances=ids.cpu().numpy(), depth=depth.cpu().numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset writer (ObSuRF / CLEVR3D layout)
+
+
+def scene_files(root: str, scene: int, num_views: int) -> list:
+    """Paths of all image files of one scene."""
+    out = []
+    for v in range(num_views):
+        out += [os.path.join(root, "images", f"img_{scene}_{v}.png"),
+                os.path.join(root, "masks", f"masks_{scene}_{v}.png"),
+                os.path.join(root, "depths", f"depths_{scene}_{v}.png")]
+    return out
+
+
+def encode_depth(depth: np.ndarray) -> np.ndarray:
+    """Depth (float) -> 16-bit PNG values, value = depth / 40 * 65536 clipped to 65535."""
+    return np.clip(np.round(depth.astype(np.float64) / MAX_DEPTH * 65536), 0, 65535).astype(np.uint16)
+
+
+def decode_depth(value: np.ndarray) -> np.ndarray:
+    return value.astype(np.float32) / 65536 * MAX_DEPTH
+
+
+def _write_png(path: str, array: np.ndarray) -> None:
+    from PIL import Image
+    # Write then rename, so an existing file is always a complete one (resume relies on it).
+    tmp = path + ".tmp.png"
+    Image.fromarray(array).save(tmp, compress_level=1)
+    os.replace(tmp, path)
+
+
+def _settings(num_scenes, height, width, num_views, min_objects, max_objects, seed) -> dict:
+    return dict(num_scenes=int(num_scenes), height=int(height), width=int(width),
+                num_views=int(num_views), min_objects=int(min_objects),
+                max_objects=int(max_objects), seed=int(seed))
+
+
+SETTINGS_FILE = "generator.json"
+
+
+def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 64,
+                     num_views: int = 4, min_objects: int = 2, max_objects: int = 6,
+                     seed: int = 0, device="cpu", progress: bool = True,
+                     batch_scenes: Optional[int] = None) -> str:
+    """Writes `num_scenes` procedural scenes to `root` in the ObSuRF / CLEVR3D layout.
+
+    metadata.npz: camera_pos float32 [N, V, 3]; shape int64 [N, O], 3d_coords float32 [N, O, 3],
+    color float32 [N, O, 3], size float32 [N, O], rotation float32 [N, O], with O = max_objects
+    + 1 and column 0 the background (zeros). images/img_{s}_{v}.png RGB uint8, masks/
+    masks_{s}_{v}.png uint8 instance ids, depths/depths_{s}_{v}.png uint16 depth codes.
+
+    Resumable: scenes whose files all exist are skipped. metadata.npz is written last and
+    atomically, so its presence marks a complete dataset. Returns `root`.
+    """
+    settings = _settings(num_scenes, height, width, num_views, min_objects, max_objects, seed)
+    if num_scenes < 1 or height < 1 or width < 1 or num_views < 1:
+        raise ValueError(f"num_scenes, height, width and num_views must be positive: {settings}")
+    if max_objects > 254:
+        raise ValueError("max_objects must be below 255 (8-bit instance masks)")
+    for sub in ("images", "masks", "depths"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    settings_path = os.path.join(root, SETTINGS_FILE)
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            old = json.load(f)
+        if old != settings:
+            raise ValueError(
+                f"{root} holds a procedural dataset generated with other settings ({old}); "
+                f"asked for {settings}. Use another --out folder or delete this one.")
+    else:
+        with open(settings_path, "w") as f:
+            json.dump(settings, f)
+
+    o = max_objects + 1
+    meta = dict(camera_pos=np.zeros((num_scenes, num_views, 3), np.float32),
+                shape=np.zeros((num_scenes, o), np.int64),
+                **{"3d_coords": np.zeros((num_scenes, o, 3), np.float32)},
+                color=np.zeros((num_scenes, o, 3), np.float32),
+                size=np.zeros((num_scenes, o), np.float32),
+                rotation=np.zeros((num_scenes, o), np.float32))
+    todo = []
+    scenes = {}
+    for i in range(num_scenes):
+        s = sample_scene(scene_seed(seed, i), min_objects, max_objects)
+        cams = sample_cameras(scene_seed(seed, i), num_views)
+        n = s.num_objects
+        meta["camera_pos"][i] = cams
+        meta["shape"][i, 1:n + 1] = s.shape
+        meta["3d_coords"][i, 1:n + 1] = s.position
+        meta["color"][i, 1:n + 1] = s.color
+        meta["size"][i, 1:n + 1] = s.size
+        meta["rotation"][i, 1:n + 1] = s.rotation
+        if not all(os.path.exists(p) for p in scene_files(root, i, num_views)):
+            todo.append(i)
+            scenes[i] = s
+
+    if batch_scenes is None:
+        # About 64k rays per torch call: big enough to amortise overhead, small in memory.
+        batch_scenes = max(1, 65536 // (height * width * num_views))
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="scene", desc=f"generating {root}")
+    for start in range(0, len(todo), batch_scenes):
+        chunk = todo[start:start + batch_scenes]
+        # Camera positions are rendered from the stored float32 values: the loader's rays
+        # come from those, so images and rays agree exactly.
+        out = render_batch([scenes[i] for i in chunk],
+                           meta["camera_pos"][chunk].astype(np.float64), height, width, device)
+        for j, i in enumerate(chunk):
+            for v in range(num_views):
+                img_p, mask_p, depth_p = scene_files(root, i, num_views)[3 * v:3 * v + 3]
+                _write_png(img_p, np.round(out["rgb"][j, v] * 255).astype(np.uint8))
+                _write_png(mask_p, out["instances"][j, v].astype(np.uint8))
+                _write_png(depth_p, encode_depth(out["depth"][j, v]))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+    tmp = os.path.join(root, "metadata.tmp.npz")
+    np.savez(tmp, **meta)
+    os.replace(tmp, os.path.join(root, "metadata.npz"))
+    return root
+
+
+def main(argv: Optional[Iterable[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m osrt_fast.scenes",
+                                description="Generate the built-in procedural dataset "
+                                            "(ObSuRF / CLEVR3D folder layout).")
+    p.add_argument("--out", default="data/procedural", help="output folder")
+    p.add_argument("--num-scenes", type=int, default=1000)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--num-views", type=int, default=4)
+    p.add_argument("--min-objects", type=int, default=2)
+    p.add_argument("--max-objects", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
+    a = p.parse_args(None if argv is None else list(argv))
+    t0 = time.time()
+    generate_dataset(a.out, a.num_scenes, a.height, a.width, a.num_views, a.min_objects,
+                     a.max_objects, a.seed, a.device)
+    dt = time.time() - t0
+    print(f"wrote {a.num_scenes} scenes to {a.out} in {dt:.1f} s "
+          f"({a.num_scenes / max(dt, 1e-9):.1f} scenes/s)")
+
+
+if __name__ == "__main__":
+    main()
