@@ -1,0 +1,356 @@
+"""Datasets in the ObSuRF / CLEVR3D folder layout: CLEVR3D, ObSuRF-MSN and the built-in data.
+
+Semantics follow the reference's `Clevr3dDataset` with OSRT's settings (world coordinates, no
+canonical camera transform):
+
+- a split is an index range of the N scenes, then only scenes with at most `max_objects`
+  objects are kept;
+- item i is scene idxs[i mod n] seen from input view i div n, so a split has n * V items;
+- target rays are sampled from all pixels of all V views (with replacement only if there are
+  fewer pixels than asked), or all of them with `full_scale`.
+
+Folder layout (read by `ObSuRFDataset`, written by `osrt_fast.scenes.generate_dataset`):
+
+    <root>/metadata.npz                  camera_pos [N, V, 3], shape [N, O], ...
+    <root>/images/img_{scene}_{view}.png   RGB(A), first 3 channels used
+    <root>/masks/masks_{scene}_{view}.png  8-bit instance ids, 0 = background
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from osrt_fast import geometry
+
+
+class DataError(ValueError):
+    """A dataset folder or setting is unusable; the message names the problem and the fix."""
+
+
+GENERATE_HINT = ("The built-in procedural data needs no download: set `dataset: procedural` in "
+                 "the config (it is generated on first use), or generate it with "
+                 "`python -m osrt_fast.scenes --out data/procedural --num-scenes 1000 "
+                 "--height 64 --width 64 --num-views 4`.")
+
+LAYOUT = ("<root>/metadata.npz (camera_pos [N, V, 3], shape [N, O]), "
+          "<root>/images/img_{scene}_{view}.png, <root>/masks/masks_{scene}_{view}.png")
+
+# The reference's split index ranges.
+SPLIT_RANGES = {
+    "clevr3d": {"train": (0, 70000), "val": (70000, 75000), "test": (85000, 100000)},
+    "obsurf_msn": {"train": (0, 80000), "val": (80000, 80500), "test": (90000, 100000)},
+}
+PROCEDURAL_FRACTIONS = {"train": (0.0, 0.9), "val": (0.9, 0.95), "test": (0.95, 1.0)}
+KINDS = ("clevr3d", "obsurf_msn", "procedural")
+ENCODER_MULTIPLE = 8
+
+
+def downsample(x: np.ndarray, num_steps: Optional[int] = 1) -> np.ndarray:
+    """The reference's subsampling of [H, W, ...] arrays: x[s//2::s, s//2::s], s = 2**steps."""
+    if num_steps is None or num_steps < 1:
+        return x
+    stride = 2 ** num_steps
+    return x[stride // 2::stride, stride // 2::stride]
+
+
+def _downsampled_len(n: int, num_steps: Optional[int]) -> int:
+    if num_steps is None or num_steps < 1:
+        return n
+    stride = 2 ** num_steps
+    return len(range(stride // 2, n, stride))
+
+
+def procedural_split_range(mode: str, n: int) -> tuple:
+    """[start, end) of a split of n procedural scenes: 90 / 5 / 5 %, at least one scene in
+    each split when n >= 3."""
+    if n >= 3:
+        n_val = max(1, int(round(0.05 * n)))
+        n_test = max(1, n - int(round(0.95 * n)))
+        n_train = n - n_val - n_test
+        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
+                  "test": (n_train + n_val, n)}
+    else:
+        bounds = {k: (int(a * n), int(b * n)) for k, (a, b) in PROCEDURAL_FRACTIONS.items()}
+    return bounds[mode]
+
+
+def _read_image(path: str) -> np.ndarray:
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise DataError(f"image file '{path}' is missing: the dataset folder is incomplete. "
+                        f"Expected layout: {LAYOUT}. Re-download the dataset, or for the "
+                        f"built-in data re-run the generator (it resumes and fills the gaps).")
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _image_size(path: str) -> tuple:
+    from PIL import Image
+    if not os.path.isfile(path):
+        _read_image(path)   # raises the DataError
+    with Image.open(path) as im:
+        width, height = im.size
+    return height, width
+
+
+class ObSuRFDataset(Dataset):
+    """CLEVR3D, ObSuRF-MSN or built-in procedural scenes in the ObSuRF layout.
+
+    Args:
+        path: dataset folder (see the module docstring for its layout).
+        mode: 'train', 'val' or 'test'.
+        points_per_item: target rays per item P.
+        max_len: if given, the dataset's length (as the reference).
+        full_scale: return every pixel of every view as targets.
+        max_objects: keep only scenes with at most this many objects.
+        kind: 'clevr3d', 'obsurf_msn' (the reference's split ranges) or 'procedural' (90/5/5 %).
+        downsample: input image, rays and masks subsampled by 2**downsample (targets are not).
+        num_input_views: input views per item: the item's view and the next ones, cyclically.
+        split_ranges: optional {mode: (start, end)} overriding the split index ranges.
+
+    Items (numpy, float32 unless said), with V_in = num_input_views, O = shape.shape[1]:
+        input_images [V_in, 3, h, w] in [0, 1], input_camera_pos [V_in, 3],
+        input_rays [V_in, h, w, 3], input_masks [V_in, h, w, O] (one-hot, 0 = background),
+        target_pixels / target_camera_pos / target_rays [P, 3], target_masks [P, O],
+        sceneid (int, the item index).
+    `__getitem__((index, seed))` samples target rays with np.random.default_rng(seed).
+    """
+
+    def __init__(self, path: str, mode: str, points_per_item: int = 2048,
+                 max_len: Optional[int] = None, full_scale: bool = False, max_objects: int = 6,
+                 kind: str = "clevr3d", downsample: Optional[int] = None,
+                 num_input_views: int = 1, split_ranges: Optional[dict] = None):
+        if kind not in KINDS:
+            raise DataError(f"unknown dataset kind {kind!r}; valid kinds are: {', '.join(KINDS)}")
+        if mode not in ("train", "val", "test"):
+            raise DataError(f"unknown split {mode!r}; valid splits are: train, val, test")
+        self.path, self.mode, self.kind = path, mode, kind
+        self.points_per_item = int(points_per_item)
+        self.max_len = max_len
+        self.full_scale = full_scale
+        self.max_objects = max_objects
+        self.downsample = downsample
+        self.num_input_views = int(num_input_views)
+        self.render_kwargs = {"min_dist": 0.035, "max_dist": 35.}
+
+        meta_path = os.path.join(path, "metadata.npz")
+        if not os.path.isdir(path):
+            raise DataError(f"dataset folder '{path}' does not exist. Expected layout: {LAYOUT}. "
+                            + GENERATE_HINT)
+        if not os.path.isfile(meta_path):
+            raise DataError(f"'{meta_path}' is missing, so '{path}' is not a complete dataset "
+                            f"folder. Expected layout: {LAYOUT}. For built-in data, re-run the "
+                            f"generator on that folder: it resumes and writes metadata.npz last. "
+                            + GENERATE_HINT)
+        with np.load(meta_path) as f:
+            self.metadata = {k: f[k] for k in f.files}
+        missing = [k for k in ("camera_pos", "shape") if k not in self.metadata]
+        if missing:
+            raise DataError(f"'{meta_path}' lacks key(s) {missing} (has {sorted(self.metadata)});"
+                            f" it needs camera_pos [N, V, 3] and shape [N, O]. Re-create it "
+                            f"(for built-in data: delete the folder and re-generate).")
+        cam, shape = self.metadata["camera_pos"], self.metadata["shape"]
+        if cam.ndim != 3 or cam.shape[-1] != 3 or shape.ndim != 2 or shape.shape[0] != cam.shape[0]:
+            raise DataError(f"'{meta_path}': camera_pos must be [N, V, 3] and shape [N, O] with "
+                            f"the same N, got {cam.shape} and {shape.shape}")
+        self.num_scenes, self.num_views = cam.shape[:2]
+        self.num_entities = shape.shape[1]
+        if not 1 <= self.num_input_views <= self.num_views:
+            raise DataError(f"num_input_views must be between 1 and the {self.num_views} views "
+                            f"per scene, got {self.num_input_views}")
+
+        if split_ranges is not None:
+            start, end = split_ranges[mode]
+        elif kind == "procedural":
+            start, end = procedural_split_range(mode, self.num_scenes)
+        else:
+            start, end = SPLIT_RANGES[kind][mode]
+        start, end = min(start, self.num_scenes), min(end, self.num_scenes)
+        num_objs = (shape[start:end] > 0).sum(1)
+        self.idxs = np.arange(start, end)[num_objs <= max_objects]
+        if len(self.idxs) == 0:
+            raise DataError(
+                f"the {mode} split of '{path}' is empty: {kind} takes scenes [{start}, {end}) of "
+                f"the folder's {self.num_scenes}, and {end - start} of them have at most "
+                f"max_objects={max_objects} objects. Use a folder with more scenes (the "
+                f"{kind} split ranges are {self._ranges_text()}) or raise max_objects.")
+
+        self.height, self.width = _image_size(self._image_path(self.idxs[0], 0))
+        h = _downsampled_len(self.height, downsample)
+        w = _downsampled_len(self.width, downsample)
+        if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
+            def nearest(n):
+                return max(ENCODER_MULTIPLE, ENCODER_MULTIPLE * round(n / ENCODER_MULTIPLE))
+            raise DataError(
+                f"input images are {w}x{h} (width x height; files {self.width}x{self.height}, "
+                f"downsample={downsample}), but the encoder needs both sides to be multiples "
+                f"of {ENCODER_MULTIPLE}. Use images of e.g. {nearest(w)}x{nearest(h)} after "
+                f"downsampling (for built-in data: --width/--height such as 32, 64 or 128), or "
+                f"change downsample.")
+        self.input_height, self.input_width = h, w
+
+    def _ranges_text(self) -> str:
+        if self.kind == "procedural":
+            return "90 / 5 / 5 % of the scenes"
+        return ", ".join(f"{k} {a}-{b}" for k, (a, b) in SPLIT_RANGES[self.kind].items())
+
+    def _image_path(self, scene: int, view: int) -> str:
+        return os.path.join(self.path, "images", f"img_{scene}_{view}.png")
+
+    def _mask_path(self, scene: int, view: int) -> str:
+        return os.path.join(self.path, "masks", f"masks_{scene}_{view}.png")
+
+    def __len__(self) -> int:
+        if self.max_len is not None:
+            return self.max_len
+        return len(self.idxs) * self.num_views
+
+    def _load_view(self, scene: int, view: int):
+        img = _read_image(self._image_path(scene, view))
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, -1)
+        mask = _read_image(self._mask_path(scene, view))
+        if mask.ndim == 3:
+            mask = mask[..., 0]
+        want = (self.height, self.width)
+        if img.shape[:2] != want or mask.shape[:2] != want:
+            raise DataError(f"scene {scene} view {view}: image {img.shape[:2]} / mask "
+                            f"{mask.shape[:2]} differ from the dataset's {want} (height, width) "
+                            f"read from {self._image_path(self.idxs[0], 0)}; all views must "
+                            f"have one size.")
+        if mask.max() >= self.num_entities:
+            raise DataError(f"'{self._mask_path(scene, view)}' has instance id {mask.max()}, but "
+                            f"metadata 'shape' has only {self.num_entities} slots (ids 0-"
+                            f"{self.num_entities - 1}).")
+        return img[..., :3].astype(np.float32) / 255, mask.astype(np.int64)
+
+    def _one_hot(self, ids: np.ndarray) -> np.ndarray:
+        return (ids[..., None] == np.arange(self.num_entities)).astype(np.float32)
+
+    def __getitem__(self, idx):
+        seed = None
+        if isinstance(idx, (tuple, list)):
+            idx, seed = idx
+        idx = int(idx)
+        n = len(self.idxs)
+        scene = int(self.idxs[idx % n])
+        view = (idx // n) % self.num_views
+        v, hw = self.num_views, self.height * self.width
+
+        loaded = [self._load_view(scene, i) for i in range(v)]
+        imgs = np.stack([a for a, _ in loaded])                       # [V, H, W, 3]
+        ids = np.stack([b for _, b in loaded])                        # [V, H, W]
+        camera_pos = self.metadata["camera_pos"][scene].astype(np.float32)   # [V, 3]
+        rays = geometry.camera_rays(camera_pos, self.height, self.width)      # [V, H, W, 3]
+
+        in_views = [(view + k) % v for k in range(self.num_input_views)]
+        ds = lambda x: downsample(x, self.downsample)                  # noqa: E731
+        input_images = np.stack([ds(imgs[i]).transpose(2, 0, 1) for i in in_views])
+        input_rays = np.stack([ds(rays[i]) for i in in_views])
+        input_masks = np.stack([self._one_hot(ds(ids[i])) for i in in_views])
+
+        all_pixels = imgs.reshape(v * hw, 3)
+        all_rays = rays.reshape(v * hw, 3)
+        all_ids = ids.reshape(v * hw)
+        if self.full_scale:
+            sel = slice(None)
+        else:
+            total = v * hw
+            rng = np.random if seed is None else np.random.default_rng(seed)
+            sel = rng.choice(total, size=(self.points_per_item,),
+                             replace=total < self.points_per_item)
+        target_view = (np.arange(v * hw) // hw)[sel]
+        return {
+            "input_images": np.ascontiguousarray(input_images, dtype=np.float32),
+            "input_camera_pos": camera_pos[in_views],
+            "input_rays": np.ascontiguousarray(input_rays, dtype=np.float32),
+            "input_masks": input_masks,
+            "target_pixels": np.ascontiguousarray(all_pixels[sel]),
+            "target_camera_pos": camera_pos[target_view],
+            "target_rays": np.ascontiguousarray(all_rays[sel]),
+            "target_masks": self._one_hot(all_ids[sel]),
+            "sceneid": idx,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+
+LOADER_KWARGS = ("max_objects", "downsample", "num_input_views", "max_views")
+GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min_objects=2,
+                          max_objects=6, seed=0, device="cpu")
+DATASET_KWARGS = {
+    "procedural": tuple(sorted(set(LOADER_KWARGS) | set(GENERATOR_DEFAULTS))),
+    "clevr3d": LOADER_KWARGS,
+    "obsurf_msn": LOADER_KWARGS,
+}
+PLANNED = ("osrt", "msn", "nmr")
+
+
+def _ensure_procedural(path: str, kwargs: dict) -> None:
+    """Generates the built-in dataset at `path` if its metadata.npz is missing; checks that an
+    existing one matches the generator settings the config names explicitly."""
+    import json
+
+    from osrt_fast import scenes
+    settings = {k: kwargs.get(k, d) for k, d in GENERATOR_DEFAULTS.items()}
+    settings_path = os.path.join(path, scenes.SETTINGS_FILE)
+    if os.path.isfile(os.path.join(path, "metadata.npz")):
+        if os.path.isfile(settings_path):
+            with open(settings_path) as f:
+                old = json.load(f)
+            differ = {k: (old[k], kwargs[k]) for k in kwargs if k in old and old[k] != kwargs[k]}
+            if differ:
+                raise DataError(
+                    f"'{path}' holds procedural data generated with other settings "
+                    f"(existing vs config: {differ}). Delete the folder to re-generate, or set "
+                    f"data.path to another folder.")
+        return
+    print(f"osrt_fast.data: '{path}' has no metadata.npz; generating the procedural dataset "
+          f"there ({settings['num_scenes']} scenes, {settings['num_views']} views of "
+          f"{settings['width']}x{settings['height']}, {settings['min_objects']}-"
+          f"{settings['max_objects']} objects, seed {settings['seed']}, device "
+          f"{settings['device']}). This runs once; later runs reuse it.", flush=True)
+    try:
+        scenes.generate_dataset(path, **settings)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale: bool = False):
+    """The dataset `data_cfg.dataset` for split 'train' / 'val' / 'test' (world coordinates).
+
+    data_cfg: a `config.DataConfig`. Datasets: 'procedural' (built-in; generated at
+    data_cfg.path, default data/procedural, on first use), 'clevr3d', 'obsurf_msn'.
+    """
+    name = data_cfg.dataset
+    if name in PLANNED:
+        raise DataError(f"the '{name}' dataset loader is not in this version of osrt-fast yet "
+                        f"(planned). `dataset: procedural` works with no download; CLEVR3D and "
+                        f"ObSuRF-MSN are `dataset: clevr3d` / `obsurf_msn`.")
+    if name not in DATASET_KWARGS:
+        raise DataError(f"unknown dataset {name!r}; valid datasets are: "
+                        f"{', '.join(sorted(DATASET_KWARGS))} (planned: {', '.join(PLANNED)})")
+    kwargs = dict(data_cfg.kwargs or {})
+    unknown = sorted(set(kwargs) - set(DATASET_KWARGS[name]))
+    if unknown:
+        raise DataError(f"unknown data.kwargs key(s) {unknown} for dataset '{name}'; valid keys "
+                        f"are: {', '.join(DATASET_KWARGS[name])}")
+    path = data_cfg.resolved_path()
+    kwargs.pop("max_views", None)   # accepted and ignored, as by the reference
+    if name == "procedural":
+        _ensure_procedural(path, kwargs)
+        for k in GENERATOR_DEFAULTS:
+            if k != "max_objects":
+                kwargs.pop(k, None)
+    return ObSuRFDataset(path, split, points_per_item=data_cfg.num_points, max_len=max_len,
+                         full_scale=full_scale, kind=name, **kwargs)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seeds numpy differently in every DataLoader worker (and run), as the reference, so
+    unseeded ray sampling differs between workers."""
+    base_seed = int.from_bytes(os.urandom(4), byteorder="big")
+    np.random.seed((base_seed + worker_id) % 2 ** 32)
