@@ -183,7 +183,7 @@ class ObSuRFDataset(Dataset):
         w = _downsampled_len(self.width, downsample)
         if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
             def nearest(n):
-                return max(ENCODER_MULTIPLE, ENCODER_MULTIPLE * round(n / ENCODER_MULTIPLE))
+                return ENCODER_MULTIPLE * max(1, -(-n // ENCODER_MULTIPLE))   # round up
             raise DataError(
                 f"input images are {w}x{h} (width x height; files {self.width}x{self.height}, "
                 f"downsample={downsample}), but the encoder needs both sides to be multiples "
