@@ -225,7 +225,7 @@ def _intersect_pairs(o: torch.Tensor, d: torch.Tensor, size: torch.Tensor, rotat
                       o[..., 2]), -1)
     dl = torch.stack((cr * d[..., 0] + sr * d[..., 1], -sr * d[..., 0] + cr * d[..., 1],
                       d[..., 2]), -1)
-    # Axis-parallel rays: a tiny same-signed direction keeps the slab bounds +-inf, not nan.
+    # Axis-parallel rays: a tiny nonzero direction keeps the slab bounds finite or +-inf, not nan.
     dl = torch.where(dl.abs() < 1e-300, torch.full_like(dl, 1e-300), dl)
     t1 = (-size[..., None] - ol) / dl
     t2 = (size[..., None] - ol) / dl
@@ -381,7 +381,8 @@ def scene_files(root: str, scene: int, num_views: int) -> list:
 
 def encode_depth(depth: np.ndarray) -> np.ndarray:
     """Depth (float) -> 16-bit PNG values, value = depth / 40 * 65536 clipped to 65535."""
-    return np.clip(np.round(depth.astype(np.float64) / MAX_DEPTH * 65536), 0, 65535).astype(np.uint16)
+    value = np.round(depth.astype(np.float64) / MAX_DEPTH * 65536)
+    return np.clip(value, 0, 65535).astype(np.uint16)
 
 
 def decode_depth(value: np.ndarray) -> np.ndarray:

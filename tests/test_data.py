@@ -130,7 +130,8 @@ def test_downsample_and_input_views(proc):
     assert item["input_images"].shape == (1, 3, H // 2, W // 2)
     np.testing.assert_array_equal(item["input_images"][0], imgs[0, 1::2, 1::2].transpose(2, 0, 1))
     cams = np.load(os.path.join(proc, "metadata.npz"))["camera_pos"][ds.idxs[0]]
-    np.testing.assert_array_equal(item["input_rays"][0], geometry.camera_rays(cams[0], H, W)[1::2, 1::2])
+    np.testing.assert_array_equal(item["input_rays"][0],
+                                  geometry.camera_rays(cams[0], H, W)[1::2, 1::2])
     np.testing.assert_array_equal(item["input_masks"][0].argmax(-1), ids[0, 1::2, 1::2])
     assert item["target_rays"].shape == (50, 3)
     n = len(ds.idxs)
