@@ -301,7 +301,9 @@ def _ensure_procedural(path: str, kwargs: dict) -> None:
         if os.path.isfile(settings_path):
             with open(settings_path) as f:
                 old = json.load(f)
-            differ = {k: (old[k], kwargs[k]) for k in kwargs if k in old and old[k] != kwargs[k]}
+            # Where the data was rendered does not change it.
+            differ = {k: (old[k], kwargs[k]) for k in kwargs
+                      if k in old and k != "device" and old[k] != kwargs[k]}
             if differ:
                 raise DataError(
                     f"'{path}' holds procedural data generated with other settings "
