@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from osrt_fast.config import ConfigError, load_config
-from osrt_fast.rendering import MOTIONS, render_scene_frames
+from osrt_fast.rendering import MOTIONS, check_video_support, render_scene_frames
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +67,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f"unknown motion {args.motion!r}; valid motions are: {', '.join(MOTIONS)}")
     if args.num_frames < 1:
         return _fail(f"--num-frames must be positive, got {args.num_frames}")
+    if not args.novideo:
+        try:
+            check_video_support()
+        except RuntimeError as e:
+            return _fail(str(e))
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

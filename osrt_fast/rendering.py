@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
@@ -237,6 +238,16 @@ def _even_frame(frame, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
+def check_video_support() -> None:
+    """Raises RuntimeError with the fix when videos can't be written (imageio-ffmpeg missing)."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise RuntimeError("writing videos needs the imageio-ffmpeg package (it bundles ffmpeg): "
+                           "pip install imageio-ffmpeg, or render frames only with --novideo "
+                           "(video=False)") from None
+
+
 def write_video(frames: Iterable, path: str, fps: float = 30, quality: float = 7) -> int:
     """Encodes frames (uint8 [H, W, 3], or float in [0, 1]) to an H.264 / yuv420p mp4.
 
@@ -246,6 +257,7 @@ def write_video(frames: Iterable, path: str, fps: float = 30, quality: float = 7
     interrupted run never leaves a truncated video that looks finished.
     Returns the number of frames written.
     """
+    check_video_support()
     import imageio_ffmpeg
 
     it = iter(frames)
@@ -344,6 +356,8 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
         raise ValueError(f"unknown motion {motion!r}; valid motions are: {', '.join(MOTIONS)}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
+    if video:
+        check_video_support()   # before minutes of rendering, not after
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -368,29 +382,52 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
 
     model.eval()
     has_seg = False
+
+    def frame_time(frame: int) -> float:
+        t = frame / num_frames
+        # The reference's zoom runs on the raw frame fraction even with --fade.
+        return apply_fade(t) if fade and motion != "zoom" else t
+
+    def camera(frame: int):
+        cpu_transform = transform.cpu() if transform is not None else None
+        return camera_motion(motion, base_pos.cpu(), frame_time(frame), height, width,
+                             cpu_transform)
+
+    def save_frame(frame: int, rgb: np.ndarray, labels: Optional[np.ndarray], k: int):
+        _save_png(to_uint8(rgb), os.path.join(render_dir, f"{frame}.png"))
+        if labels is not None:
+            _save_png(colorize_segmentation(labels, k), os.path.join(seg_dir, f"{frame}.png"))
+
+    # Worker threads compute the next frame's rays and compress PNGs (PIL and numpy release the
+    # GIL) while the accelerator decodes, so the device is not idle between frames.
     start = time.perf_counter()
-    with torch.no_grad():
+    pending = []
+    with torch.no_grad(), ThreadPoolExecutor(max_workers=3) as pool:
         latents = model.encoder(images, camera_pos, rays)
         base_pos = camera_pos[:, 0]                                   # [1, 3]
+        next_camera = pool.submit(camera, 0)
         bar = tqdm(range(num_frames), desc=f"render {motion}", unit="frame",
                    disable=not progress, dynamic_ncols=True)
         for frame in bar:
-            t = frame / num_frames
-            if fade and motion != "zoom":
-                t = apply_fade(t)
-            cur_pos, cur_rays = camera_motion(motion, base_pos, t, height, width, transform)
-            img, extras = render_image(model.decoder, latents, cur_pos, cur_rays, max_rays)
-            _save_png(to_uint8(img[0]), os.path.join(render_dir, f"{frame}.png"))
+            cur_pos, cur_rays = next_camera.result()
+            if frame + 1 < num_frames:
+                next_camera = pool.submit(camera, frame + 1)
+            img, extras = render_image(model.decoder, latents, cur_pos.to(device),
+                                       cur_rays.to(device), max_rays)
             seg = extras.get("segmentation")
+            labels, k = None, 0
             if seg is not None:
                 if not has_seg:
                     os.makedirs(seg_dir, exist_ok=True)
                     has_seg = True
-                labels = seg[0].argmax(-1).cpu().numpy()
-                _save_png(colorize_segmentation(labels, seg.shape[-1]),
-                          os.path.join(seg_dir, f"{frame}.png"))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+                labels, k = seg[0].argmax(-1).cpu().numpy(), seg.shape[-1]
+            pending.append(pool.submit(save_frame, frame, img[0].float().cpu().numpy(),
+                                       labels, k))
+            # Bounded backlog: surfaces write errors early and caps memory at a few frames.
+            while len(pending) > 4:
+                pending.pop(0).result()
+        for f in pending:
+            f.result()
     seconds = time.perf_counter() - start
 
     result = {"dir": out_dir, "num_frames": num_frames, "seconds": seconds,
