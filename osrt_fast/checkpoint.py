@@ -1,0 +1,187 @@
+"""Checkpoints: the reference's format plus our extras, written atomically, read without pickle code.
+
+A checkpoint is the reference's dict -- {'encoder': state_dict, 'decoder': state_dict,
+'optimizer': state_dict, 'it', 'epoch_it', 't', 'loss_val_best', 'run_id'} -- plus one key,
+'osrt_fast', holding the format version, the model config, and the scheduler and RNG state for
+exact resume. The reference reads ours; we read both, always with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or does not fit the model; the message says why."""
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside DDP / FSDP-style (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+def _all_finite(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_all_finite(v) for v in obj)
+    return True
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    extras: Optional[dict] = None, **scalars) -> None:
+    """Writes `path` atomically: a temporary file in the same folder, fsync'd, read back and
+    checked, then renamed over the old file. A model with non-finite parameters is refused, so
+    a good checkpoint is never replaced by a broken one.
+
+    scalars: the reference's 'it', 'epoch_it', 't', 'loss_val_best', 'run_id'.
+    extras: stored under 'osrt_fast' (plain types and tensors only).
+    """
+    model = unwrap(model)
+    state = {"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict()}
+    if not _all_finite(state):
+        raise CheckpointError(f"refusing to write {path}: the model has non-finite parameters")
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    state.update(scalars)
+    cfg = getattr(model, "cfg", None)
+    state["osrt_fast"] = {"version": FORMAT_VERSION,
+                          "model_config": _config_dict(cfg) if cfg is not None else None,
+                          **(extras or {})}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        check = torch.load(tmp, map_location="cpu", weights_only=True)
+        if set(check["encoder"]) != set(state["encoder"]) or not _all_finite(check["encoder"]):
+            raise CheckpointError(f"the checkpoint written to {tmp} did not read back intact")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _config_dict(cfg) -> dict:
+    import dataclasses
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """Loads a checkpoint file with `weights_only=True`; refuses files that need to run code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load '{path}': it needs arbitrary Python code to load (only tensors and "
+            f"plain values are allowed). If you trust the file, load it yourself with "
+            f"torch.load(..., weights_only=False) and re-save its 'encoder'/'decoder' state dicts. "
+            f"Details: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def checkpoint_format(state: dict) -> str:
+    """'osrt_fast', 'reference', or 'flat' (one state dict with 'encoder.' / 'decoder.' keys)."""
+    if "osrt_fast" in state:
+        return "osrt_fast"
+    if isinstance(state.get("encoder"), dict) and isinstance(state.get("decoder"), dict):
+        return "reference"
+    if any(isinstance(k, str) and k.startswith(("encoder.", "decoder.")) for k in state):
+        return "flat"
+    raise CheckpointError("not an OSRT checkpoint: expected 'encoder' and 'decoder' state dicts; "
+                          f"found keys {sorted(map(str, state))[:8]}")
+
+
+def _mismatch_report(part: str, expected: dict, found: dict) -> list:
+    lines = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        lines.append(f"{part}: missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''} "
+                     f"({len(missing)} in all)")
+    if unexpected:
+        lines.append(f"{part}: unexpected keys {unexpected[:6]}"
+                     f"{' ...' if len(unexpected) > 6 else ''} ({len(unexpected)} in all)")
+    for k in sorted(set(expected) & set(found)):
+        if tuple(expected[k].shape) != tuple(found[k].shape):
+            lines.append(f"{part}.{k}: checkpoint {tuple(found[k].shape)} vs model "
+                         f"{tuple(expected[k].shape)}")
+    return lines
+
+
+def _hint(state: dict) -> str:
+    enc, dec = state.get("encoder", {}), state.get("decoder", {})
+    hints = []
+    slots = enc.get("slot_attention.initial_slots")
+    if slots is not None:
+        hints.append(f"encoder: osrt with num_slots: {slots.shape[0]}, slot_dim: {slots.shape[1]}")
+    elif "conv_blocks.0.layers.0.weight" in enc:
+        hints.append("encoder: srt")
+    if "mixing_block.to_q.weight" in dec:
+        hints.append("decoder: slot_mixer")
+    elif "render_mlp.0.weight" in dec:
+        hints.append("decoder: spatial_broadcast")
+    elif "render_mlp.net.0.weight" in dec:
+        hints.append("decoder: srt")
+    cfg = state.get("osrt_fast", {}).get("model_config") if isinstance(state.get("osrt_fast"), dict) else None
+    if cfg:
+        return f" The checkpoint was written for model config {cfg}."
+    return f" The checkpoint looks like: {'; '.join(hints)}." if hints else ""
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    map_location="cpu", strict: bool = True) -> dict:
+    """Loads a checkpoint (ours or the reference's) into `model` (and `optimizer` if given).
+
+    Returns the remaining entries ('it', 'epoch_it', 't', 'loss_val_best', 'run_id', and our
+    'osrt_fast' extras where present). A checkpoint of another model or shape raises
+    CheckpointError naming the mismatched keys and shapes.
+    """
+    state = read_checkpoint(path, map_location)
+    fmt = checkpoint_format(state)
+    if fmt == "flat":
+        state = {"encoder": {k[8:]: v for k, v in state.items() if k.startswith("encoder.")},
+                 "decoder": {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}}
+    model = unwrap(model)
+    problems = []
+    for part in ("encoder", "decoder"):
+        problems += _mismatch_report(part, getattr(model, part).state_dict(), state[part])
+    if problems and strict:
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model:\n  "
+                              + "\n  ".join(problems) + "\n" + _hint(state).strip())
+    for part in ("encoder", "decoder"):
+        getattr(model, part).load_state_dict(state[part], strict=strict)
+    if optimizer is not None:
+        if "optimizer" in state:
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"the optimizer state in '{path}' does not fit: {e}") from None
+        else:
+            print(f"warning: '{path}' has no optimizer state; the optimizer starts fresh")
+    return {k: v for k, v in state.items() if k not in ("encoder", "decoder", "optimizer")}
