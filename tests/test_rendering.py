@@ -314,3 +314,32 @@ def test_render_py_end_to_end(tmp_path):
         with Image.open(d / "renders" / "1.png") as im:
             assert im.size == (12, 8)
         assert not (d / "video.mp4").exists()
+
+
+def test_render_py_own_checkpoint_and_mismatch(tmp_path, capsys):
+    checkpoint = pytest.importorskip("osrt_fast.checkpoint")
+    pytest.importorskip("osrt_fast.data")
+    from osrt_fast.model import OSRT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = {"data": {"dataset": "procedural", "path": str(tmp_path / "data"), "num_points": 64,
+                    "kwargs": {"num_scenes": 3, "height": 16, "width": 16, "num_views": 2,
+                               "num_input_views": 1}},
+           "model": _tiny_model_cfg()}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    main = _import_render_main()
+    # Our own format, chosen with --it.
+    checkpoint.save_checkpoint(str(run / "model_5.pt"), OSRT(cfg["model"]), it=5)
+    assert main([str(run / "config.yaml"), "--it", "5", "--motion", "zoom", "--num-frames", "2",
+                 "--novideo", "--no-cuda"]) == 0
+    assert len(os.listdir(run / "render" / "zoom" / "0" / "renders")) == 2
+    # A checkpoint of another model: a clean error, no traceback.
+    other = _tiny_model_cfg()
+    other["decoder_kwargs"] = dict(other["decoder_kwargs"], render_hidden_dim=48)
+    wrong = tmp_path / "wrong.pt"
+    checkpoint.save_checkpoint(str(wrong), OSRT(other), it=1)
+    capsys.readouterr()
+    assert main([str(run / "config.yaml"), "--checkpoint", str(wrong), "--novideo",
+                 "--no-cuda"]) != 0
+    assert "does not fit this model" in capsys.readouterr().err
