@@ -1,0 +1,184 @@
+"""Training loop: learning, exact resume, schedule, bad input, Ctrl-C, end-to-end CLI."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+import osrt_fast.trainer as trainer
+from osrt_fast import OSRT
+from osrt_fast.checkpoint import load_checkpoint, save_checkpoint
+from osrt_fast.config import config_from_dict
+from osrt_fast.data import get_dataset
+from osrt_fast.evaluate import main as evaluate_main
+from conftest import tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "procedural")
+    cfg = config_from_dict({"data": data_section(path)})
+    get_dataset("train", cfg.data)        # generates it once for the module
+    return path
+
+
+def data_section(path):
+    return {"dataset": "procedural", "path": path, "num_points": 64,
+            "kwargs": {"num_scenes": 40, "height": 16, "width": 16, "num_views": 3,
+                       "min_objects": 1, "max_objects": 3, "seed": 1}}
+
+
+def write_config(tmp_path, data_dir, **training):
+    cfg = {"data": data_section(data_dir),
+           "model": tiny_model_config(),
+           "training": {"batch_size": 4, "num_workers": 0, "print_every": 1,
+                        "visualize_every": 0, "validate_every": 0, "checkpoint_every": 3,
+                        "backup_every": 0, "max_it": 6, "lr_warmup": 2, "peak_lr": 1e-3,
+                        "eval_batch_size": 4, "vis_scenes": 2, **training}}
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    path = run / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def params(path):
+    model = OSRT(tiny_model_config())
+    load_checkpoint(path, model)
+    return model.state_dict()
+
+
+def test_lr_schedule_matches_the_reference():
+    s = trainer.LrSchedule(peak_lr=1e-4, warmup=10000, decay_rate=0.16, decay_it=4_000_000)
+    assert s(0) == 0 and s(5000) == pytest.approx(5e-5)
+    assert s(10000) == pytest.approx(1e-4)
+    assert s(10000 + 4_000_000) == pytest.approx(1.6e-5)
+
+
+def test_loss_falls_on_a_fixed_batch(data_dir):
+    cfg = config_from_dict({"data": data_section(data_dir)})
+    ds = get_dataset("train", cfg.data)
+    batch = torch.utils.data.default_collate([ds[(i, i)] for i in range(4)])
+    model = OSRT(tiny_model_config())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        mse, terms = trainer.compute_loss(model, batch)
+        mse.mean().backward()
+        opt.step()
+        losses.append(mse.mean().item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert set(terms) == {"mse", "ari", "fg_ari"}
+
+
+def test_batch_stream_depends_only_on_seed_and_iteration():
+    a = trainer.ResumableBatchSampler(30, 4, seed=3)
+    b = trainer.ResumableBatchSampler(30, 4, seed=3, start_it=9)
+    it_a = iter(a)
+    batches = [next(it_a) for _ in range(12)]
+    assert next(iter(b)) == batches[9]
+    epoch = [i for batch in batches[:7] for i, _ in batch]     # 30 // 4 = 7 steps per epoch
+    assert len(set(epoch)) == 28
+    assert batches[0] != trainer.ResumableBatchSampler(30, 4, seed=4).batch(0)
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    straight = write_config(tmp_path / "a", data_dir) if (tmp_path / "a").mkdir() is None else None
+    assert trainer.main([straight, "--exit-after", "6"]) == 0
+    split = write_config(tmp_path / "b", data_dir) if (tmp_path / "b").mkdir() is None else None
+    assert trainer.main([split, "--exit-after", "3"]) == 0
+    assert load_checkpoint(os.path.join(os.path.dirname(split), "model.pt"),
+                           OSRT(tiny_model_config()))["it"] == 3
+    assert trainer.main([split, "--exit-after", "6"]) == 0
+    a = params(os.path.join(os.path.dirname(straight), "model.pt"))
+    b = params(os.path.join(os.path.dirname(split), "model.pt"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_non_finite_losses_stop_without_touching_the_checkpoint(tmp_path, data_dir, monkeypatch):
+    config = write_config(tmp_path, data_dir, max_nonfinite_steps=3)
+    assert trainer.main([config, "--exit-after", "3"]) == 0
+    ckpt = os.path.join(os.path.dirname(config), "model.pt")
+    before = open(ckpt, "rb").read()
+    real = trainer.compute_loss
+
+    def nan_loss(model, batch, max_rays=None):
+        mse, terms = real(model, batch, max_rays)
+        return mse * float("nan"), terms
+    monkeypatch.setattr(trainer, "compute_loss", nan_loss)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        assert trainer.main([config, "--exit-after", "6"]) == 3
+    assert open(ckpt, "rb").read() == before
+
+
+def test_ctrl_c_saves_the_model(tmp_path, data_dir, monkeypatch):
+    config = write_config(tmp_path, data_dir, checkpoint_every=100)
+    real, calls = trainer.compute_loss, []
+
+    def interrupt_on_third(model, batch, max_rays=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, batch, max_rays)
+    monkeypatch.setattr(trainer, "compute_loss", interrupt_on_third)
+    assert trainer.main([config]) == 130
+    state = load_checkpoint(os.path.join(os.path.dirname(config), "model.pt"), OSRT(tiny_model_config()))
+    assert state["it"] == 2
+
+
+def test_end_to_end_logs_visualises_evaluates(tmp_path, data_dir):
+    config = write_config(tmp_path, data_dir, validate_every=4, visualize_every=4)
+    assert trainer.main([config, "--exit-after", "4", "--evalnow"]) == 0
+    run = os.path.dirname(config)
+    assert {"model.pt", "model_best.pt", "log.jsonl", "renders-val.png", "renders-train.png"} \
+        <= set(os.listdir(run))
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    steps = [r for r in log if "loss" in r]
+    assert [r["it"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["scenes_per_s"] > 0 and r["rays_per_s"] > 0 for r in steps)
+    evals = [r for r in log if r.get("split") == "val"]
+    assert len(evals) == 2 and {"psnr", "ari", "fg_ari", "mse"} <= set(evals[0])
+
+    out = str(tmp_path / "eval.json")
+    assert evaluate_main([config, "--full-scale", "--max-eval", "3", "--output", out]) == 0
+    result = json.load(open(out))
+    assert result["num_scenes"] == 3 and result["it"] == 4
+    assert all(0 <= result[k] <= 1 for k in ("ari", "fg_ari")) and result["psnr"] > 5
+
+
+def test_reference_run_directory_resumes(tmp_path, data_dir):
+    config = write_config(tmp_path, data_dir)
+    model = OSRT(tiny_model_config())
+    torch.save({"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
+                "optimizer": torch.optim.Adam(model.parameters()).state_dict(), "it": 4,
+                "epoch_it": 0, "t": 0.0, "loss_val_best": -float("inf"), "run_id": None},
+               os.path.join(os.path.dirname(config), "model.pt"))
+    assert trainer.main([config, "--exit-after", "5"]) == 0
+    log = [json.loads(line) for line in open(os.path.join(os.path.dirname(config), "log.jsonl"))]
+    assert [r["it"] for r in log] == [5]
+
+
+def test_bad_config_key_exits_2_naming_it(tmp_path, data_dir, capsys):
+    config = write_config(tmp_path, data_dir, learning_rate=0.1)
+    assert trainer.main([config]) == 2
+    err = capsys.readouterr().err
+    assert "training.learning_rate" in err and "peak_lr" in err
+
+
+def test_missing_dataset_folder_exits_2(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"dataset": "clevr3d", "path": str(tmp_path / "nope")},
+                                    "model": tiny_model_config()}))
+    assert trainer.main([str(path)]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_exits_2(tmp_path, data_dir, capsys):
+    config = write_config(tmp_path, data_dir)
+    other = OSRT(tiny_model_config(encoder_kwargs={**tiny_model_config()["encoder_kwargs"], "num_slots": 6}))
+    save_checkpoint(os.path.join(os.path.dirname(config), "model.pt"), other, it=1)
+    assert trainer.main([config]) == 2
+    assert "initial_slots" in capsys.readouterr().err
