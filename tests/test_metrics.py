@@ -1,18 +1,13 @@
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from osrt_fast.metrics import adjusted_rand_index, fg_ari, psnr
-from conftest import REFERENCE_VECTORS
+from conftest import require_reference_vectors
 
 
 def test_reference_ari_vectors():
-    path = os.path.join(REFERENCE_VECTORS, "ari.pt")
-    if not os.path.exists(path):
-        pytest.skip("reference vectors not available")
-    d = torch.load(path, weights_only=False)
+    d = torch.load(require_reference_vectors("ari.pt"), weights_only=False)
     ari = adjusted_rand_index(d["true_masks"], d["pred_masks"])
     fg = fg_ari(d["true_masks"], d["pred_masks"])
     assert ari.dtype == torch.float64

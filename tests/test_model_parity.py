@@ -1,12 +1,11 @@
 """The eager model reproduces the reference implementation's outputs (shared/spec/reference_vectors)."""
 import math
-import os
 
 import pytest
 import torch
 
 from osrt_fast.model import OSRT
-from conftest import REFERENCE_VECTORS
+from conftest import require_reference_vectors
 
 CASES = ["osrt_slot_mixer", "osrt_slot_mixer_3iters", "srt_srt", "osrt_spatial_broadcast"]
 
@@ -31,10 +30,7 @@ def rebuild_reference_weights(model: OSRT, seed: int) -> dict:
 
 
 def load_case(name):
-    path = os.path.join(REFERENCE_VECTORS, f"{name}.pt")
-    if not os.path.exists(path):
-        pytest.skip(f"reference vectors not found at {path} (set OSRT_SHARED to the shared/ folder)")
-    return torch.load(path, weights_only=False)
+    return torch.load(require_reference_vectors(f"{name}.pt"), weights_only=False)
 
 
 def relative_error(a, b):
