@@ -2,7 +2,8 @@
 
     python render.py runs/demo/config.yaml --sceneid 0 --motion rotate [--fade] [--num-frames 360]
 
-The run directory is the config file's folder (the reference's convention); the model is read
+The run directory is train.py's: a `config.yaml`'s folder (the reference's convention), else
+runs/<config name>; the model is read
 from <run>/model.pt (or model_<it>.pt with --it, or --checkpoint PATH) and frames and videos go to
 <run>/render/<name or motion>/<sceneid>/ (see osrt_fast/rendering.py for the layout).
 """
@@ -77,7 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         return _fail(str(e))
 
-    run_dir = os.path.dirname(os.path.abspath(args.config))
+    # The same run directory as train.py: a config.yaml's folder, else runs/<config name>.
+    from osrt_fast.trainer import run_dir_for
+    run_dir = os.path.abspath(run_dir_for(args.config))
     name = args.name or args.motion
     if args.checkpoint is not None:
         ckpt_path = args.checkpoint

@@ -343,3 +343,19 @@ def test_render_py_own_checkpoint_and_mismatch(tmp_path, capsys):
     assert main([str(run / "config.yaml"), "--checkpoint", str(wrong), "--novideo",
                  "--no-cuda"]) != 0
     assert "does not fit this model" in capsys.readouterr().err
+
+
+def test_render_py_finds_train_py_run_dir_for_a_named_config(tmp_path, monkeypatch):
+    """configs/<name>.yaml trains in runs/<name>/; render.py must look there too."""
+    checkpoint = pytest.importorskip("osrt_fast.checkpoint")
+    from osrt_fast.model import OSRT
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {"data": {"dataset": "procedural", "path": str(tmp_path / "data"), "num_points": 64,
+                    "kwargs": {"num_scenes": 3, "height": 16, "width": 16, "num_views": 2}},
+           "model": _tiny_model_cfg()}
+    (tmp_path / "mydemo.yaml").write_text(yaml.safe_dump(cfg))
+    checkpoint.save_checkpoint(str(tmp_path / "runs" / "mydemo" / "model.pt"), OSRT(cfg["model"]), it=3)
+    main = _import_render_main()
+    assert main(["mydemo.yaml", "--num-frames", "2", "--novideo", "--no-cuda"]) == 0
+    assert len(os.listdir(tmp_path / "runs" / "mydemo" / "render" / "rotate" / "0" / "renders")) == 2
