@@ -182,3 +182,11 @@ def test_checkpoint_of_another_model_exits_2(tmp_path, data_dir, capsys):
     save_checkpoint(os.path.join(os.path.dirname(config), "model.pt"), other, it=1)
     assert trainer.main([config]) == 2
     assert "initial_slots" in capsys.readouterr().err
+
+
+def test_wandb_missing_says_how_to_install_and_continues(tmp_path, data_dir, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "wandb", None)     # makes `import wandb` raise ImportError
+    config = write_config(tmp_path, data_dir)
+    assert trainer.main([config, "--exit-after", "1", "--wandb"]) == 0
+    assert "pip install 'osrt-fast[wandb]'" in capsys.readouterr().out
