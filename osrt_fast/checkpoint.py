@@ -49,18 +49,27 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     checked, then renamed over the old file. A model with non-finite parameters is refused, so
     a good checkpoint is never replaced by a broken one.
 
-    scalars: the reference's 'it', 'epoch_it', 't', 'loss_val_best', 'run_id'.
-    extras: stored under 'osrt_fast' (plain types and tensors only).
+    scalars: the reference's 'it' (completed steps), 'epoch_it', 't' (training seconds),
+        'loss_val_best', 'run_id'.
+    extras: merged into state['osrt_fast'] = {'version', 'package_version', 'model_config', ...};
+        the trainer adds 'lr_scheduler' (its parameters), 'rng' (capture_rng_state()) and
+        'seed'. Plain types and tensors only, so the file loads with weights_only=True.
     """
     model = unwrap(model)
-    state = {"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict()}
+    # The reference wraps encoder and decoder in DDP separately; save the modules' own keys.
+    state = {part: unwrap(getattr(model, part)).state_dict() for part in ("encoder", "decoder")}
     if not _all_finite(state):
-        raise CheckpointError(f"refusing to write {path}: the model has non-finite parameters")
+        bad = [f"{part}.{k}" for part in state for k, v in state[part].items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        raise CheckpointError(f"refusing to write {path}: the model has non-finite parameters "
+                              f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); the "
+                              "existing file, if any, is kept")
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     state.update(scalars)
     cfg = getattr(model, "cfg", None)
-    state["osrt_fast"] = {"version": FORMAT_VERSION,
+    from . import __version__
+    state["osrt_fast"] = {"version": FORMAT_VERSION, "package_version": __version__,
                           "model_config": _config_dict(cfg) if cfg is not None else None,
                           **(extras or {})}
     folder = os.path.dirname(os.path.abspath(path))
@@ -71,14 +80,41 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        check = torch.load(tmp, map_location="cpu", weights_only=True)
-        if set(check["encoder"]) != set(state["encoder"]) or not _all_finite(check["encoder"]):
-            raise CheckpointError(f"the checkpoint written to {tmp} did not read back intact")
+        # Read back exactly as a later resume will (weights_only), so a file that cannot be
+        # resumed from never replaces one that can.
+        try:
+            check = torch.load(tmp, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"checkpoint for {path} holds a value that weights_only loading "
+                                  f"rejects (only tensors and plain values may be saved): {e}") from None
+        intact = all(set(check[p]) == set(state[p]) for p in ("encoder", "decoder"))
+        if not intact or not _all_finite(check):
+            raise CheckpointError(f"the checkpoint written for {path} did not read back intact "
+                                  "(missing keys or non-finite tensors); the old file is kept")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def capture_rng_state() -> dict:
+    """torch's CPU RNG state and, where CUDA is initialised, every device's ({'torch', 'cuda'})."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Optional[dict]) -> None:
+    """Inverse of capture_rng_state; CUDA states are restored only when the device count matches."""
+    if not state:
+        return
+    if state.get("torch") is not None:
+        torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 def _config_dict(cfg) -> dict:
@@ -94,10 +130,12 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"refusing to load '{path}': it needs arbitrary Python code to load (only tensors and "
-            f"plain values are allowed). If you trust the file, load it yourself with "
-            f"torch.load(..., weights_only=False) and re-save its 'encoder'/'decoder' state dicts. "
-            f"Details: {str(e).splitlines()[0]}") from None
+            f"refusing to load '{path}': this file needs arbitrary Python code to load (only "
+            f"tensors and plain values are allowed). If you trust it, re-save its tensors with:\n"
+            f"  python -c \"import torch; s = torch.load('{path}', weights_only=False); "
+            f"torch.save({{k: s[k] for k in ('encoder', 'decoder', 'optimizer', 'it') if k in s}}, "
+            f"'{path}.safe.pt')\"\n"
+            f"and load '{path}.safe.pt'. Details: {str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({e})") from None
     if not isinstance(state, dict):
@@ -168,14 +206,21 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
         state = {"encoder": {k[8:]: v for k, v in state.items() if k.startswith("encoder.")},
                  "decoder": {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}}
     model = unwrap(model)
+    modules = {part: unwrap(getattr(model, part)) for part in ("encoder", "decoder")}
     problems = []
-    for part in ("encoder", "decoder"):
-        problems += _mismatch_report(part, getattr(model, part).state_dict(), state[part])
+    for part, module in modules.items():
+        problems += _mismatch_report(part, module.state_dict(), state[part])
     if problems and strict:
         raise CheckpointError(f"checkpoint '{path}' does not fit this model:\n  "
                               + "\n  ".join(problems) + "\n" + _hint(state).strip())
-    for part in ("encoder", "decoder"):
-        getattr(model, part).load_state_dict(state[part], strict=strict)
+    if problems:
+        print(f"warning: loading '{path}' non-strictly; skipped:\n  " + "\n  ".join(problems))
+    for part, module in modules.items():
+        own = module.state_dict()
+        # load_state_dict rejects shape mismatches even when not strict: leave those at init.
+        fitting = {k: v for k, v in state[part].items()
+                   if k not in own or tuple(own[k].shape) == tuple(v.shape)}
+        module.load_state_dict(fitting, strict=strict)
     if optimizer is not None:
         if "optimizer" in state:
             try:

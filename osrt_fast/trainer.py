@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
+                         save_checkpoint)
 from .config import Config, ConfigError
 from .data import DataError, get_dataset, worker_init_fn
 from .geometry import rotate_about_z
@@ -43,6 +46,10 @@ class LrSchedule:
     @classmethod
     def from_config(cls, t) -> "LrSchedule":
         return cls(t.peak_lr, t.lr_warmup, t.decay_rate, t.decay_it)
+
+    def state_dict(self) -> dict:
+        return {"peak_lr": self.peak_lr, "warmup": self.warmup, "decay_rate": self.decay_rate,
+                "decay_it": self.decay_it}
 
 
 def item_seed(*parts: int) -> int:
@@ -92,6 +99,43 @@ class FixedSampler(Sampler):
 
     def __len__(self):
         return math.ceil(self.n / self.batch_size)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C goes to the whole process group; workers leave it to the main process, which
+    # finishes its step, saves and shuts them down (a worker dying first would break the save).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_init_fn(worker_id)
+
+
+class GracefulInterrupt:
+    """First Ctrl-C: finish the current step, then save and stop (exactly resumable).
+    A second Ctrl-C raises KeyboardInterrupt at once (e.g. during a long evaluation)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving model.pt (press Ctrl-C again to "
+              "stop at once).", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        # Signal handlers can only be set from the main thread (not e.g. in a notebook worker).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None
+                          else signal.default_int_handler)
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -179,7 +223,7 @@ def visualize(model, batch: dict, path: str, device, num_angles: int = 6, max_ra
     labels = None
     if "input_masks" in batch:
         true = batch["input_masks"][:, 0]
-        columns.append(("true seg", true.argmax(-1).cpu().numpy(), "clustering"))
+        columns.append(("true seg 0°", true.argmax(-1).cpu().numpy(), "clustering"))
     for i in range(num_angles):
         angle = 2 * math.pi * i / num_angles
         img, extras = render_image(model.decoder, latents, rotate_about_z(cam[:, 0], angle),
@@ -244,9 +288,14 @@ def train(cfg: Config, run_dir: str, args) -> int:
         elapsed, run_id = float(state.get("t", 0.0)), state.get("run_id")
         best = float(state.get("loss_val_best", best))
         extras = state.get("osrt_fast") or {}
-        if "torch_rng" in extras:
-            torch.set_rng_state(extras["torch_rng"].cpu())
-        print(f"Resumed from {resume} at iteration {it}.")
+        restore_rng_state(extras.get("rng"))
+        if "seed" in extras and extras["seed"] != t.seed:
+            print(f"warning: {resume} was trained with training.seed {extras['seed']}, the config "
+                  f"says {t.seed}: the batch stream from here on differs from the original run's")
+        if extras.get("lr_scheduler") not in (None, schedule.state_dict()):
+            print(f"note: the LR schedule changed since {resume} was written "
+                  f"({extras['lr_scheduler']} -> {schedule.state_dict()}); using the config's")
+        print(f"Resumed from {resume} at iteration {it} (lr {schedule(it):.3g}).")
     max_it = args.exit_after if args.exit_after is not None else t.max_it
 
     if args.print_model:
@@ -270,7 +319,7 @@ def train(cfg: Config, run_dir: str, args) -> int:
 
     workers = t.num_workers
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
-                     worker_init_fn=worker_init_fn, persistent_workers=workers > 0)
+                     worker_init_fn=_worker_init, persistent_workers=workers > 0)
     sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.seed, start_it=it)
     eval_bs = t.eval_batch_size or max(1, t.batch_size // 8)
     eval_loader = DataLoader(eval_set, batch_sampler=FixedSampler(len(eval_set), eval_bs), **loader_kw)
@@ -282,7 +331,8 @@ def train(cfg: Config, run_dir: str, args) -> int:
     def checkpoint(name: str):
         save_checkpoint(os.path.join(run_dir, name), model, optimizer, it=it,
                         epoch_it=it // sampler.steps_per_epoch, t=elapsed, loss_val_best=best,
-                        run_id=run_id, extras={"torch_rng": torch.get_rng_state(), "seed": t.seed})
+                        run_id=run_id, extras={"lr_scheduler": schedule.state_dict(),
+                                               "rng": capture_rng_state(), "seed": t.seed})
 
     def run_eval():
         nonlocal best
@@ -307,78 +357,93 @@ def train(cfg: Config, run_dir: str, args) -> int:
     loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
     bar = tqdm(total=max_it, initial=it, desc="training", dynamic_ncols=True)
     nonfinite, rate_t, rate_it = 0, time.perf_counter(), it
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    try:
-        if args.evalnow:
-            run_eval()
-        if args.visnow:
-            run_vis()
-        batches = iter(loader)
-        while it < max_it:
-            batch = to_device(next(batches), device)
-            lr = schedule(it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            mse, terms = compute_loss(model, batch)
-            loss = mse.mean()
-            if not torch.isfinite(loss):
-                nonfinite += 1
-                warnings.warn(f"non-finite loss ({loss.item()}) at iteration {it}; step skipped "
-                              f"({nonfinite} in a row, stopping at {t.max_nonfinite_steps})")
-                if nonfinite >= t.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite} non-finite losses in a row at iteration {it}; stopping. The "
-                        f"last good checkpoint in {run_dir} was left untouched. Lower "
-                        f"training.peak_lr or check the data.")
-                it += 1
-                continue
-            nonfinite = 0
-            loss.backward()
-            optimizer.step()
-            it += 1
-            elapsed += time.perf_counter() - t0
-            bar.update(1)
-
-            if it % t.print_every == 0 or it == max_it:
-                now = time.perf_counter()
-                steps_per_s = (it - rate_it) / max(now - rate_t, 1e-9)
-                rate_t, rate_it = now, it
-                rec = {"it": it, "loss": loss.item(), "psnr": psnr(loss.detach()).item(), "lr": lr,
-                       "scenes_per_s": steps_per_s * t.batch_size,
-                       "rays_per_s": steps_per_s * t.batch_size * cfg.data.num_points,
-                       "time": elapsed}
-                for k in ("ari", "fg_ari"):
-                    if k in terms:
-                        rec[k] = terms[k].mean().item()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}",
-                                scenes_s=f"{rec['scenes_per_s']:.1f}", rays_s=f"{rec['rays_per_s']:.3g}",
-                                lr=f"{lr:.2e}")
-                append_log(run_dir, rec)
-                if wandb:
-                    wandb.log(rec, step=it)
-            if t.checkpoint_every > 0 and it % t.checkpoint_every == 0:
-                checkpoint("model.pt")
-            if t.backup_every > 0 and it % t.backup_every == 0:
-                checkpoint(f"model_{it}.pt")
-            if t.validate_every > 0 and it % t.validate_every == 0:
+    with GracefulInterrupt() as stop:
+        try:
+            if args.evalnow:
                 run_eval()
-            if t.visualize_every > 0 and it % t.visualize_every == 0:
+            if args.visnow:
                 run_vis()
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\nInterrupted at iteration {it}; saving {run_dir}/model.pt ...")
-        checkpoint("model.pt")
-        print("Saved. Run the same command to resume.")
-        return 130
-    except NonFiniteLossError as e:
-        bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+            batches = iter(loader)
+            while it < max_it:
+                # Checked between steps, so a first Ctrl-C saves a consistent, resumable state.
+                if stop.requested:
+                    raise KeyboardInterrupt
+                batch = to_device(next(batches), device)
+                lr = schedule(it)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                mse, terms = compute_loss(model, batch)
+                loss = mse.mean()
+                loss.backward()
+                # A finite loss can still overflow in the backward pass: check both with a
+                # single host sync per step.
+                grads = [p.grad for p in params if p.grad is not None]
+                checks = [loss.detach().float().reshape(1)]
+                if grads:
+                    checks.append(torch.stack(torch._foreach_norm(grads)).float())
+                if not bool(torch.cat(checks).isfinite().all()):
+                    nonfinite += 1
+                    what = "loss" if not torch.isfinite(loss) else "gradients"
+                    warnings.warn(f"non-finite {what} (loss {loss.item()}) at iteration {it}; "
+                                  f"optimizer step skipped ({nonfinite} in a row, stopping at "
+                                  f"{t.max_nonfinite_steps})")
+                    if nonfinite >= t.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{nonfinite} non-finite losses in a row at iteration {it}; stopping "
+                            f"without saving, so the last good checkpoint in {run_dir} stays "
+                            f"untouched. Lower training.peak_lr or check the data.")
+                    optimizer.zero_grad(set_to_none=True)
+                    it += 1
+                    bar.update(1)
+                    continue
+                nonfinite = 0
+                optimizer.step()
+                it += 1
+                elapsed += time.perf_counter() - t0
+                bar.update(1)
+
+                if (t.print_every > 0 and it % t.print_every == 0) or it == max_it:
+                    now = time.perf_counter()
+                    steps_per_s = (it - rate_it) / max(now - rate_t, 1e-9)
+                    rate_t, rate_it = now, it
+                    rec = {"it": it, "loss": loss.item(), "psnr": psnr(loss.detach()).item(),
+                           "lr": lr, "scenes_per_s": steps_per_s * t.batch_size,
+                           "rays_per_s": steps_per_s * t.batch_size * cfg.data.num_points,
+                           "time": elapsed}
+                    for k in ("ari", "fg_ari"):
+                        if k in terms:
+                            rec[k] = terms[k].mean().item()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}",
+                                    scenes_s=f"{rec['scenes_per_s']:.1f}",
+                                    rays_s=f"{rec['rays_per_s']:.3g}", lr=f"{lr:.2e}")
+                    append_log(run_dir, rec)
+                    if wandb:
+                        wandb.log(rec, step=it)
+                if t.checkpoint_every > 0 and it % t.checkpoint_every == 0:
+                    checkpoint("model.pt")
+                if t.backup_every > 0 and it % t.backup_every == 0:
+                    checkpoint(f"model_{it}.pt")
+                if t.validate_every > 0 and it % t.validate_every == 0:
+                    run_eval()
+                if t.visualize_every > 0 and it % t.visualize_every == 0:
+                    run_vis()
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\nInterrupted at iteration {it}; saving {os.path.join(run_dir, 'model.pt')} ...")
+            checkpoint("model.pt")
+            print("Saved. Run the same command to resume.")
+            return 130
+        except NonFiniteLossError as e:
+            bar.close()
+            print(f"error: {e}", file=sys.stderr)
+            return 3
     bar.close()
     checkpoint("model.pt")
-    print(f"Reached iteration {it}; saved {run_dir}/model.pt.")
+    print(f"Reached iteration {it}; saved {os.path.join(run_dir, 'model.pt')}.")
     return 0
 
 

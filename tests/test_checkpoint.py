@@ -110,3 +110,65 @@ def test_missing_file_is_named(tmp_path):
     model, _ = make()
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nope.pt"), model)
+
+
+def test_refusal_says_how_to_resave(tmp_path):
+    model, _ = make()
+    path = str(tmp_path / "evil.pt")
+    torch.save({"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
+                "payload": NotATensor()}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, model)
+    assert "needs arbitrary Python code" in str(e.value) and "weights_only=False" in str(e.value)
+
+
+class CompiledLike(torch.nn.Module):
+    """Stands in for torch.compile's wrapper: the real module is `_orig_mod`."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self._orig_mod = inner
+
+
+def test_wrapped_model_saves_the_inner_keys(tmp_path):
+    model, opt = make()
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, CompiledLike(model), opt, it=3)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw["encoder"]) == set(model.encoder.state_dict())
+    assert raw["osrt_fast"]["model_config"]["encoder"] == "osrt"
+    other, _ = make()
+    assert load_checkpoint(path, CompiledLike(other))["it"] == 3
+    assert torch.equal(other.encoder.slot_attention.initial_slots,
+                       model.encoder.slot_attention.initial_slots)
+
+
+def test_non_strict_load_keeps_fitting_weights(tmp_path, capsys):
+    src, _ = make(num_slots=3)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, src, it=1)
+    dst, _ = make(num_slots=5)
+    init_slots = dst.encoder.slot_attention.initial_slots.clone()
+    load_checkpoint(path, dst, strict=False)
+    assert "initial_slots" in capsys.readouterr().out
+    assert torch.equal(dst.encoder.slot_attention.initial_slots, init_slots)    # left at init
+    assert torch.equal(dst.decoder.state_dict()["mixing_block.to_q.weight"],
+                       src.decoder.state_dict()["mixing_block.to_q.weight"])
+
+
+def test_flat_state_dict_loads(tmp_path):
+    src, _ = make()
+    path = str(tmp_path / "flat.pt")
+    torch.save(src.state_dict(), path)
+    dst, _ = make()
+    load_checkpoint(path, dst)
+    for (n, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_rng_state_round_trip():
+    from osrt_fast.checkpoint import capture_rng_state, restore_rng_state
+    state = capture_rng_state()
+    a = torch.rand(3)
+    restore_rng_state(state)
+    assert torch.equal(torch.rand(3), a)

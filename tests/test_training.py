@@ -190,3 +190,61 @@ def test_wandb_missing_says_how_to_install_and_continues(tmp_path, data_dir, mon
     config = write_config(tmp_path, data_dir)
     assert trainer.main([config, "--exit-after", "1", "--wandb"]) == 0
     assert "pip install 'osrt-fast[wandb]'" in capsys.readouterr().out
+
+
+def test_real_ctrl_c_finishes_the_step_and_resumes_exactly(tmp_path, data_dir, monkeypatch):
+    import signal
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = write_config(tmp_path / "a", data_dir, checkpoint_every=100)
+    assert trainer.main([straight, "--exit-after", "5"]) == 0
+    config = write_config(tmp_path / "b", data_dir, checkpoint_every=100)
+    real, calls = trainer.compute_loss, []
+
+    def ctrl_c_during_third_step(model, batch, max_rays=None):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)     # the handler defers it to the step's end
+        return real(model, batch, max_rays)
+    monkeypatch.setattr(trainer, "compute_loss", ctrl_c_during_third_step)
+    assert trainer.main([config, "--exit-after", "5"]) == 130
+    ckpt = os.path.join(os.path.dirname(config), "model.pt")
+    assert load_checkpoint(ckpt, OSRT(tiny_model_config()))["it"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handler restored
+    monkeypatch.setattr(trainer, "compute_loss", real)
+    assert trainer.main([config, "--exit-after", "5"]) == 0
+    a, b = params(os.path.join(os.path.dirname(straight), "model.pt")), params(ckpt)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_holds_schedule_rng_and_seed(tmp_path, data_dir):
+    config = write_config(tmp_path, data_dir, seed=5)
+    assert trainer.main([config, "--exit-after", "3"]) == 0
+    raw = torch.load(os.path.join(os.path.dirname(config), "model.pt"), weights_only=True)
+    extras = raw["osrt_fast"]
+    assert extras["version"] == 1 and extras["seed"] == 5
+    assert extras["lr_scheduler"] == {"peak_lr": 1e-3, "warmup": 2, "decay_rate": 0.16,
+                                      "decay_it": 4_000_000}
+    assert extras["rng"]["torch"].dtype == torch.uint8
+    assert raw["it"] == 3 and set(raw) >= {"encoder", "decoder", "optimizer", "epoch_it", "t",
+                                           "loss_val_best", "run_id"}
+
+
+def test_non_finite_gradients_are_skipped_and_training_goes_on(tmp_path, data_dir, monkeypatch):
+    config = write_config(tmp_path, data_dir, print_every=0)
+    real, calls = trainer.compute_loss, []
+
+    def nan_grad_on_second(model, batch, max_rays=None):
+        mse, terms = real(model, batch, max_rays)
+        calls.append(1)
+        if len(calls) == 2:     # finite loss, NaN gradient: 0 * d sqrt(x)/dx at x = 0
+            p = next(model.parameters())
+            mse = mse + 0.0 * (p.sum() * 0.0).sqrt()
+        return mse, terms
+    monkeypatch.setattr(trainer, "compute_loss", nan_grad_on_second)
+    with pytest.warns(UserWarning, match="non-finite gradients .* at iteration 1"):
+        assert trainer.main([config, "--exit-after", "4"]) == 0
+    model = OSRT(tiny_model_config())
+    assert load_checkpoint(os.path.join(os.path.dirname(config), "model.pt"), model)["it"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
