@@ -471,6 +471,11 @@ def main(argv=None) -> int:
         os.makedirs(run_dir, exist_ok=True)
         target = os.path.join(run_dir, "config.yaml")
         if os.path.abspath(target) != os.path.abspath(args.config):
+            if os.path.exists(target):
+                with open(target, "rb") as f_old, open(args.config, "rb") as f_new:
+                    if f_old.read() != f_new.read():
+                        print(f"note: {args.config} differs from the run's {target}; "
+                              "replacing the run's copy")
             shutil.copyfile(args.config, target)
         print(f"Run directory: {run_dir}")
         return train(cfg, run_dir, args)

@@ -248,3 +248,31 @@ def test_non_finite_gradients_are_skipped_and_training_goes_on(tmp_path, data_di
     model = OSRT(tiny_model_config())
     assert load_checkpoint(os.path.join(os.path.dirname(config), "model.pt"), model)["it"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_train_py_bad_key_is_one_clean_message(tmp_path, data_dir):
+    import subprocess
+    import sys
+    config = write_config(tmp_path, data_dir, learning_rate=0.1)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "train.py"), config],
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    assert "training.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_named_config_trains_in_runs_dir_and_prints_model(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, data_dir)
+    named = tmp_path / "mytiny.yaml"
+    named.write_text(open(config).read())
+    assert trainer.main([str(named), "--exit-after", "1", "--print-model"]) == 0
+    out = capsys.readouterr().out
+    assert "Run directory: runs/mytiny" in out and "slot_attention.initial_slots" in out
+    assert {"config.yaml", "model.pt", "log.jsonl"} <= set(os.listdir(tmp_path / "runs" / "mytiny"))
+
+
+def test_evaluate_without_checkpoint_exits_2(tmp_path, data_dir, capsys):
+    config = write_config(tmp_path, data_dir)
+    assert evaluate_main([config]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
