@@ -240,6 +240,35 @@ def visualize(model, batch: dict, path: str, device, num_angles: int = 6, max_ra
     model.train()
 
 
+# Dense bf16 matrix-product peaks measured on the lent machines (docs: spec/PERFORMANCE.md);
+# MFU is reported against these whatever dtype the step runs in, so numbers stay comparable.
+PEAK_FLOPS = {"H100": 798e12, "H200": 790e12}
+
+
+def training_flops_per_scene(model, batch: dict) -> Optional[float]:
+    """Model FLOPs of one training step per scene: forward FLOPs of the first scene x 3
+    (backward ~ 2x forward), counted on the eager model as spec/PERFORMANCE.md asks.
+    None where the counter cannot trace the model."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+        one = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+        # Not under no_grad: the counter's module tracker needs autograd (torch 2.x); the graph
+        # of this one scene is dropped straight away.
+        with FlopCounterMode(display=False) as counter:
+            latents = model.encoder(one["input_images"], one["input_camera_pos"], one["input_rays"])
+            model.decoder(latents, one["target_camera_pos"], one["target_rays"])
+        return 3.0 * counter.get_total_flops()
+    except Exception:       # a counter failure must never stop training
+        return None
+
+
+def peak_flops(device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def append_log(run_dir: str, record: dict) -> None:
     with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -358,6 +387,7 @@ def train(cfg: Config, run_dir: str, args) -> int:
     bar = tqdm(total=max_it, initial=it, desc="training", dynamic_ncols=True)
     nonfinite, rate_t, rate_it = 0, time.perf_counter(), it
     params = [p for p in model.parameters() if p.requires_grad]
+    flops_per_scene, peak = None, peak_flops(device)
     model.train()
     with GracefulInterrupt() as stop:
         try:
@@ -371,6 +401,8 @@ def train(cfg: Config, run_dir: str, args) -> int:
                 if stop.requested:
                     raise KeyboardInterrupt
                 batch = to_device(next(batches), device)
+                if flops_per_scene is None:
+                    flops_per_scene = training_flops_per_scene(model, batch) or 0.0
                 lr = schedule(it)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -417,6 +449,10 @@ def train(cfg: Config, run_dir: str, args) -> int:
                     for k in ("ari", "fg_ari"):
                         if k in terms:
                             rec[k] = terms[k].mean().item()
+                    if flops_per_scene:
+                        rec["tflops_per_s"] = rec["scenes_per_s"] * flops_per_scene / 1e12
+                        if peak:
+                            rec["mfu"] = rec["tflops_per_s"] * 1e12 / peak
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}",
                                     scenes_s=f"{rec['scenes_per_s']:.1f}",
                                     rays_s=f"{rec['rays_per_s']:.3g}", lr=f"{lr:.2e}")

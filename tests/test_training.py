@@ -138,7 +138,7 @@ def test_end_to_end_logs_visualises_evaluates(tmp_path, data_dir):
     log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
     steps = [r for r in log if "loss" in r]
     assert [r["it"] for r in steps] == [1, 2, 3, 4]
-    assert all(r["scenes_per_s"] > 0 and r["rays_per_s"] > 0 for r in steps)
+    assert all(r["scenes_per_s"] > 0 and r["rays_per_s"] > 0 and r["tflops_per_s"] > 0 for r in steps)
     evals = [r for r in log if r.get("split") == "val"]
     assert len(evals) == 2 and {"psnr", "ari", "fg_ari", "mse"} <= set(evals[0])
 
