@@ -33,7 +33,8 @@ EVAL_SEED = 1_000_003
 
 
 class LrSchedule:
-    """Linear warm-up to `peak_lr` over `warmup` steps, then peak_lr * decay_rate ** ((it - warmup) / decay_it)."""
+    """Linear warm-up to `peak_lr` over `warmup` steps, then
+    peak_lr * decay_rate ** ((it - warmup) / decay_it) (the reference's LrScheduler)."""
 
     def __init__(self, peak_lr=1e-4, warmup=2500, decay_rate=0.16, decay_it=4_000_000):
         self.peak_lr, self.warmup, self.decay_rate, self.decay_it = peak_lr, warmup, decay_rate, decay_it
@@ -354,7 +355,8 @@ def train(cfg: Config, run_dir: str, args) -> int:
     eval_loader = DataLoader(eval_set, batch_sampler=FixedSampler(len(eval_set), eval_bs), **loader_kw)
     vis_n = min(t.vis_scenes, len(eval_set), len(train_set))
     vis_val = torch.utils.data.default_collate([eval_set[(i, item_seed(EVAL_SEED, i))] for i in range(vis_n)])
-    vis_train = torch.utils.data.default_collate([train_set[(i, item_seed(EVAL_SEED, i))] for i in range(vis_n)])
+    vis_train = torch.utils.data.default_collate(
+        [train_set[(i, item_seed(EVAL_SEED, i))] for i in range(vis_n)])
     max_rays = cfg.data.num_points * t.batch_size
 
     def checkpoint(name: str):
