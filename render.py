@@ -110,6 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         model = OSRT(cfg.model).to(device)
+        model.check_device(device)
     except ConfigError as e:
         return _fail(f"{args.config}: {e}")
     try:

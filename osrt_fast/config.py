@@ -41,8 +41,13 @@ class ModelConfig:
     decoder_kwargs: dict = field(default_factory=dict)
     # The reference's switch to PyTorch's default initialisation instead of the paper's.
     use_default_init: bool = False
-    # Which implementation computes the model: 'eager' is the definition and runs everywhere.
+    # Which implementation computes the model: 'eager' is the definition and runs everywhere;
+    # 'triton' runs slot attention and the Slot Mixer decoder through the fused Triton kernels
+    # (CUDA; the [triton] extra). Both compute the same function from the same parameters.
     backend: str = "eager"
+    # The encoder's self-attention: 'sdpa' (PyTorch's scaled_dot_product_attention) or
+    # 'xformers' (memory-efficient attention; CUDA and the [xformers] extra).
+    encoder_attention: str = "sdpa"
 
 
 @dataclass
@@ -146,10 +151,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.batch_size must be positive, got {t.batch_size}")
     if cfg.data.num_points < 1:
         raise ConfigError(f"data.num_points must be positive, got {cfg.data.num_points}")
-    if cfg.model.backend not in ("eager", "triton"):
-        raise ConfigError(f"model.backend must be 'eager' or 'triton', got {cfg.model.backend!r}")
+    check_model_choices(cfg.model)
     if not isinstance(cfg.data.kwargs, dict):
         raise ConfigError("data.kwargs must be a mapping")
+
+
+BACKENDS = ("eager", "triton")
+ENCODER_ATTENTION = ("sdpa", "xformers")
+
+
+def check_model_choices(model: ModelConfig) -> None:
+    if model.backend not in BACKENDS:
+        raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {model.backend!r}")
+    if model.encoder_attention not in ENCODER_ATTENTION:
+        raise ConfigError(f"model.encoder_attention must be one of {', '.join(ENCODER_ATTENTION)}, "
+                          f"got {model.encoder_attention!r}")
 
 
 def load_config(path: str) -> Config:

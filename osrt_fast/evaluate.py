@@ -43,6 +43,7 @@ def main(argv=None) -> int:
         split = "test" if args.test else "val"
         dataset = get_dataset(split, cfg.data, max_len=args.max_eval, full_scale=args.full_scale)
         model = OSRT(cfg.model).to(device)
+        model.check_device(device)
         state = load_checkpoint(ckpt, model, map_location=device)
         bs = args.batch_size or cfg.training.eval_batch_size or max(1, cfg.training.batch_size // 8)
         loader = DataLoader(dataset, batch_sampler=FixedSampler(len(dataset), bs),

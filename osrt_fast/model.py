@@ -14,8 +14,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError, ModelConfig, model_config_from_any
+from .config import (BACKENDS, ENCODER_ATTENTION, ConfigError, ModelConfig, check_model_choices,
+                     model_config_from_any)
 
 NUM_OCTAVES = 15
 QUERY_DIM = 4 * 3 * NUM_OCTAVES      # 180: sin and cos of 3 coordinates, for position and direction
@@ -110,14 +112,42 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"):
+    """Softmax attention, q [B, Nq, H, d], k and v [B, Nk, H, d] -> [B, Nq, H, d].
+
+    'sdpa': PyTorch's scaled_dot_product_attention (flash / memory-efficient / math, by device).
+    'xformers': xformers' memory-efficient attention (CUDA; the optional [xformers] extra).
+    Both scale the logits by d ** -0.5.
+    """
+    if backend == "xformers":
+        return xformers_attention()(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def xformers_attention():
+    """xformers.ops.memory_efficient_attention, or a ConfigError that says how to get it."""
+    try:
+        from xformers.ops import memory_efficient_attention
+    except ImportError as e:
+        raise ConfigError("model.encoder_attention 'xformers' needs the xformers package "
+                          "(pip install 'osrt-fast[xformers]', CUDA only); or use "
+                          f"encoder_attention: sdpa ({e})") from None
+    return memory_efficient_attention
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention (`to_qkv`) or cross-attention (`to_q`, `to_kv`) through SDPA."""
+    """Multi-head self-attention (`to_qkv`) or cross-attention (`to_q`, `to_kv`).
+
+    `attention_backend` ('sdpa' | 'xformers') picks the attention kernel; see multihead_attention.
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int, selfatt: bool = True,
                  kv_dim: Optional[int] = None):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.attention_backend = "sdpa"
         if selfatt:
             self.to_qkv = linear(dim, 3 * inner, init_attention_linear, bias=False)
         else:
@@ -132,9 +162,9 @@ class Attention(nn.Module):
         else:
             q = self.to_q(x)
             k, v = self.to_kv(z).chunk(2, dim=-1)
-        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        split = lambda t: t.unflatten(-1, (self.heads, -1))  # noqa: E731
+        out = multihead_attention(split(q), split(k), split(v), self.attention_backend)
+        return self.to_out(out.flatten(2))
 
 
 class Transformer(nn.Module):
@@ -238,6 +268,7 @@ class SlotAttention(nn.Module):
         self.norm_input = nn.LayerNorm(input_dim)
         self.norm_slots = nn.LayerNorm(slot_dim)
         self.norm_pre_mlp = nn.LayerNorm(slot_dim)
+        self.backend = "eager"
 
     def attention_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """q [B, K, D], k and v [B, N, D] -> (updates [B, K, D], attention [B, K, N])."""
@@ -246,6 +277,15 @@ class SlotAttention(nn.Module):
         attn = attn / attn.sum(dim=-1, keepdim=True)
         return torch.bmm(attn, v), attn
 
+    def updates(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention step's updates [B, K, D], by the module's backend."""
+        if self.backend == "triton":
+            from kernels.slot_attention import slot_attention_step
+            dtype = compute_dtype(q)
+            return slot_attention_step(q.to(dtype), k.to(dtype), v.to(dtype),
+                                       scale=self.slot_dim ** -0.5, eps=self.eps)
+        return self.attention_step(q, k, v)[0]
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [B, N, input_dim] -> slots [B, K, slot_dim]."""
         batch = inputs.shape[0]
@@ -253,7 +293,7 @@ class SlotAttention(nn.Module):
         k, v = self.to_k(inputs), self.to_v(inputs)
         slots = self.initial_slots.unsqueeze(0).expand(batch, -1, -1)
         for _ in range(self.iters):
-            updates, _ = self.attention_step(self.to_q(self.norm_slots(slots)), k, v)
+            updates = self.updates(self.to_q(self.norm_slots(slots)), k, v)
             slots = self.gru(updates.flatten(0, 1), slots.flatten(0, 1)).view_as(updates)
             slots = slots + self.mlp(self.norm_pre_mlp(slots))
         return slots
@@ -349,6 +389,31 @@ class RenderMLP(nn.Module):
         return self.net(x)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in here: autocast's where it is on, else t's."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block(x) + x
+
+
+def fold_cross_attention(attn: Attention, slots: torch.Tensor, dtype: torch.dtype):
+    """Per-scene matrices of a ray-to-slot cross-attention (heads h, slots k, ray features c):
+    mq [B, C, H*K] = W_q,h^T k_h^T / sqrt(d) and mv [B, H*K, C] = v_h W_o,h^T."""
+    heads = attn.heads
+    k, v = attn.to_kv(slots).to(dtype).chunk(2, dim=-1)                   # [B, K, H*d]
+    batch, num_slots, inner = k.shape
+    d = inner // heads
+    wq = attn.to_q.weight.to(dtype).view(heads, d, -1)                     # [H, d, C]
+    wo = attn.to_out[0].weight.to(dtype).view(-1, heads, d)                # [C, H, d]
+    mq = torch.einsum("hdc,bkhd->bchk", wq, k.view(batch, num_slots, heads, d)) * d ** -0.5
+    mv = torch.einsum("bkhd,chd->bhkc", v.view(batch, num_slots, heads, d), wo)
+    return mq.reshape(batch, -1, heads * num_slots), mv.reshape(batch, heads * num_slots, -1)
+
+
 class SlotMixerDecoder(nn.Module):
     """OSRT's Slot Mixer decoder: slots + query rays -> pixels and per-ray slot weights."""
 
@@ -362,11 +427,53 @@ class SlotMixerDecoder(nn.Module):
                                         layer_norm=layer_norm)
         self.render_mlp = RenderMLP(slot_dim + QUERY_DIM, render_hidden_dim or slot_dim)
 
+        self.backend = "eager"
+
     def forward(self, slot_latents, camera_pos, rays, **kwargs):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]})."""
+        if self.backend == "triton" and not self.mixing_block.layer_norm:
+            return self.forward_folded(slot_latents, camera_pos, rays)
         x, queries = self.allocation_transformer(slot_latents, camera_pos, rays)
         mixed, weights = self.mixing_block(x, slot_latents)
         pixels = self.render_mlp(torch.cat((mixed, queries), -1))
+        return pixels, {"segmentation": weights}
+
+    def forward_folded(self, slots, camera_pos, rays):
+        """The same function through the fused Triton kernels, on per-scene folded matrices
+        (shared/spec/PERFORMANCE.md): no per-ray 180 <-> 1536 projection, no mixed slot.
+
+        What autograd keeps per ray: the 180-d residual stream at each block, the allocation
+        MLP's input (its 3072-d hidden layer is recomputed in backward), the slot weights, and
+        one 1536-d activation per render layer (LeakyReLU in place; its gradient needs only the
+        output's sign).
+        """
+        from kernels.slot_mixer import slot_cross_attention, slot_mix_render
+
+        dtype = compute_dtype(slots)
+        slots_c = slots.to(dtype)
+        at = self.allocation_transformer
+        queries = at.input_mlp(at.query_encoder(camera_pos, rays)).to(dtype)
+        x = queries
+        for attn_block, ff_block in at.transformer.layers:
+            attn = attn_block.fn
+            mq, mv = fold_cross_attention(attn, slots_c, dtype)
+            x = slot_cross_attention(x, attn_block.norm.weight, attn_block.norm.bias, mq, mv,
+                                     attn.to_out[0].bias, attn.heads, attn_block.norm.eps)
+            if torch.is_grad_enabled():
+                x = checkpoint(residual, ff_block, x, use_reentrant=False)
+            else:
+                x = residual(ff_block, x)
+        mix, first = self.mixing_block, self.render_mlp.net[0]
+        mm = torch.einsum("ac,bka->bck", mix.to_q.weight.to(dtype), mix.to_k(slots_c).to(dtype)) * mix.scale
+        slot_dim = slots.shape[-1]
+        g = F.linear(slots_c, first.weight[:, :slot_dim].to(dtype)).to(dtype)          # [B, K, F]
+        h, weights = slot_mix_render(x.to(dtype), queries, mm.to(dtype), g,
+                                     first.weight[:, slot_dim:].to(dtype), first.bias,
+                                     self.render_mlp.net[1].negative_slope)
+        layers = list(self.render_mlp.net)[2:]
+        for layer, act in zip(layers[:-2:2], layers[1:-2:2]):
+            h = F.leaky_relu(layer(h), act.negative_slope, inplace=True)
+        pixels = torch.sigmoid(layers[-2](h))
         return pixels, {"segmentation": weights}
 
 
@@ -443,15 +550,55 @@ class OSRT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         cfg: ModelConfig = model_config_from_any(cfg)
-        if cfg.backend != "eager":
-            raise ConfigError(f"model.backend {cfg.backend!r} is not available in this version; "
-                              "use backend: eager")
+        check_model_choices(cfg)
         self.cfg = cfg
         self.encoder = _construct("encoder", ENCODERS, cfg.encoder, cfg.encoder_kwargs)
         self.decoder = _construct("decoder", DECODERS, cfg.decoder, cfg.decoder_kwargs)
         self._check_widths()
         if not cfg.use_default_init:
             self.reset_parameters()
+        self.set_backend(cfg.backend)
+        self.set_encoder_attention(cfg.encoder_attention)
+
+    def set_backend(self, backend: str) -> "OSRT":
+        """'eager' or 'triton' for the modules with fast paths (SlotAttention, SlotMixerDecoder;
+        the others always run eager). Parameters and outputs stay the same."""
+        if backend not in BACKENDS:
+            raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "triton":
+            from kernels._triton import HAVE_TRITON, triton_missing_message
+            if not HAVE_TRITON:
+                raise ConfigError(f"model.backend 'triton': {triton_missing_message()}")
+        for module in self.modules():
+            if isinstance(module, (SlotAttention, SlotMixerDecoder)):
+                module.backend = backend
+        self.cfg.backend = backend
+        return self
+
+    def set_encoder_attention(self, kind: str) -> "OSRT":
+        """'sdpa' or 'xformers' for the encoder's self-attention."""
+        if kind not in ENCODER_ATTENTION:
+            raise ConfigError(f"model.encoder_attention must be one of {', '.join(ENCODER_ATTENTION)}, "
+                              f"got {kind!r}")
+        if kind == "xformers":
+            xformers_attention()
+        srt = self.encoder.srt_encoder if isinstance(self.encoder, OSRTEncoder) else self.encoder
+        for module in srt.modules():
+            if isinstance(module, Attention):
+                module.attention_backend = kind
+        self.cfg.encoder_attention = kind
+        return self
+
+    def check_device(self, device: torch.device) -> None:
+        """A ConfigError, before any work, where the configured kernels cannot run on device."""
+        from kernels._triton import interpreting
+        if self.cfg.backend == "triton" and device.type != "cuda" and not interpreting():
+            raise ConfigError(f"model.backend 'triton' runs on CUDA GPUs, but the device is {device}; "
+                              "use backend: eager (TRITON_INTERPRET=1 runs the kernels on the CPU for "
+                              "testing, very slowly)")
+        if self.cfg.encoder_attention == "xformers" and device.type != "cuda":
+            raise ConfigError(f"model.encoder_attention 'xformers' runs on CUDA GPUs, but the device "
+                              f"is {device}; use encoder_attention: sdpa")
 
     def _check_widths(self) -> None:
         enc = self.encoder

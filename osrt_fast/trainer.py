@@ -302,6 +302,7 @@ def train(cfg: Config, run_dir: str, args) -> int:
     eval_set = get_dataset(eval_split, cfg.data, max_len=args.max_eval, full_scale=args.full_scale)
 
     model = OSRT(cfg.model).to(device)
+    model.check_device(device)
     schedule = LrSchedule.from_config(t)
     use_fused = device.type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule(0), fused=use_fused or None)
