@@ -113,6 +113,30 @@ def pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Outputs: launchers allocate every output and workspace through `new_tensor`, so that tests can
+# fill them with NaN first and see any element a kernel failed to write.
+
+_poison = False
+
+
+def new_tensor(shape, device, dtype) -> torch.Tensor:
+    if _poison:
+        return torch.full(tuple(shape), float("nan"), device=device, dtype=dtype)
+    return torch.empty(tuple(shape), device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True):
+    """Within it, kernel outputs and workspaces start as NaN instead of uninitialised memory."""
+    global _poison
+    previous, _poison = _poison, enabled
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+# ----------------------------------------------------------------------------------------------
 # Launching, and recording launches for ahead-of-time compilation (kernels/aot.py)
 
 _recording = None

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from ._triton import check_dtypes, check_launchable, dot_settings, launch, pow2_at_least, tl, triton
+from ._triton import (check_dtypes, check_launchable, dot_settings, launch, new_tensor, pow2_at_least,
+                      tl, triton)
 
 EPS = 1e-8
 
@@ -220,16 +221,16 @@ def slot_attention_fwd_launch(q, k, v, scale: float, eps: float, need_attn: bool
     N = k.shape[1]
     block_k, block_n, block_d = _blocks(K, dtype)
     NB = triton.cdiv(N, block_n)
-    part = torch.empty(B, NB, block_k, D, device=q.device, dtype=torch.float32)
-    rpart = torch.empty(B, NB, block_k, device=q.device, dtype=torch.float32)
-    attn = torch.empty((B, K, N) if need_attn else (0,), device=q.device, dtype=torch.float32)
+    part = new_tensor((B, NB, block_k, D), q.device, torch.float32)
+    rpart = new_tensor((B, NB, block_k), q.device, torch.float32)
+    attn = new_tensor((B, K, N) if need_attn else (0,), q.device, torch.float32)
     launch(_slot_attention_fwd_kernel, (NB, B),
         q, k, v, part, rpart, attn, K, N, D, NB, scale, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_D=block_d, STORE_ATTN=need_attn,
         num_warps=4, **dot_settings(dtype))
-    out = torch.empty(B, K, D, device=q.device, dtype=dtype)
-    rsum = torch.empty(B, K, device=q.device, dtype=torch.float32)
+    out = new_tensor((B, K, D), q.device, dtype)
+    rsum = new_tensor((B, K), q.device, torch.float32)
     _reduce(part, rpart, out, rsum, K, D, NB, block_k, divide=True)
     if need_attn:
         attn = attn / rsum[..., None]
@@ -247,15 +248,15 @@ def slot_attention_bwd_launch(grad_out, q, k, v, out, rsum, scale: float, eps: f
     block_k, block_n, block_d = _blocks(K, dtype)
     NB = triton.cdiv(N, block_n)
     c = (grad_out.float() * out.float()).sum(-1).contiguous()      # [B, K]
-    dq_part = torch.empty(B, NB, block_k, D, device=q.device, dtype=torch.float32)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq_part = new_tensor((B, NB, block_k, D), q.device, torch.float32)
+    dk, dv = new_tensor(k.shape, k.device, k.dtype), new_tensor(v.shape, v.device, v.dtype)
     launch(_slot_attention_bwd_kernel, (NB, B),
         q, k, v, grad_out, rsum, c, dq_part, dk, dv, K, N, D, NB, scale, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1),
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8, **dot_settings(dtype))
-    dq = torch.empty_like(q)
+    dq = new_tensor(q.shape, q.device, q.dtype)
     _reduce(dq_part, dq_part, dq, dq_part, K, D, NB, block_k, divide=False)
     return dq, dk, dv
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import check_dtypes, check_launchable, dot_settings, launch, pow2_at_least, tl, triton
+from ._triton import (check_dtypes, check_launchable, dot_settings, launch, new_tensor, pow2_at_least,
+                      tl, triton)
 from .slot_attention import _dot
 
 LEAKY_SLOPE = 0.01
@@ -294,7 +295,7 @@ def cross_attention_fwd_launch(x, ln_weight, ln_bias, mq, mv, out_bias, num_head
     B, R, C = x.shape
     HK = mq.shape[-1]
     K = HK // num_heads
-    y = torch.empty_like(x)
+    y = new_tensor(x.shape, x.device, x.dtype)
     cfg = _config("cross_fwd", dtype)
     launch(_cross_attention_fwd_kernel, (triton.cdiv(R, cfg["BLOCK_R"]), B),
            x, ln_weight.contiguous(), ln_bias.contiguous(), mq, mv, out_bias.contiguous(), y,
@@ -316,11 +317,11 @@ def cross_attention_bwd_launch(dy, x, ln_weight, ln_bias, mq, mv, num_heads: int
     K = HK // num_heads
     cfg = _config("cross_bwd", dtype)
     RB = triton.cdiv(R, cfg["BLOCK_R"])
-    dx, xn = torch.empty_like(x), torch.empty_like(x)
-    a = torch.empty(B, R, HK, device=x.device, dtype=dtype)
-    dl = torch.empty(B, R, HK, device=x.device, dtype=dtype)
-    dlnw_part = torch.empty(B * RB, C, device=x.device, dtype=torch.float32)
-    dlnb_part = torch.empty(B * RB, C, device=x.device, dtype=torch.float32)
+    dx, xn = new_tensor(x.shape, x.device, x.dtype), new_tensor(x.shape, x.device, x.dtype)
+    a = new_tensor((B, R, HK), x.device, dtype)
+    dl = new_tensor((B, R, HK), x.device, dtype)
+    dlnw_part = new_tensor((B * RB, C), x.device, torch.float32)
+    dlnb_part = new_tensor((B * RB, C), x.device, torch.float32)
     launch(_cross_attention_bwd_kernel, (RB, B),
            x, dy, ln_weight.contiguous(), ln_bias.contiguous(), mq, mv,
            dx, xn, a, dl, dlnw_part, dlnb_part, R, C, K, num_heads, HK, ln_eps, RB,
@@ -340,8 +341,8 @@ def mix_render_fwd_launch(x, q0, mm, g, w1b, b1, negative_slope: float):
     x, q0, mm, g, w1b = map(_rows_contiguous, (x, q0, mm, g, w1b))
     B, R, C = x.shape
     K, Fdim = g.shape[1], g.shape[2]
-    h = torch.empty(B, R, Fdim, device=x.device, dtype=dtype)
-    weights = torch.empty(B, R, K, device=x.device, dtype=torch.float32)
+    h = new_tensor((B, R, Fdim), x.device, dtype)
+    weights = new_tensor((B, R, K), x.device, torch.float32)
     cfg = _config("mix_fwd", dtype)
     launch(_mix_render_fwd_kernel, (triton.cdiv(R, cfg["BLOCK_R"]), B),
            x, q0, mm, g, w1b, b1.contiguous(), h, weights, R, C, K, Fdim, negative_slope,
@@ -359,9 +360,9 @@ def mix_render_bwd_launch(dh, dweights, x, q0, mm, g, w1b, h, weights, negative_
     x, q0, mm, g, w1b = map(_rows_contiguous, (x, q0, mm, g, w1b))
     B, R, C = x.shape
     K, Fdim = g.shape[1], g.shape[2]
-    dpre = torch.empty(B, R, Fdim, device=x.device, dtype=dtype)
-    dl = torch.empty(B, R, K, device=x.device, dtype=dtype)
-    dx = torch.empty_like(x)
+    dpre = new_tensor((B, R, Fdim), x.device, dtype)
+    dl = new_tensor((B, R, K), x.device, dtype)
+    dx = new_tensor(x.shape, x.device, x.dtype)
     has_dw = dweights is not None
     dweights = dweights.float().contiguous() if has_dw else weights
     cfg = _config("mix_bwd", dtype)
