@@ -1,0 +1,116 @@
+"""The benchmark scripts run end to end (tiny shapes, CPU, Triton interpreter) and print the rows
+they promise. No timing is asserted: these check the scripts, not the speed."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = ("fp32", "bf16")
+OPS = ("slot_attention_step", "slot_cross_attention", "slot_mix_render")
+
+
+def run_script(*args: str) -> str:
+    """stdout of `python <args>` from the repository root; fails the test on a non-zero exit."""
+    # CPU only (hidden GPUs keep both scripts on the path the smoke check is about), Triton in
+    # its interpreter, set before the scripts import any kernel.
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (f"{' '.join(args)} exited with {proc.returncode}\n"
+                                  f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def table(stdout: str, key_fields: int) -> dict:
+    """Printed table rows keyed by their first key_fields columns -> the remaining columns."""
+    rows = {}
+    for line in stdout.splitlines():
+        fields = line.split()
+        if len(fields) > key_fields:
+            rows[tuple(fields[:key_fields])] = fields[key_fields:]
+    return rows
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def has_triton_backend() -> bool:
+    from osrt_fast.model import OSRT
+    return hasattr(OSRT, "set_backend")
+
+
+def assert_measured(rows: dict, key: tuple) -> None:
+    assert key in rows, f"row {key} missing from the table"
+    assert is_number(rows[key][0]), f"row {key} has no time: {' '.join(rows[key])}"
+
+
+def assert_skipped(rows: dict, key: tuple) -> None:
+    assert key in rows, f"row {key} missing from the table"
+    assert "skipped:" in rows[key], f"row {key} should be skipped: {' '.join(rows[key])}"
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/bench_kernels.py --smoke
+
+@pytest.fixture(scope="module")
+def kernel_rows():
+    """bench | name | path | dtype | mode -> the rest of the row."""
+    return table(run_script("benchmarks/bench_kernels.py", "--smoke", "--no-save"), 5)
+
+
+def test_bench_kernels_ops(kernel_rows):
+    for dtype in DTYPES:
+        for op in OPS:
+            for mode in ("fwd", "bwd", "fwdbwd"):
+                assert_measured(kernel_rows, ("op", op, "triton", dtype, mode))
+                assert_measured(kernel_rows, ("op", op, "eager", dtype, mode))
+                assert_skipped(kernel_rows, ("op", op, "compile", dtype, mode))
+
+
+def test_bench_kernels_model_eager(kernel_rows):
+    for dtype in DTYPES:
+        assert_measured(kernel_rows, ("block", "decoder", "eager", dtype, "fwdbwd"))
+        assert_measured(kernel_rows, ("block", "slot_attention", "eager", dtype, "fwdbwd"))
+        assert_skipped(kernel_rows, ("block", "decoder", "compile", dtype, "fwdbwd"))
+        assert_measured(kernel_rows, ("render", "frame", "eager", dtype, "fwd"))
+    assert_measured(kernel_rows, ("encoder", "transformer", "sdpa", "bf16", "fwdbwd"))
+    assert_skipped(kernel_rows, ("encoder", "transformer", "xformers", "bf16", "fwdbwd"))
+
+
+def test_bench_kernels_model_triton(kernel_rows):
+    if not has_triton_backend():
+        pytest.skip("osrt_fast.model.OSRT has no set_backend(): no model-level triton backend yet")
+    for dtype in DTYPES:
+        assert_measured(kernel_rows, ("block", "decoder", "triton", dtype, "fwdbwd"))
+        assert_measured(kernel_rows, ("block", "slot_attention", "triton", dtype, "fwdbwd"))
+        assert_measured(kernel_rows, ("render", "frame", "triton", dtype, "fwd"))
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/bench_activation_memory.py --small
+
+@pytest.fixture(scope="module")
+def memory_rows():
+    """path | dtype -> bytes/ray, KiB/scene, MiB const, GiB@32x8192, ratios."""
+    return table(run_script("benchmarks/bench_activation_memory.py", "--no-save", "--small"), 2)
+
+
+def test_bench_activation_memory_eager(memory_rows):
+    for dtype in DTYPES:
+        assert_measured(memory_rows, ("eager", dtype))
+        assert float(memory_rows[("eager", dtype)][0]) > 0      # something is saved per ray
+
+
+def test_bench_activation_memory_triton(memory_rows):
+    if not has_triton_backend():
+        pytest.skip("osrt_fast.model.OSRT has no set_backend(): no model-level triton backend yet")
+    for dtype in DTYPES:
+        assert_measured(memory_rows, ("triton", dtype))
+        assert float(memory_rows[("triton", dtype)][0]) > 0
