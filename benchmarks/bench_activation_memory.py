@@ -38,19 +38,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_result, environment  # noqa: E402
+from benchmarks.common import MSN_HARD_MODEL, TINY_MODEL, append_result, environment  # noqa: E402
 from osrt_fast.model import OSRT  # noqa: E402
 
-PAPER = {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 32},
-         "decoder": "slot_mixer", "decoder_kwargs": {"pos_start_octave": -5}}
-SMALL = {
-    "encoder": "osrt",
-    "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 5, "slot_dim": 32, "num_att_blocks": 1,
-                       "conv_dim": 8, "latent_dim": 32, "num_heads": 2, "head_dim": 16, "mlp_dim": 64},
-    "decoder": "slot_mixer",
-    "decoder_kwargs": {"pos_start_octave": -5, "slot_dim": 32, "num_att_blocks": 1,
-                       "render_hidden_dim": 32, "num_heads": 2},
-}
 TRAIN_SCENES, TRAIN_RAYS = 32, 8192      # the extrapolation's batch
 
 
@@ -138,7 +128,7 @@ def main(argv=None):
         p.error("--rays needs two different ray counts")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = SMALL if args.small else PAPER
+    cfg = TINY_MODEL if args.small else MSN_HARD_MODEL
     model = OSRT(cfg).to(device)
     env = environment()
     shapes = {"widths": "small" if args.small else "paper", "slots": cfg["encoder_kwargs"]["num_slots"],

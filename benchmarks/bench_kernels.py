@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_result, environment, quantiles  # noqa: E402
+from benchmarks.common import MSN_HARD_MODEL, TINY_MODEL, append_result, environment, quantiles  # noqa: E402
 
 # kernels/ and osrt_fast.model are imported in main(), after --smoke has set TRITON_INTERPRET:
 # Triton reads it when a kernel is decorated, i.e. when the kernel module is imported.
@@ -50,16 +50,6 @@ GROUPS = ("op", "block", "render", "encoder")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 N_INPUT_SETS = 3        # inputs rotate among this many random sets, so no call finds them in L2
 
-MSN_HARD_MODEL = {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 32},
-                  "decoder": "slot_mixer", "decoder_kwargs": {"pos_start_octave": -5}}
-SMOKE_MODEL = {
-    "encoder": "osrt",
-    "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 5, "slot_dim": 32, "num_att_blocks": 1,
-                       "conv_dim": 8, "latent_dim": 32, "num_heads": 2, "head_dim": 16, "mlp_dim": 64},
-    "decoder": "slot_mixer",
-    "decoder_kwargs": {"pos_start_octave": -5, "slot_dim": 32, "num_att_blocks": 1,
-                       "render_hidden_dim": 32, "num_heads": 2},
-}
 
 # Shapes. B scenes, K slots, N encoder tokens, D slot width, R rays per scene, C = 180 ray
 # features, H heads, F render MLP width, L encoder latent width.
@@ -481,7 +471,7 @@ def main(argv=None):
     if args.smoke:
         # Before any kernel module is imported (below): Triton decides at decoration time.
         os.environ["TRITON_INTERPRET"] = "1"
-        device, S, cfg = torch.device("cpu"), SMOKE, SMOKE_MODEL
+        device, S, cfg = torch.device("cpu"), SMOKE, TINY_MODEL
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_kernels needs a CUDA GPU (or --smoke for a CPU check of the script)")

@@ -17,6 +17,18 @@ ENCODER_FLOPS_PER_SCENE = 168.5e9
 DECODER_FLOPS_PER_RAY = 27.7e6
 PEAK_FLOPS = {"H100": 798e12, "H200": 798e12}   # measured bf16 dense matmul ceilings
 
+# OSRT at the paper's widths with MSN-Hard's K = 32, and a tiny one for CPU smoke runs.
+MSN_HARD_MODEL = {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 32},
+                  "decoder": "slot_mixer", "decoder_kwargs": {"pos_start_octave": -5}}
+TINY_MODEL = {
+    "encoder": "osrt",
+    "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 5, "slot_dim": 32, "num_att_blocks": 1,
+                       "conv_dim": 8, "latent_dim": 32, "num_heads": 2, "head_dim": 16, "mlp_dim": 64},
+    "decoder": "slot_mixer",
+    "decoder_kwargs": {"pos_start_octave": -5, "slot_dim": 32, "num_att_blocks": 1,
+                       "render_hidden_dim": 32, "num_heads": 2},
+}
+
 
 def environment() -> dict:
     try:
