@@ -51,15 +51,10 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _batched_item(item: dict) -> dict:
-    """Dataset item -> torch tensors with a leading batch dim of 1 (non-arrays kept as they are)."""
-    out = {}
-    for k, v in item.items():
-        try:
-            out[k] = torch.as_tensor(v)[None]
-        except (TypeError, ValueError, RuntimeError):   # strings, lists of names, ...
-            out[k] = v
-    return out
+def _batched_item(record: dict, spec) -> dict:
+    """A dataset's scene record -> the model's inputs with a batch dim of 1 (`make_batch`)."""
+    from osrt_fast.data import model_batch
+    return model_batch(record, spec)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -129,10 +124,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f"scene ids [{start}, {stop}) out of range: the {split} set has "
                      f"{len(dataset)} scenes")
     if iterable:
-        # Streams can't be indexed; skip to the first scene, as the reference does.
-        stream = iter(dataset)
-        for _ in range(start):
-            next(stream)
+        # Streams can't be indexed; skip to the first scene, as the reference does (the
+        # Kubric reader skips whole records without decoding them).
+        if hasattr(dataset, "skipping"):
+            stream = iter(dataset.skipping(start))
+        else:
+            stream = iter(dataset)
+            for _ in range(start):
+                next(stream)
 
     for sceneid in range(start, stop):
         item = next(stream) if iterable else dataset[sceneid]
@@ -140,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.path.exists(out_dir):
             print(f"Warning: {out_dir} exists; its contents will be overwritten.")
         result = render_scene_frames(
-            model, _batched_item(item), out_dir, args.motion, args.num_frames,
+            model, _batched_item(item, dataset.spec), out_dir, args.motion, args.num_frames,
             height=args.height, width=args.width, fade=args.fade, device=device,
             fps=args.fps, video=not args.novideo, max_rays=args.max_rays)
         fps = result["num_frames"] / max(result["seconds"], 1e-9)

@@ -11,13 +11,12 @@ import os
 import sys
 
 import torch
-from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, load_config
 from .data import DataError, get_dataset
 from .model import OSRT
-from .trainer import FixedSampler, evaluate, resolve_device, run_dir_for
+from .trainer import evaluate, record_loader, resolve_device, run_dir_for
 
 
 def main(argv=None) -> int:
@@ -46,9 +45,9 @@ def main(argv=None) -> int:
         model.check_device(device)
         state = load_checkpoint(ckpt, model, map_location=device)
         bs = args.batch_size or cfg.training.eval_batch_size or max(1, cfg.training.batch_size // 8)
-        loader = DataLoader(dataset, batch_sampler=FixedSampler(len(dataset), bs),
-                            num_workers=min(cfg.training.num_workers, 4))
-        result = evaluate(model, loader, device,
+        loader = record_loader(dataset, bs, {"num_workers": min(cfg.training.num_workers, 4)},
+                               train=False)
+        result = evaluate(model, loader, device, dataset.spec,
                           max_rays=cfg.data.num_points * cfg.training.batch_size)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,6 +46,17 @@ def camera_rays(camera_pos, height: int, width: int, focal_length: float = FOCAL
     return _normalize(rays).astype(np.float32)
 
 
+def camera_ray_matrix(camera_pos, height: int, width: int, focal_length: float = FOCAL_LENGTH,
+                      sensor_width: float = SENSOR_WIDTH, track_point=None) -> np.ndarray:
+    """[..., 3, 3] float32 matrices M with camera_rays(...)[y, x] = normalize(M @ [x + .5, y + .5, 1]):
+    the same cameras as `camera_rays`, in the loaders' pixel -> ray form."""
+    view, horizontal, vertical = camera_axes(camera_pos, track_point)
+    sensor_height = sensor_width / width * height
+    cols = (horizontal * sensor_width / width, vertical * sensor_height / height,
+            view * focal_length - horizontal * sensor_width / 2 - vertical * sensor_height / 2)
+    return np.stack(cols, -1).astype(np.float32)
+
+
 def world_to_camera(camera_pos, track_point=None) -> np.ndarray:
     """4x4 extrinsic matrices [..., 4, 4] mapping world to camera coordinates.
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
                          save_checkpoint)
 from .config import Config, ConfigError
-from .data import DataError, get_dataset, worker_init_fn
+from .data import DataError, collate, get_dataset, loader_kwargs, make_batch, worker_init_fn
 from .geometry import rotate_about_z
 from .metrics import adjusted_rand_index, fg_ari, psnr
 from .model import OSRT
@@ -109,6 +109,30 @@ def _worker_init(worker_id: int) -> None:
     worker_init_fn(worker_id)
 
 
+def is_stream(dataset) -> bool:
+    return isinstance(dataset, torch.utils.data.IterableDataset)
+
+
+def record_loader(dataset, batch_size: int, loader_kw: dict, train: bool, seed: int = 0,
+                  start_it: int = 0) -> DataLoader:
+    """DataLoader of collated scene records: resumable (index, seed) batches for map-style
+    datasets, in-order batches for evaluation, and plain batches of a stream."""
+    kw = dict(loader_kw, **loader_kwargs(dataset))
+    if is_stream(dataset):
+        return DataLoader(dataset, batch_size=batch_size, drop_last=train, **kw)
+    sampler = (ResumableBatchSampler(len(dataset), batch_size, seed, start_it=start_it) if train
+               else FixedSampler(len(dataset), batch_size))
+    return DataLoader(dataset, batch_sampler=sampler, **kw)
+
+
+def first_records(dataset, n: int) -> dict:
+    """The first n items (with evaluation seeds), collated: for visualisations."""
+    if is_stream(dataset):
+        import itertools
+        return collate(list(itertools.islice(iter(dataset), n)))
+    return collate([dataset[(i, item_seed(EVAL_SEED, i))] for i in range(n)])
+
+
 class GracefulInterrupt:
     """First Ctrl-C: finish the current step, then save and stop (exactly resumable).
     A second Ctrl-C raises KeyboardInterrupt at once (e.g. during a long evaluation)."""
@@ -185,8 +209,9 @@ def compute_loss(model, batch: dict, max_rays: Optional[int] = None):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, max_rays: int = 65536, progress: bool = True) -> dict:
-    """Mean over scenes of psnr, mse, ari and fg_ari (per-scene PSNR, as the reference)."""
+def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool = True) -> dict:
+    """Mean over scenes of psnr, mse, ari and fg_ari (per-scene PSNR, as the reference).
+    The loader yields scene records; `spec` (the dataset's BatchSpec) turns them into inputs."""
     model.eval()
     values = defaultdict(list)
     try:
@@ -195,7 +220,7 @@ def evaluate(model, loader, device, max_rays: int = 65536, progress: bool = True
     except ImportError:
         it = loader
     for batch in it:
-        batch = to_device(batch, device)
+        batch = make_batch(to_device(batch, device), spec)
         _, terms = compute_loss(model, batch, max_rays=max_rays)
         terms["psnr"] = psnr(terms["mse"])
         for k, v in terms.items():
@@ -351,25 +376,23 @@ def train(cfg: Config, run_dir: str, args) -> int:
     workers = t.num_workers
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
                      worker_init_fn=_worker_init, persistent_workers=workers > 0)
-    sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.seed, start_it=it)
     eval_bs = t.eval_batch_size or max(1, t.batch_size // 8)
-    eval_loader = DataLoader(eval_set, batch_sampler=FixedSampler(len(eval_set), eval_bs), **loader_kw)
+    eval_loader = record_loader(eval_set, eval_bs, loader_kw, train=False)
     vis_n = min(t.vis_scenes, len(eval_set), len(train_set))
-    vis_val = torch.utils.data.default_collate([eval_set[(i, item_seed(EVAL_SEED, i))] for i in range(vis_n)])
-    vis_train = torch.utils.data.default_collate(
-        [train_set[(i, item_seed(EVAL_SEED, i))] for i in range(vis_n)])
+    vis_val = first_records(eval_set, vis_n)
+    vis_train = first_records(train_set, vis_n)
     max_rays = cfg.data.num_points * t.batch_size
 
     def checkpoint(name: str):
         save_checkpoint(os.path.join(run_dir, name), model, optimizer, it=it,
-                        epoch_it=it // sampler.steps_per_epoch, t=elapsed, loss_val_best=best,
+                        epoch_it=it // max(1, len(train_set) // t.batch_size), t=elapsed, loss_val_best=best,
                         run_id=run_id, extras={"lr_scheduler": schedule.state_dict(),
                                                "rng": capture_rng_state(), "seed": t.seed})
 
     def run_eval():
         nonlocal best
         print(f"Evaluating on {eval_split} ({len(eval_set)} items)...")
-        result = evaluate(model, eval_loader, device, max_rays=max_rays)
+        result = evaluate(model, eval_loader, device, eval_set.spec, max_rays=max_rays)
         print(f"Evaluation at it={it}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
         append_log(run_dir, {"it": it, "split": eval_split, **result})
         if wandb:
@@ -381,12 +404,17 @@ def train(cfg: Config, run_dir: str, args) -> int:
             print(f"New best model ({t.model_selection_metric} {best:.4f}), saved model_best.pt")
 
     def run_vis():
-        visualize(model, vis_val, os.path.join(run_dir, "renders-val.png"), device, max_rays=max_rays)
-        visualize(model, vis_train, os.path.join(run_dir, "renders-train.png"), device, max_rays=max_rays)
+        visualize(model, make_batch(vis_val, eval_set.spec), os.path.join(run_dir, "renders-val.png"),
+                  device, max_rays=max_rays)
+        visualize(model, make_batch(vis_train, train_set.spec),
+                  os.path.join(run_dir, "renders-train.png"), device, max_rays=max_rays)
         print(f"Visualisations written to {run_dir}/renders-{{val,train}}.png")
 
     from tqdm import tqdm
-    loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
+    loader = record_loader(train_set, t.batch_size, loader_kw, train=True, seed=t.seed, start_it=it)
+    if is_stream(train_set) and it > 0:
+        print(f"note: {cfg.data.dataset} is read as a stream, so the resumed run sees other scenes "
+              f"than the original would have (convert it to shards for exactly resumable runs)")
     bar = tqdm(total=max_it, initial=it, desc="training", dynamic_ncols=True)
     nonfinite, rate_t, rate_it = 0, time.perf_counter(), it
     params = [p for p in model.parameters() if p.requires_grad]
@@ -403,7 +431,7 @@ def train(cfg: Config, run_dir: str, args) -> int:
                 # Checked between steps, so a first Ctrl-C saves a consistent, resumable state.
                 if stop.requested:
                     raise KeyboardInterrupt
-                batch = to_device(next(batches), device)
+                batch = make_batch(to_device(next(batches), device), train_set.spec)
                 if flops_per_scene is None:
                     flops_per_scene = training_flops_per_scene(model, batch) or 0.0
                 lr = schedule(it)

@@ -10,7 +10,7 @@ import osrt_fast.trainer as trainer
 from osrt_fast import OSRT
 from osrt_fast.checkpoint import load_checkpoint, save_checkpoint
 from osrt_fast.config import config_from_dict
-from osrt_fast.data import get_dataset
+from osrt_fast.data import get_dataset, model_batch
 from osrt_fast.evaluate import main as evaluate_main
 from conftest import tiny_model_config
 
@@ -59,7 +59,7 @@ def test_lr_schedule_matches_the_reference():
 def test_loss_falls_on_a_fixed_batch(data_dir):
     cfg = config_from_dict({"data": data_section(data_dir)})
     ds = get_dataset("train", cfg.data)
-    batch = torch.utils.data.default_collate([ds[(i, i)] for i in range(4)])
+    batch = model_batch([ds[(i, i)] for i in range(4)], ds.spec)
     model = OSRT(tiny_model_config())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []

@@ -25,10 +25,8 @@ from torch.utils.data import Dataset
 
 from osrt_fast import geometry
 
-
-class DataError(ValueError):
-    """A dataset folder or setting is unusable; the message names the problem and the fix."""
-
+from .errors import CorruptFile, DataError, SkipCounter
+from .records import BatchSpec, ViewPolicy, random_seed
 
 GENERATE_HINT = ("The built-in procedural data needs no download: set `dataset: procedural` in "
                  "the config (it is generated on first use), or generate it with "
@@ -83,8 +81,11 @@ def _read_image(path: str) -> np.ndarray:
         raise DataError(f"image file '{path}' is missing: the dataset folder is incomplete. "
                         f"Expected layout: {LAYOUT}. Re-download the dataset, or for the "
                         f"built-in data re-run the generator (it resumes and fills the gaps).")
-    with Image.open(path) as im:
-        return np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:     # PIL's errors for undecodable files
+        raise CorruptFile(f"'{path}': {type(e).__name__}: {e}") from None
 
 
 def _image_size(path: str) -> tuple:
@@ -111,13 +112,14 @@ class ObSuRFDataset(Dataset):
         num_input_views: input views per item: the item's view and the next ones, cyclically.
         split_ranges: optional {mode: (start, end)} overriding the split index ranges.
 
-    Items (numpy, float32 unless said), with V_in = num_input_views, O = shape.shape[1]:
-        input_images [V_in, 3, h, w] in [0, 1], input_camera_pos [V_in, 3],
-        input_rays [V_in, h, w, 3], input_masks [V_in, h, w, O] (one-hot, 0 = background),
-        target_pixels / target_camera_pos / target_rays [P, 3], target_masks [P, O],
-        sceneid (int, the item index).
-    `__getitem__((index, seed))` samples target rays with np.random.default_rng(seed).
+    Items are scene records (`records.py`): all V views of the item's scene, input views the
+    item's view and the next ones, target views all V; sceneid is the item index.
+    `__getitem__((index, seed))` fixes the target-ray draw; `make_batch(records, self.spec)` on
+    the device gives the model inputs: input_masks / target_masks have O = shape.shape[1]
+    channels, 0 = background. An undecodable image skips to the next scene, with a warning.
     """
+
+    MAX_SKIPS = 16
 
     def __init__(self, path: str, mode: str, points_per_item: int = 2048,
                  max_len: Optional[int] = None, full_scale: bool = False, max_objects: int = 6,
@@ -134,7 +136,9 @@ class ObSuRFDataset(Dataset):
         self.max_objects = max_objects
         self.downsample = downsample
         self.num_input_views = int(num_input_views)
+        self.policy = ViewPolicy("cyclic", self.num_input_views, "all")
         self.render_kwargs = {"min_dist": 0.035, "max_dist": 35.}
+        self.skipped = SkipCounter("image")
 
         meta_path = os.path.join(path, "metadata.npz")
         if not os.path.isdir(path):
@@ -192,6 +196,10 @@ class ObSuRFDataset(Dataset):
                 f"change downsample.")
         self.input_height, self.input_width = h, w
 
+    @property
+    def spec(self) -> BatchSpec:
+        return BatchSpec(self.points_per_item, self.full_scale, self.downsample, self.num_entities)
+
     def _ranges_text(self) -> str:
         if self.kind == "procedural":
             return "90 / 5 / 5 % of the scenes"
@@ -225,10 +233,7 @@ class ObSuRFDataset(Dataset):
             raise DataError(f"'{self._mask_path(scene, view)}' has instance id {mask.max()}, but "
                             f"metadata 'shape' has only {self.num_entities} slots (ids 0-"
                             f"{self.num_entities - 1}).")
-        return img[..., :3].astype(np.float32) / 255, mask.astype(np.int64)
-
-    def _one_hot(self, ids: np.ndarray) -> np.ndarray:
-        return (ids[..., None] == np.arange(self.num_entities)).astype(np.float32)
+        return np.ascontiguousarray(img[..., :3], dtype=np.uint8), mask.astype(np.uint8)
 
     def __getitem__(self, idx):
         seed = None
@@ -236,123 +241,25 @@ class ObSuRFDataset(Dataset):
             idx, seed = idx
         idx = int(idx)
         n = len(self.idxs)
-        scene = int(self.idxs[idx % n])
-        view = (idx // n) % self.num_views
-        v, hw = self.num_views, self.height * self.width
-
-        loaded = [self._load_view(scene, i) for i in range(v)]
-        imgs = np.stack([a for a, _ in loaded])                       # [V, H, W, 3]
-        ids = np.stack([b for _, b in loaded])                        # [V, H, W]
-        camera_pos = self.metadata["camera_pos"][scene].astype(np.float32)   # [V, 3]
-        rays = geometry.camera_rays(camera_pos, self.height, self.width)      # [V, H, W, 3]
-
-        in_views = [(view + k) % v for k in range(self.num_input_views)]
-        ds = lambda x: downsample(x, self.downsample)                  # noqa: E731
-        input_images = np.stack([ds(imgs[i]).transpose(2, 0, 1) for i in in_views])
-        input_rays = np.stack([ds(rays[i]) for i in in_views])
-        input_masks = np.stack([self._one_hot(ds(ids[i])) for i in in_views])
-
-        all_pixels = imgs.reshape(v * hw, 3)
-        all_rays = rays.reshape(v * hw, 3)
-        all_ids = ids.reshape(v * hw)
-        if self.full_scale:
-            sel = slice(None)
+        for attempt in range(self.MAX_SKIPS + 1):
+            scene = int(self.idxs[(idx + attempt) % n])
+            try:
+                loaded = [self._load_view(scene, i) for i in range(self.num_views)]
+                break
+            except CorruptFile as e:
+                self.skipped.note(str(e))
         else:
-            total = v * hw
-            rng = np.random if seed is None else np.random.default_rng(seed)
-            sel = rng.choice(total, size=(self.points_per_item,),
-                             replace=total < self.points_per_item)
-        target_view = (np.arange(v * hw) // hw)[sel]
+            raise DataError(f"{self.MAX_SKIPS + 1} scenes in a row from item {idx} of '{self.path}'"
+                            f" could not be decoded; the folder is damaged: re-download it.")
+        _, in_views, tgt_views = self.policy.choose(idx, n, self.num_views)
+        camera_pos = self.metadata["camera_pos"][scene].astype(np.float32)   # [V, 3]
         return {
-            "input_images": np.ascontiguousarray(input_images, dtype=np.float32),
-            "input_camera_pos": camera_pos[in_views],
-            "input_rays": np.ascontiguousarray(input_rays, dtype=np.float32),
-            "input_masks": input_masks,
-            "target_pixels": np.ascontiguousarray(all_pixels[sel]),
-            "target_camera_pos": camera_pos[target_view],
-            "target_rays": np.ascontiguousarray(all_rays[sel]),
-            "target_masks": self._one_hot(all_ids[sel]),
+            "images": np.stack([a for a, _ in loaded]),
+            "ids": np.stack([b for _, b in loaded]),
+            "origins": camera_pos,
+            "ray_mats": geometry.camera_ray_matrix(camera_pos, self.height, self.width),
+            "input_views": in_views,
+            "target_views": tgt_views,
+            "seed": random_seed() if seed is None else int(seed),
             "sceneid": idx,
         }
-
-
-# ----------------------------------------------------------------------------------------------
-
-LOADER_KWARGS = ("max_objects", "downsample", "num_input_views", "max_views")
-GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min_objects=2,
-                          max_objects=6, seed=0, device="cpu")
-DATASET_KWARGS = {
-    "procedural": tuple(sorted(set(LOADER_KWARGS) | set(GENERATOR_DEFAULTS))),
-    "clevr3d": LOADER_KWARGS,
-    "obsurf_msn": LOADER_KWARGS,
-}
-PLANNED = ("osrt", "msn", "nmr")
-
-
-def _ensure_procedural(path: str, kwargs: dict) -> None:
-    """Generates the built-in dataset at `path` if its metadata.npz is missing; checks that an
-    existing one matches the generator settings the config names explicitly."""
-    import json
-
-    from osrt_fast import scenes
-    settings = {k: kwargs.get(k, d) for k, d in GENERATOR_DEFAULTS.items()}
-    settings_path = os.path.join(path, scenes.SETTINGS_FILE)
-    if os.path.isfile(os.path.join(path, "metadata.npz")):
-        if os.path.isfile(settings_path):
-            with open(settings_path) as f:
-                old = json.load(f)
-            # Where the data was rendered does not change it.
-            differ = {k: (old[k], kwargs[k]) for k in kwargs
-                      if k in old and k != "device" and old[k] != kwargs[k]}
-            if differ:
-                raise DataError(
-                    f"'{path}' holds procedural data generated with other settings "
-                    f"(existing vs config: {differ}). Delete the folder to re-generate, or set "
-                    f"data.path to another folder.")
-        return
-    print(f"osrt_fast.data: '{path}' has no metadata.npz; generating the procedural dataset "
-          f"there ({settings['num_scenes']} scenes, {settings['num_views']} views of "
-          f"{settings['width']}x{settings['height']}, {settings['min_objects']}-"
-          f"{settings['max_objects']} objects, seed {settings['seed']}, device "
-          f"{settings['device']}). This runs once; later runs reuse it.", flush=True)
-    try:
-        scenes.generate_dataset(path, **settings)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-
-
-def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale: bool = False):
-    """The dataset `data_cfg.dataset` for split 'train' / 'val' / 'test' (world coordinates).
-
-    data_cfg: a `config.DataConfig`. Datasets: 'procedural' (built-in; generated at
-    data_cfg.path, default data/procedural, on first use), 'clevr3d', 'obsurf_msn'.
-    """
-    name = data_cfg.dataset
-    if name in PLANNED:
-        raise DataError(f"the '{name}' dataset loader is not in this version of osrt-fast yet "
-                        f"(planned). `dataset: procedural` works with no download; CLEVR3D and "
-                        f"ObSuRF-MSN are `dataset: clevr3d` / `obsurf_msn`.")
-    if name not in DATASET_KWARGS:
-        raise DataError(f"unknown dataset {name!r}; valid datasets are: "
-                        f"{', '.join(sorted(DATASET_KWARGS))} (planned: {', '.join(PLANNED)})")
-    kwargs = dict(data_cfg.kwargs or {})
-    unknown = sorted(set(kwargs) - set(DATASET_KWARGS[name]))
-    if unknown:
-        raise DataError(f"unknown data.kwargs key(s) {unknown} for dataset '{name}'; valid keys "
-                        f"are: {', '.join(DATASET_KWARGS[name])}")
-    path = data_cfg.resolved_path()
-    kwargs.pop("max_views", None)   # accepted and ignored, as by the reference
-    if name == "procedural":
-        _ensure_procedural(path, kwargs)
-        for k in GENERATOR_DEFAULTS:
-            if k != "max_objects":
-                kwargs.pop(k, None)
-    return ObSuRFDataset(path, split, points_per_item=data_cfg.num_points, max_len=max_len,
-                         full_scale=full_scale, kind=name, **kwargs)
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Seeds numpy differently in every DataLoader worker (and run), as the reference, so
-    unseeded ray sampling differs between workers."""
-    base_seed = int.from_bytes(os.urandom(4), byteorder="big")
-    np.random.seed((base_seed + worker_id) % 2 ** 32)

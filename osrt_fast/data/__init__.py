@@ -1,0 +1,118 @@
+"""Datasets: every loader yields scene records (`records.py`); `make_batch` builds model inputs
+on the device.
+
+    dataset      loader                    format
+    procedural   obsurf.ObSuRFDataset      built-in scenes in the ObSuRF layout (generated)
+    clevr3d      obsurf.ObSuRFDataset      CLEVR3D, ObSuRF layout
+    obsurf_msn   obsurf.ObSuRFDataset      ObSuRF-MSN ("MSN-Easy"), ObSuRF layout
+    osrt / msn   kubric.KubricDataset      MSN-Hard, Kubric TFDS folder (msn: without masks)
+    nmr          nmr.NMRDataset            NMR (SRT's format)
+    shards       shards.ShardDataset       pre-decoded shards of any of the above (`shards.py`)
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+from .errors import CorruptFile, DataError, DataWarning, SkipCounter
+from .obsurf import (ENCODER_MULTIPLE, GENERATE_HINT, KINDS, SPLIT_RANGES, ObSuRFDataset,
+                     downsample, procedural_split_range)
+from .records import (BatchSpec, ViewPolicy, collate, make_batch, model_batch, ray_directions,
+                      sample_pixels, to_device)
+
+LOADER_KWARGS = ("max_objects", "downsample", "num_input_views", "max_views")
+KUBRIC_KWARGS = ("downsample", "num_input_views", "shuffle_buffer", "skip", "seed")
+GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min_objects=2,
+                          max_objects=6, seed=0, device="cpu")
+DATASET_KWARGS = {
+    "procedural": tuple(sorted(set(LOADER_KWARGS) | set(GENERATOR_DEFAULTS))),
+    "clevr3d": LOADER_KWARGS,
+    "obsurf_msn": LOADER_KWARGS,
+    "osrt": KUBRIC_KWARGS,
+    "msn": KUBRIC_KWARGS,
+    "nmr": ("downsample",),
+    "shards": ("downsample", "num_input_views"),
+}
+
+
+def _ensure_procedural(path: str, kwargs: dict) -> None:
+    """Generates the built-in dataset at `path` if its metadata.npz is missing; checks that an
+    existing one matches the generator settings the config names explicitly."""
+    import json
+
+    from osrt_fast import scenes
+    settings = {k: kwargs.get(k, d) for k, d in GENERATOR_DEFAULTS.items()}
+    settings_path = os.path.join(path, scenes.SETTINGS_FILE)
+    if os.path.isfile(os.path.join(path, "metadata.npz")):
+        if os.path.isfile(settings_path):
+            with open(settings_path) as f:
+                old = json.load(f)
+            # Where the data was rendered does not change it.
+            differ = {k: (old[k], kwargs[k]) for k in kwargs
+                      if k in old and k != "device" and old[k] != kwargs[k]}
+            if differ:
+                raise DataError(
+                    f"'{path}' holds procedural data generated with other settings "
+                    f"(existing vs config: {differ}). Delete the folder to re-generate, or set "
+                    f"data.path to another folder.")
+        return
+    print(f"osrt_fast.data: '{path}' has no metadata.npz; generating the procedural dataset "
+          f"there ({settings['num_scenes']} scenes, {settings['num_views']} views of "
+          f"{settings['width']}x{settings['height']}, {settings['min_objects']}-"
+          f"{settings['max_objects']} objects, seed {settings['seed']}, device "
+          f"{settings['device']}). This runs once; later runs reuse it.", flush=True)
+    try:
+        scenes.generate_dataset(path, **settings)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale: bool = False):
+    """The dataset `data_cfg.dataset` for split 'train' / 'val' / 'test' (world coordinates).
+
+    data_cfg: a `config.DataConfig`. See the module docstring for the datasets; the folder is
+    data_cfg.path (default data/<dataset>); 'procedural' is generated there on first use.
+    Items are scene records; `make_batch(records, dataset.spec)` gives the model's inputs.
+    """
+    name = data_cfg.dataset
+    if name not in DATASET_KWARGS:
+        raise DataError(f"unknown dataset {name!r}; valid datasets are: "
+                        f"{', '.join(sorted(DATASET_KWARGS))}")
+    kwargs = dict(data_cfg.kwargs or {})
+    unknown = sorted(set(kwargs) - set(DATASET_KWARGS[name]))
+    if unknown:
+        raise DataError(f"unknown data.kwargs key(s) {unknown} for dataset '{name}'; valid keys "
+                        f"are: {', '.join(DATASET_KWARGS[name])}")
+    path = data_cfg.resolved_path()
+    common = dict(points_per_item=data_cfg.num_points, max_len=max_len, full_scale=full_scale)
+    if name in ("osrt", "msn"):
+        from .kubric import KubricDataset
+        return KubricDataset(path, split, masks=name == "osrt", **common, **kwargs)
+    if name == "nmr":
+        from .nmr import NMRDataset
+        return NMRDataset(path, split, **common, **kwargs)
+    if name == "shards":
+        from .shards import ShardDataset
+        return ShardDataset(path, split, **common, **kwargs)
+    kwargs.pop("max_views", None)   # accepted and ignored, as by the reference
+    if name == "procedural":
+        _ensure_procedural(path, kwargs)
+        for k in GENERATOR_DEFAULTS:
+            if k != "max_objects":
+                kwargs.pop(k, None)
+    return ObSuRFDataset(path, split, kind=name, **common, **kwargs)
+
+
+def loader_kwargs(dataset) -> dict:
+    """DataLoader options a dataset needs (e.g. 'spawn' workers for TensorFlow)."""
+    ctx = getattr(dataset, "multiprocessing_context", None)
+    return {"multiprocessing_context": ctx} if ctx else {}
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seeds numpy differently in every DataLoader worker (and run), as the reference, so
+    unseeded ray sampling differs between workers."""
+    base_seed = int.from_bytes(os.urandom(4), byteorder="big")
+    np.random.seed((base_seed + worker_id) % 2 ** 32)

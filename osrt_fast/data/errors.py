@@ -1,0 +1,33 @@
+"""Bad-input handling shared by the loaders: the error type, and counted skipping of corrupt data."""
+from __future__ import annotations
+
+import os
+import warnings
+
+
+class DataError(ValueError):
+    """A dataset folder or setting is unusable; the message names the problem and the fix."""
+
+
+class CorruptFile(Exception):
+    """One record or image could not be decoded; the loader skips it (see SkipCounter)."""
+
+
+class DataWarning(UserWarning):
+    pass
+
+
+class SkipCounter:
+    """Counts records skipped as corrupt in this process (each DataLoader worker has its own),
+    and warns for each one with the running count, so a skip is never silent."""
+
+    def __init__(self, what: str):
+        self.what, self.count = what, 0
+
+    def note(self, reason: str) -> None:
+        self.count += 1
+        warnings.warn(f"skipping a corrupt {self.what} ({reason}); {self.count} skipped so far in "
+                      f"process {os.getpid()}", DataWarning, stacklevel=3)
+
+    def __getstate__(self):
+        return {"what": self.what, "count": 0}

@@ -1,0 +1,274 @@
+"""Scene records: the one item format every loader produces, and the device-side batch builder.
+
+A loader does no per-pixel work. Each item is a *scene record* of numpy arrays, as stored:
+
+    images        uint8   [V, H, W, 3]   every view of the scene
+    ids           uint8   [V, H, W]      slot index per pixel, 0 = background (absent for
+                                         datasets without instance masks, e.g. NMR)
+    origins       float32 [V, 3]         camera centres (world frame)
+    ray_mats      float32 [V, 3, 3]      pixel -> ray map: the ray through pixel (row y, column
+                                         x) points along normalize(M @ [x + 0.5, y + 0.5, 1])
+    input_views   int64   [V_in]         which views the encoder sees
+    target_views  int64   [V_t]          which views target rays are drawn from
+    seed          int64                  target-ray sampling seed
+    sceneid       int64
+
+Records collate with `torch.utils.data.default_collate` (uint8 stays uint8, so a scene of
+MSN-Hard is 0.65 MB to copy), and `make_batch` turns a batch of them, on the training device,
+into the model's inputs: it gathers input views, downsamples, computes rays, samples target
+rays and one-hot encodes masks, all as batched tensor operations.
+
+Target rays are drawn without replacement (with replacement only if there are fewer candidate
+pixels than asked, as the reference). The draw is a function of (seed, pixel) alone, through a
+counter-based hash, so an item's rays do not depend on its batch, the batch size or the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How `make_batch` turns records into model inputs.
+
+    num_points: target rays per scene; full_scale: every pixel of every target view instead;
+    downsample: input views (images, rays, masks) subsampled by 2**downsample, as the
+    reference's `x[s//2::s, s//2::s]` (targets never are); num_entities: one-hot mask channels
+    (0: the dataset has no masks).
+    """
+    num_points: int = 2048
+    full_scale: bool = False
+    downsample: Optional[int] = None
+    num_entities: int = 0
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    """Which views of a scene an item uses, as the reference's loaders choose them.
+
+    inputs 'cyclic': a dataset of n scenes has n * V items; item i is scene i mod n with input
+        views (i div n + j) mod V, j < num_input_views (ObSuRF / CLEVR3D, NMR);
+    inputs 'random': one item per scene, num_input_views views drawn at random without
+        replacement (MSN-Hard);
+    targets 'all': target rays from every view (ObSuRF / CLEVR3D); 'others': from the views
+        that are not inputs (NMR, MSN-Hard).
+    """
+    inputs: str = "cyclic"
+    num_input_views: int = 1
+    targets: str = "all"
+
+    def __post_init__(self):
+        if self.inputs not in ("cyclic", "random") or self.targets not in ("all", "others"):
+            raise DataError(f"unknown view policy {self}: inputs is 'cyclic' or 'random', "
+                            f"targets 'all' or 'others'")
+
+    def items_per_scene(self, num_views: int) -> int:
+        return num_views if self.inputs == "cyclic" else 1
+
+    def choose(self, index: int, num_scenes: int, num_views: int, rng=None):
+        """(scene position in [0, num_scenes), input views [V_in], target views [V_t]) of item
+        `index`; rng (a numpy Generator) is used by 'random' inputs only."""
+        k = self.num_input_views
+        if not 1 <= k <= num_views - (self.targets == "others"):
+            raise DataError(f"num_input_views={k} does not fit {num_views} views per scene"
+                            + (" with targets from the other views" if self.targets == "others"
+                               else ""))
+        if self.inputs == "cyclic":
+            scene, first = index % num_scenes, (index // num_scenes) % num_views
+            inputs = (first + np.arange(k)) % num_views
+        else:
+            scene = index % num_scenes
+            rng = np.random.default_rng() if rng is None else rng
+            inputs = rng.choice(num_views, size=k, replace=False)
+        if self.targets == "all":
+            targets = np.arange(num_views)
+        else:
+            targets = np.setdiff1d(np.arange(num_views), inputs)
+        return scene, inputs.astype(np.int64), targets.astype(np.int64)
+
+    def to_dict(self) -> dict:
+        return {"inputs": self.inputs, "num_input_views": self.num_input_views,
+                "targets": self.targets}
+
+
+# ----------------------------------------------------------------------------------------------
+# Cameras as pixel -> ray matrices
+
+
+def pinhole_ray_matrix(intrinsics, world_to_camera_rotation) -> np.ndarray:
+    """[..., 3, 3] ray matrices of OpenCV pinhole cameras: R_c2w @ K^-1, where X_cam =
+    R X_world + t and pixel (x, y) has centre (x + 0.5, y + 0.5)."""
+    k = np.asarray(intrinsics, np.float64)
+    r = np.asarray(world_to_camera_rotation, np.float64)
+    return (np.swapaxes(r, -1, -2) @ np.linalg.inv(k)).astype(np.float32)
+
+
+def pinhole_origin(world_to_camera_rotation, translation) -> np.ndarray:
+    """Camera centres [..., 3] of X_cam = R X_world + t cameras: -R^T t."""
+    r = np.asarray(world_to_camera_rotation, np.float64)
+    t = np.asarray(translation, np.float64)
+    return (-np.einsum("...ji,...j->...i", r, t)).astype(np.float32)
+
+
+def ray_directions(ray_mats, height: int, width: int, rows=None, cols=None) -> np.ndarray:
+    """Unit ray directions [..., h, w, 3] (numpy) of ray matrices [..., 3, 3] at the given pixel
+    rows and columns (default: all). The numpy twin of what `make_batch` computes."""
+    rows = np.arange(height) if rows is None else np.asarray(rows)
+    cols = np.arange(width) if cols is None else np.asarray(cols)
+    pix = np.stack(np.broadcast_arrays(cols[None, :] + 0.5, rows[:, None] + 0.5,
+                                       np.ones((1, 1))), -1)                   # [h, w, 3]
+    m = np.asarray(ray_mats, np.float64)
+    d = np.einsum("...ij,hwj->...hwi", m, pix)
+    return (d / np.linalg.norm(d, axis=-1, keepdims=True)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counter-based sampling
+
+_M64 = 1 << 64
+
+
+def _i64(c: int) -> int:
+    return c - _M64 if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def hash64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic), identical on every device."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def sample_pixels(seeds: torch.Tensor, num_candidates: int, num_points: int) -> torch.Tensor:
+    """[B, num_points] int64 indices into range(num_candidates), one draw per seed [B]:
+    without replacement when num_points <= num_candidates (the num_points smallest hash keys),
+    else with replacement."""
+    seeds = seeds.to(torch.int64).reshape(-1, 1)
+    salt = hash64(seeds)
+    if num_points > num_candidates:
+        j = torch.arange(num_points, device=seeds.device)
+        keys = hash64(salt ^ j)
+        return _shr(keys, 1) % num_candidates
+    j = torch.arange(num_candidates, device=seeds.device)
+    out = []
+    # Keys for a few scenes at a time bound the int64 workspace (B x candidates x 8 bytes).
+    chunk = max(1, (1 << 24) // max(1, num_candidates))
+    for s in salt.split(chunk):
+        keys = hash64(s ^ j)
+        out.append(torch.topk(keys, num_points, dim=1, largest=False, sorted=False).indices)
+    return torch.cat(out)
+
+
+def random_seed(rng=None) -> int:
+    """A seed for an item that came without one (the reference's unseeded sampling)."""
+    rng = np.random if rng is None else rng
+    return int(rng.randint(0, 2 ** 62)) if hasattr(rng, "randint") else int(rng.integers(2 ** 62))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-side batch
+
+
+def _take_views(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """x [B, V, ...], views [B, U] -> [B, U, ...]"""
+    b = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[b, views]
+
+
+def _rays(mats: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Unit rays of ray matrices [..., 3, 3] (broadcast against) pixel columns / rows [...]."""
+    pix = torch.stack(torch.broadcast_tensors(cols + 0.5, rows + 0.5, torch.ones_like(cols)), -1)
+    d = (mats.float() * pix.float()[..., None, :]).sum(-1)
+    return F.normalize(d, dim=-1)
+
+
+def _one_hot(ids: torch.Tensor, n: int) -> torch.Tensor:
+    return F.one_hot(ids.long(), n).float()
+
+
+def make_batch(records: dict, spec: BatchSpec) -> dict:
+    """Model inputs from collated scene records (tensors on the device that will use them).
+
+    Returns float32 tensors, with B scenes, V_in input views of h x w (after downsampling),
+    P target rays and O = spec.num_entities:
+        input_images [B, V_in, 3, h, w] in [0, 1], input_camera_pos [B, V_in, 3],
+        input_rays [B, V_in, h, w, 3], input_masks [B, V_in, h, w, O] (if the data has masks),
+        target_pixels / target_camera_pos / target_rays [B, P, 3], target_masks [B, P, O],
+        sceneid [B] (int64).
+    """
+    images, mats, origins = records["images"], records["ray_mats"], records["origins"]
+    in_views, tgt_views = records["input_views"].long(), records["target_views"].long()
+    ids = records.get("ids")
+    if ids is not None and spec.num_entities < 1:
+        raise DataError("records carry instance ids but BatchSpec.num_entities is 0")
+    bsz, _, height, width, _ = images.shape
+    device = images.device
+    out = {}
+
+    # Inputs: whole (downsampled) views.
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    if spec.downsample is not None and spec.downsample >= 1:
+        s = 2 ** spec.downsample
+        rows, cols = rows[s // 2::s], cols[s // 2::s]
+    img = _take_views(images, in_views)[:, :, rows][:, :, :, cols]           # [B, Vi, h, w, 3]
+    out["input_images"] = img.permute(0, 1, 4, 2, 3).float().div_(255)
+    out["input_camera_pos"] = _take_views(origins, in_views).float()
+    m_in = _take_views(mats, in_views)[:, :, None, None]                     # [B, Vi, 1, 1, 3, 3]
+    out["input_rays"] = _rays(m_in, cols[None, :].float(), rows[:, None].float())
+    if ids is not None:
+        out["input_masks"] = _one_hot(_take_views(ids, in_views)[:, :, rows][:, :, :, cols],
+                                      spec.num_entities)
+
+    # Targets: sampled pixels of the target views.
+    hw = height * width
+    num_candidates = tgt_views.shape[1] * hw
+    if spec.full_scale:
+        idx = torch.arange(num_candidates, device=device).expand(bsz, -1)
+    else:
+        idx = sample_pixels(records["seed"].to(device), num_candidates, spec.num_points)
+    view = torch.gather(tgt_views, 1, idx // hw)                             # [B, P]
+    pix = idx % hw
+    y, x = pix // width, pix % width
+    b = torch.arange(bsz, device=device)[:, None]
+    out["target_pixels"] = images[b, view, y, x].float().div_(255)
+    out["target_camera_pos"] = origins[b, view].float()
+    out["target_rays"] = _rays(mats[b, view], x.float(), y.float())
+    if ids is not None:
+        out["target_masks"] = _one_hot(ids[b, view, y, x], spec.num_entities)
+    out["sceneid"] = records["sceneid"]
+    return out
+
+
+def collate(records: list) -> dict:
+    """Collates scene records (numpy) into tensors, keeping dtypes."""
+    return torch.utils.data.default_collate(records)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+def model_batch(records, spec: BatchSpec, device="cpu") -> dict:
+    """make_batch of a list of records (or one record, or a collated dict) on `device`."""
+    if isinstance(records, dict) and not torch.is_tensor(records["images"]):
+        records = [records]
+    if isinstance(records, (list, tuple)):
+        records = collate(list(records))
+    return make_batch(to_device(records, device), spec)
