@@ -114,18 +114,27 @@ def read_info(version_dir: str) -> dict:
                             f"{len(lengths)} record shards in dataset_info.json but "
                             f"{len(files)} files named '{name}-{s['name']}.*' on disk. Copy "
                             f"the missing shards. {WHERE}")
-    features = []
+    features, image_shape = {}, None
     fpath = os.path.join(version_dir, "features.json")
     if os.path.isfile(fpath):
         with open(fpath) as f:
-            features = list(_feature_paths(json.load(f)))
+            features = _feature_paths(json.load(f))
         missing = [f"cameras/camera_0/{r}" for r in REQUIRED
                    if f"cameras/camera_0/{r}" not in features]
         if missing:
             raise DataError(f"'{fpath}' lacks feature(s) {missing}: this is not a Kubric "
                             f"multi-view dataset with instance masks ({NAME} >= 2.8.0). {WHERE}")
+        cameras = sorted({p.split("/")[1] for p in features if p.startswith("cameras/")})
+        if len(cameras) != NUM_CAMERAS:
+            raise DataError(f"'{fpath}' has {len(cameras)} cameras per scene, but MSN-Hard has "
+                            f"{NUM_CAMERAS} (5 input views and 5 target views). {WHERE}")
+        try:
+            dims = features["cameras/camera_0/color_image"]["image"]["shape"]["dimensions"]
+            image_shape = tuple(int(d) for d in dims)
+        except (KeyError, TypeError, ValueError):
+            image_shape = None
     return {"name": name, "version": info.get("version", "?"), "splits": splits,
-            "features": features}
+            "features": list(features), "image_shape": image_shape}
 
 
 def _hide_gpus(tf) -> None:
@@ -222,6 +231,15 @@ class KubricDataset(IterableDataset):
             raise DataError(f"num_input_views must be between 1 and {NUM_CAMERAS - 1} (the rest "
                             f"are targets), got {num_input_views}")
         self.num_input_views = int(num_input_views)
+        shape = self.info["image_shape"]
+        if shape is not None:
+            from .obsurf import ENCODER_MULTIPLE, _downsampled_len
+            h, w = (_downsampled_len(n, downsample) for n in shape[:2])
+            if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
+                raise DataError(f"'{self.version_dir}' has {shape[1]}x{shape[0]} images, {w}x{h} "
+                                f"with downsample={downsample}; the encoder needs sides that "
+                                f"are multiples of {ENCODER_MULTIPLE}: change downsample")
+        self.height, self.width = (shape[0], shape[1]) if shape is not None else (None, None)
         self.policy = ViewPolicy("random", self.num_input_views, "others")
         self.masks = masks
         self.shuffle_buffer, self.seed = int(shuffle_buffer), int(seed)
@@ -253,7 +271,7 @@ class KubricDataset(IterableDataset):
     def __len__(self) -> int:
         return self.num_scenes if self.max_len is None else min(self.max_len, self.num_scenes)
 
-    def _tf_dataset(self, index: int, count: int, epoch: int):
+    def _tf_dataset(self, index: int, count: int, epoch: int, shuffle: bool):
         tf, tfds = import_tfds()
         builder = tfds.builder_from_directory(self.version_dir)
         last = self.skip + self.num_scenes
@@ -266,49 +284,55 @@ class KubricDataset(IterableDataset):
                                 if k not in keep
                                 and f"cameras/camera_{i}/{k}" in self.info["features"]}
                 for i in range(NUM_CAMERAS)}
-        train = self.mode == "train"
         read_config = tfds.ReadConfig(shuffle_seed=self.seed + epoch, try_autocache=False,
                                       add_tfds_id=False)
-        ds = builder.as_dataset(split=split, shuffle_files=train, read_config=read_config,
+        ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
                                 decoders={"cameras": cams} if self.info["features"] else None)
-        if train:
+        if shuffle:
             ds = ds.shuffle(self.shuffle_buffer, seed=self.seed + epoch)
         return tf, ds.prefetch(tf.data.AUTOTUNE)
 
+    def _examples(self, index: int, count: int, epoch: int, shuffle: bool):
+        """Decoded records (no views, no seed) of one pass; corrupt ones skipped and counted."""
+        tf, ds = self._tf_dataset(index, count, epoch, shuffle)
+        it = iter(ds)
+        failures = 0
+        while True:
+            try:
+                ex = next(it)
+            except StopIteration:
+                return
+            except tf.errors.OpError as e:
+                self.skipped.note(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                failures += 1
+                if failures > 16:
+                    raise DataError(f"more than 16 records in a row of '{self.version_dir}' "
+                                    f"failed to decode; the download is damaged. "
+                                    f"{WHERE}") from None
+                if isinstance(e, tf.errors.DataLossError):
+                    return      # a broken record file cannot be read past the damage
+                continue
+            failures = 0
+            ex = tf.nest.map_structure(lambda x: x.numpy(), ex)
+            try:
+                yield example_to_record(ex, masks=self.masks)
+            except (KeyError, ValueError) as e:
+                self.skipped.note(f"{type(e).__name__}: {e}")
+
+    def ordered_records(self, start: int = 0) -> Iterator[dict]:
+        """Every scene of the split once, in file order, from scene `start` (for conversion)."""
+        src = self.skipping(start) if start else self
+        return src._examples(0, 1, 0, shuffle=False)
+
     def iter_records(self, index: int = 0, count: int = 1) -> Iterator[dict]:
         """This pipeline's share of the records (pipeline `index` of `count`)."""
-        tf, _ = import_tfds()
         seeds = np.random.SeedSequence([self.seed, index, count])
-        epoch, emitted = 0, 0
-        limit = None if self.max_len is None else self.max_len
+        epoch = 0
+        train = self.mode == "train"
         while True:
             rng = np.random.default_rng(seeds.spawn(1)[0])
-            _, ds = self._tf_dataset(index, count, epoch)
-            it = iter(ds)
-            failures = 0
-            while True:
-                try:
-                    ex = next(it)
-                except StopIteration:
-                    break
-                except tf.errors.OpError as e:
-                    self.skipped.note(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                    failures += 1
-                    if failures > 16:
-                        raise DataError(f"more than 16 records in a row of '{self.version_dir}' "
-                                        f"failed to decode; the download is damaged. "
-                                        f"{WHERE}") from None
-                    if isinstance(e, tf.errors.DataLossError):
-                        break       # a broken record file cannot be read past the damage
-                    continue
-                failures = 0
-                ex = tf.nest.map_structure(lambda x: x.numpy(), ex)
-                try:
-                    rec = example_to_record(ex, masks=self.masks)
-                except (KeyError, ValueError) as e:
-                    self.skipped.note(f"{type(e).__name__}: {e}")
-                    continue
-                if self.mode == "train":
+            for rec in self._examples(index, count, epoch, shuffle=train):
+                if train:
                     item_rng = rng
                 else:     # fixed per scene, so evaluation is reproducible
                     item_rng = np.random.default_rng([self.seed, rec["sceneid"]])
@@ -316,10 +340,7 @@ class KubricDataset(IterableDataset):
                     0, 1, NUM_CAMERAS, item_rng)
                 rec["seed"] = int(item_rng.integers(2 ** 62))
                 yield rec
-                emitted += 1
-                if limit is not None and emitted >= limit:
-                    return
-            if self.mode != "train":
+            if not train:
                 return
             epoch += 1
 

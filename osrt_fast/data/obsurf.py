@@ -160,7 +160,7 @@ class ObSuRFDataset(Dataset):
         if cam.ndim != 3 or cam.shape[-1] != 3 or shape.ndim != 2 or shape.shape[0] != cam.shape[0]:
             raise DataError(f"'{meta_path}': camera_pos must be [N, V, 3] and shape [N, O] with "
                             f"the same N, got {cam.shape} and {shape.shape}")
-        self.num_scenes, self.num_views = cam.shape[:2]
+        self.folder_scenes, self.num_views = cam.shape[:2]
         self.num_entities = shape.shape[1]
         if not 1 <= self.num_input_views <= self.num_views:
             raise DataError(f"num_input_views must be between 1 and the {self.num_views} views "
@@ -169,16 +169,16 @@ class ObSuRFDataset(Dataset):
         if split_ranges is not None:
             start, end = split_ranges[mode]
         elif kind == "procedural":
-            start, end = procedural_split_range(mode, self.num_scenes)
+            start, end = procedural_split_range(mode, self.folder_scenes)
         else:
             start, end = SPLIT_RANGES[kind][mode]
-        start, end = min(start, self.num_scenes), min(end, self.num_scenes)
+        start, end = min(start, self.folder_scenes), min(end, self.folder_scenes)
         num_objs = (shape[start:end] > 0).sum(1)
         self.idxs = np.arange(start, end)[num_objs <= max_objects]
         if len(self.idxs) == 0:
             raise DataError(
                 f"the {mode} split of '{path}' is empty: {kind} takes scenes [{start}, {end}) of "
-                f"the folder's {self.num_scenes}, and {end - start} of them have at most "
+                f"the folder's {self.folder_scenes}, and {end - start} of them have at most "
                 f"max_objects={max_objects} objects. Use a folder with more scenes (the "
                 f"{kind} split ranges are {self._ranges_text()}) or raise max_objects.")
 
@@ -195,6 +195,11 @@ class ObSuRFDataset(Dataset):
                 f"downsampling (for built-in data: --width/--height such as 32, 64 or 128), or "
                 f"change downsample.")
         self.input_height, self.input_width = h, w
+
+    @property
+    def num_scenes(self) -> int:
+        """Scenes in this split (after the max_objects filter)."""
+        return len(self.idxs)
 
     @property
     def spec(self) -> BatchSpec:
