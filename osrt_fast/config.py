@@ -28,6 +28,9 @@ class DataConfig:
     # Dataset-specific keyword arguments (e.g. downsample, max_objects, num_input_views, and for
     # 'procedural' the generator settings num_scenes, height, width, num_views, ...).
     kwargs: dict = field(default_factory=dict)
+    # How training reads scenes: 'torch' (DataLoader workers) or 'dali' (png shards decoded by
+    # NVIDIA DALI's threads; `dataset: shards` converted with --encoding png; [dali] extra).
+    loader: str = "torch"
 
     def resolved_path(self) -> str:
         return self.path if self.path is not None else os.path.join("data", self.dataset)
@@ -154,6 +157,12 @@ def validate(cfg: Config) -> None:
     check_model_choices(cfg.model)
     if not isinstance(cfg.data.kwargs, dict):
         raise ConfigError("data.kwargs must be a mapping")
+    if cfg.data.loader not in ("torch", "dali"):
+        raise ConfigError(f"data.loader must be 'torch' or 'dali', got {cfg.data.loader!r}")
+    if cfg.data.loader == "dali" and cfg.data.dataset != "shards":
+        raise ConfigError("data.loader 'dali' reads png shards: convert the dataset first "
+                          "(python -m osrt_fast.data.shards CONFIG --out DIR --encoding png) "
+                          "and set data.dataset: shards, data.path: DIR")
 
 
 BACKENDS = ("eager", "triton")

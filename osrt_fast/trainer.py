@@ -117,7 +117,7 @@ def record_loader(dataset, batch_size: int, loader_kw: dict, train: bool, seed: 
                   start_it: int = 0) -> DataLoader:
     """DataLoader of collated scene records: resumable (index, seed) batches for map-style
     datasets, in-order batches for evaluation, and plain batches of a stream."""
-    kw = dict(loader_kw, **loader_kwargs(dataset))
+    kw = dict(loader_kw, **loader_kwargs(dataset, loader_kw.get("num_workers", 0)))
     if is_stream(dataset):
         return DataLoader(dataset, batch_size=batch_size, drop_last=train, **kw)
     sampler = (ResumableBatchSampler(len(dataset), batch_size, seed, start_it=start_it) if train
@@ -377,7 +377,13 @@ def train(cfg: Config, run_dir: str, args) -> int:
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
                      worker_init_fn=_worker_init, persistent_workers=workers > 0)
     eval_bs = t.eval_batch_size or max(1, t.batch_size // 8)
-    eval_loader = record_loader(eval_set, eval_bs, loader_kw, train=False)
+    use_dali = cfg.data.loader == "dali"
+    if use_dali:
+        from .data.dali import DaliShardLoader
+        eval_loader = DaliShardLoader(eval_set, eval_bs, device=device.type, train=False,
+                                      num_threads=max(1, workers))
+    else:
+        eval_loader = record_loader(eval_set, eval_bs, loader_kw, train=False)
     vis_n = min(t.vis_scenes, len(eval_set), len(train_set))
     vis_val = first_records(eval_set, vis_n)
     vis_train = first_records(train_set, vis_n)
@@ -411,7 +417,12 @@ def train(cfg: Config, run_dir: str, args) -> int:
         print(f"Visualisations written to {run_dir}/renders-{{val,train}}.png")
 
     from tqdm import tqdm
-    loader = record_loader(train_set, t.batch_size, loader_kw, train=True, seed=t.seed, start_it=it)
+    if use_dali:
+        loader = DaliShardLoader(train_set, t.batch_size, device=device.type, seed=t.seed,
+                                 start_it=it, num_threads=max(1, workers))
+    else:
+        loader = record_loader(train_set, t.batch_size, loader_kw, train=True, seed=t.seed,
+                               start_it=it)
     if is_stream(train_set) and it > 0:
         print(f"note: {cfg.data.dataset} is read as a stream, so the resumed run sees other scenes "
               f"than the original would have (convert it to shards for exactly resumable runs)")

@@ -105,10 +105,10 @@ def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale:
     return ObSuRFDataset(path, split, kind=name, **common, **kwargs)
 
 
-def loader_kwargs(dataset) -> dict:
-    """DataLoader options a dataset needs (e.g. 'spawn' workers for TensorFlow)."""
+def loader_kwargs(dataset, num_workers: int) -> dict:
+    """DataLoader options a dataset needs with this many workers ('spawn' for TensorFlow)."""
     ctx = getattr(dataset, "multiprocessing_context", None)
-    return {"multiprocessing_context": ctx} if ctx else {}
+    return {"multiprocessing_context": ctx} if ctx and num_workers > 0 else {}
 
 
 def worker_init_fn(worker_id: int) -> None:
