@@ -4,6 +4,7 @@ streaming through DataLoader workers, and bad input."""
 import glob
 import os
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -210,12 +211,14 @@ def test_corrupt_image_is_skipped_and_counted(root, tmp_path):
     vdir = os.path.join(bad, "multi_shapenet_frames", "2.8.0")
     path = sorted(glob.glob(os.path.join(vdir, "*-validation.tfrecord-*")))[0]
     blob = bytearray(open(path, "rb").read())
-    start = blob.find(b"IDAT")           # the first PNG's compressed pixel data
-    assert start > 0
+    # The pixel data of the first record's camera_0 colour image (the Example's map entries
+    # are key then value, in no fixed order: find the key first).
+    key = blob.find(b"cameras/camera_0/color_image")
+    start = blob.find(b"IDAT", key)
+    assert 0 < key < start < struct.unpack("<Q", blob[:8])[0]
     blob[start + 8:start + 40] = bytes(32)
     # TFRecord framing carries a CRC of the record: fix it up so only the PNG is damaged,
     # as when a file was written from corrupt images.
-    import struct
     length = struct.unpack("<Q", blob[:8])[0]
     payload = bytes(blob[12:12 + length])
     blob[12 + length:16 + length] = struct.pack("<I", _masked_crc(payload))
