@@ -205,7 +205,7 @@ def dali_loader(data, args, batch_size: int, workers: int, device: torch.device)
     from osrt_fast.data.shards import ShardDataset
     dataset = ShardDataset(data.shards_png, "train", points_per_item=args.points)
     try:
-        return DaliShardLoader(dataset, batch_size=batch_size, device=device,
+        return DaliShardLoader(dataset, batch_size=batch_size, device=device.type,
                                num_threads=max(1, workers), seed=SEED), data.shards_source
     except Exception as e:
         raise RuntimeError(f"skipped: DaliShardLoader failed to start on {device.type} "

@@ -2,9 +2,11 @@
 batches of 4) and writes one well-formed JSON line per (path, workers). No speed is asserted
 beyond 'positive': this checks the script, not the loaders."""
 import importlib.util
+import io
 import json
 import os
 import sys
+from contextlib import redirect_stdout
 
 import pytest
 
@@ -32,8 +34,6 @@ def bench(tmp_path_factory):
             "--batch-size", "4", "--batches", "2", "--warmup", "1", "--make-batch-repeat", "1",
             "--workers", *map(str, WORKERS), "--device", "cpu", "--quiet",
             "--data-dir", str(tmp / "data"), "--out", str(out)]
-    import io
-    from contextlib import redirect_stdout
     buf = io.StringIO()
     with redirect_stdout(buf):
         rows = bench_loader.main(argv)
