@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Sampler
 from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
                          save_checkpoint)
 from .config import Config, ConfigError
-from .data import DataError, collate, get_dataset, loader_kwargs, make_batch, worker_init_fn
+from .data import (DataError, collate, get_dataset, loader_kwargs, make_batch, to_device,
+                   worker_init_fn)
 from .geometry import rotate_about_z
 from .metrics import adjusted_rand_index, fg_ari, psnr
 from .model import OSRT
@@ -170,10 +171,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"training.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
     return device
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def decode_in_chunks(decoder, latents, camera_pos, rays, max_rays: int = 65536):

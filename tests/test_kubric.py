@@ -183,7 +183,8 @@ def test_bad_inputs(root, tmp_path):
         kubric.KubricDataset(root, "dev")
     with pytest.raises(DataError, match="num_input_views must be between 1 and 9"):
         kubric.KubricDataset(root, "train", num_input_views=10)
-    with pytest.raises(DataError, match="32x32 images, 4x4 with downsample=3.*multiples of 8"):
+    with pytest.raises(DataError, match="4x4 \\(width x height; files 32x32, downsample=3\\)"
+                                        ".*multiples of 8"):
         kubric.KubricDataset(root, "train", downsample=3)
     shutil.copy(os.path.join(root, "multi_shapenet_frames", "2.8.0", os.path.basename(missing)),
                 missing)

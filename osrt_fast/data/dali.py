@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, DataWarning
-from .records import collate, random_seed, to_device
+from .records import collate, to_device
 
 INSTALL_HINT = ("pip install 'osrt-fast[dali]' (the package nvidia-dali-cuda130, or the DALI "
                 "build for your CUDA version)")
@@ -174,11 +174,7 @@ class DaliShardLoader:
         cols = {k: [] for k in ("origins", "ray_mats", "input_views", "target_views", "seed",
                                 "sceneid")}
         for pair in pairs:
-            idx, seed = pair if isinstance(pair, (tuple, list)) else (pair, None)
-            idx = int(idx)
-            seed = random_seed() if seed is None else int(seed)
-            rng = np.random.default_rng(seed)
-            scene, in_views, tgt_views = ds.policy.choose(idx, ds.num_scenes, nv, rng)
+            idx, seed, scene, in_views, tgt_views = ds.plan(pair)
             shard, local = reader.locate(scene)
             arrays = reader._shard(shard)
             keys.append((idx, seed))
@@ -187,8 +183,7 @@ class DaliShardLoader:
             cols["input_views"].append(in_views)
             cols["target_views"].append(tgt_views)
             cols["seed"].append(seed)
-            cols["sceneid"].append(idx if ds.index["sceneid"] == "item"
-                                   else int(arrays["sceneids"][local]))
+            cols["sceneid"].append(ds.sceneid(idx, arrays["sceneids"][local]))
             for key, out in (("images", images), ("ids", ids))[:1 + self.has_ids]:
                 offsets, blob = arrays[key + ".offsets"], arrays[key]
                 first = local * nv

@@ -233,12 +233,9 @@ class KubricDataset(IterableDataset):
         self.num_input_views = int(num_input_views)
         shape = self.info["image_shape"]
         if shape is not None:
-            from .obsurf import ENCODER_MULTIPLE, _downsampled_len
-            h, w = (_downsampled_len(n, downsample) for n in shape[:2])
-            if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
-                raise DataError(f"'{self.version_dir}' has {shape[1]}x{shape[0]} images, {w}x{h} "
-                                f"with downsample={downsample}; the encoder needs sides that "
-                                f"are multiples of {ENCODER_MULTIPLE}: change downsample")
+            from .obsurf import check_input_size
+            check_input_size(shape[0], shape[1], downsample,
+                             "MSN-Hard's 128x128 works with downsample None, 1, 2 or 3")
         self.height, self.width = (shape[0], shape[1]) if shape is not None else (None, None)
         self.policy = ViewPolicy("random", self.num_input_views, "others")
         self.masks = masks

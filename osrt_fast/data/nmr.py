@@ -24,6 +24,7 @@ Folder layout (the DVR release `NMR_Dataset.zip`, or `write_fixture` for a tiny 
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Optional
 
@@ -31,7 +32,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .errors import CorruptFile, DataError, SkipCounter
-from .obsurf import ENCODER_MULTIPLE
+from .obsurf import check_input_size
 from .records import BatchSpec, ViewPolicy, random_seed
 
 NUM_VIEWS = 24
@@ -74,13 +75,6 @@ def nmr_origin(world_mat_inv) -> np.ndarray:
     """Camera centres [..., 3] (float32, z-up world) of data-frame world_mat_inv [..., 4, 4]."""
     a = FRAME_ROTATION @ np.asarray(world_mat_inv, np.float64)
     return a[..., :3, 3].astype(np.float32)
-
-
-def _downsampled_len(n: int, num_steps: Optional[int]) -> int:
-    if num_steps is None or num_steps < 1:
-        return n
-    stride = 2 ** num_steps
-    return len(range(stride // 2, n, stride))
 
 
 def _read_png(path: str) -> np.ndarray:
@@ -188,18 +182,9 @@ class NMRDataset(Dataset):
             raise DataError(f"cannot read the image size from '{first}' ({type(e).__name__}: "
                             f"{e}); the first scene of the split must be readable. "
                             f"Re-download the dataset.") from None
-        h = _downsampled_len(self.height, downsample)
-        w = _downsampled_len(self.width, downsample)
-        if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
-            def nearest(n):
-                return ENCODER_MULTIPLE * max(1, -(-n // ENCODER_MULTIPLE))   # round up
-            raise DataError(
-                f"input images are {w}x{h} (width x height; files {self.width}x{self.height}, "
-                f"downsample={downsample}), but the encoder needs both sides to be multiples "
-                f"of {ENCODER_MULTIPLE}. Use images of e.g. {nearest(w)}x{nearest(h)} after "
-                f"downsampling (NMR's 64x64 works with downsample None, 1, 2 or 3), or change "
-                f"downsample.")
-        self.input_height, self.input_width = h, w
+        self.input_height, self.input_width = check_input_size(
+            self.height, self.width, downsample,
+            "NMR's 64x64 works with downsample None, 1, 2 or 3")
 
     @property
     def spec(self) -> BatchSpec:
@@ -269,17 +254,11 @@ class NMRDataset(Dataset):
             idx, seed = idx
         idx = int(idx)
         scene, inputs, targets = self.policy.choose(idx, self.num_scenes, self.num_views)
-        for attempt in range(self.MAX_SKIPS + 1):
-            s = (scene + attempt) % self.num_scenes
-            try:
-                images, cams = self._load_scene(s)
-                break
-            except CorruptFile as e:
-                self.skipped.note(str(e))
-        else:
-            raise DataError(f"{self.MAX_SKIPS + 1} scenes in a row from item {idx} of "
-                            f"'{self.path}' could not be decoded; the folder is damaged: "
-                            f"re-download it. " + WHERE)
+        _, (images, cams) = self.skipped.first_readable(
+            self._load_scene, ((scene + a) % self.num_scenes for a in itertools.count()),
+            self.MAX_SKIPS + 1,
+            f"{self.MAX_SKIPS + 1} scenes in a row from item {idx} of '{self.path}' could not be "
+            f"decoded; the folder is damaged: re-download it. " + WHERE)
         return {
             "images": images,
             "origins": nmr_origin(cams["world_mat_inv"]),

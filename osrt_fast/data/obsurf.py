@@ -17,6 +17,7 @@ Folder layout (read by `ObSuRFDataset`, written by `osrt_fast.scenes.generate_da
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Optional
 
@@ -59,6 +60,21 @@ def _downsampled_len(n: int, num_steps: Optional[int]) -> int:
         return n
     stride = 2 ** num_steps
     return len(range(stride // 2, n, stride))
+
+
+def check_input_size(height: int, width: int, downsample: Optional[int], hint: str) -> tuple:
+    """(h, w) of input views of height x width images after downsampling; DataError unless both
+    are multiples of ENCODER_MULTIPLE (the encoder's stride). `hint` names sizes that work."""
+    h, w = _downsampled_len(height, downsample), _downsampled_len(width, downsample)
+    if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
+        def nearest(n):
+            return ENCODER_MULTIPLE * max(1, -(-n // ENCODER_MULTIPLE))   # round up
+        raise DataError(
+            f"input images are {w}x{h} (width x height; files {width}x{height}, "
+            f"downsample={downsample}), but the encoder needs both sides to be multiples "
+            f"of {ENCODER_MULTIPLE}. Use images of e.g. {nearest(w)}x{nearest(h)} after "
+            f"downsampling ({hint}), or change downsample.")
+    return h, w
 
 
 def procedural_split_range(mode: str, n: int) -> tuple:
@@ -183,18 +199,9 @@ class ObSuRFDataset(Dataset):
                 f"{kind} split ranges are {self._ranges_text()}) or raise max_objects.")
 
         self.height, self.width = _image_size(self._image_path(self.idxs[0], 0))
-        h = _downsampled_len(self.height, downsample)
-        w = _downsampled_len(self.width, downsample)
-        if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
-            def nearest(n):
-                return ENCODER_MULTIPLE * max(1, -(-n // ENCODER_MULTIPLE))   # round up
-            raise DataError(
-                f"input images are {w}x{h} (width x height; files {self.width}x{self.height}, "
-                f"downsample={downsample}), but the encoder needs both sides to be multiples "
-                f"of {ENCODER_MULTIPLE}. Use images of e.g. {nearest(w)}x{nearest(h)} after "
-                f"downsampling (for built-in data: --width/--height such as 32, 64 or 128), or "
-                f"change downsample.")
-        self.input_height, self.input_width = h, w
+        self.input_height, self.input_width = check_input_size(
+            self.height, self.width, downsample,
+            "for built-in data: --width/--height such as 32, 64 or 128")
 
     @property
     def num_scenes(self) -> int:
@@ -246,16 +253,11 @@ class ObSuRFDataset(Dataset):
             idx, seed = idx
         idx = int(idx)
         n = len(self.idxs)
-        for attempt in range(self.MAX_SKIPS + 1):
-            scene = int(self.idxs[(idx + attempt) % n])
-            try:
-                loaded = [self._load_view(scene, i) for i in range(self.num_views)]
-                break
-            except CorruptFile as e:
-                self.skipped.note(str(e))
-        else:
-            raise DataError(f"{self.MAX_SKIPS + 1} scenes in a row from item {idx} of '{self.path}'"
-                            f" could not be decoded; the folder is damaged: re-download it.")
+        scene, loaded = self.skipped.first_readable(
+            lambda s: [self._load_view(s, i) for i in range(self.num_views)],
+            (int(self.idxs[(idx + a) % n]) for a in itertools.count()), self.MAX_SKIPS + 1,
+            f"{self.MAX_SKIPS + 1} scenes in a row from item {idx} of '{self.path}' could not be "
+            f"decoded; the folder is damaged: re-download it.")
         _, in_views, tgt_views = self.policy.choose(idx, n, self.num_views)
         camera_pos = self.metadata["camera_pos"][scene].astype(np.float32)   # [V, 3]
         return {

@@ -175,10 +175,10 @@ def sample_pixels(seeds: torch.Tensor, num_candidates: int, num_points: int) -> 
     return torch.cat(out)
 
 
-def random_seed(rng=None) -> int:
-    """A seed for an item that came without one (the reference's unseeded sampling)."""
-    rng = np.random if rng is None else rng
-    return int(rng.randint(0, 2 ** 62)) if hasattr(rng, "randint") else int(rng.integers(2 ** 62))
+def random_seed() -> int:
+    """A seed for an item that came without one, from numpy's global state (seeded per worker by
+    `worker_init_fn`, as the reference's unseeded sampling)."""
+    return int(np.random.randint(0, 2 ** 62))
 
 
 # ----------------------------------------------------------------------------------------------

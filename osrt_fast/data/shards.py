@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import itertools
 import json
 import os
 import sys
@@ -321,12 +322,9 @@ class ShardDataset(Dataset):
         self.reader = _ShardReader(self.folder, ix["encoding"], ix["shards"],
                                    has_ids=self.num_entities > 0)
         self.skipped = SkipCounter("shard scene")
-        from .obsurf import ENCODER_MULTIPLE, _downsampled_len
-        h, w = _downsampled_len(self.height, downsample), _downsampled_len(self.width, downsample)
-        if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
-            raise DataError(f"input images are {w}x{h} (width x height; stored {self.width}x"
-                            f"{self.height}, downsample={downsample}), but the encoder needs "
-                            f"multiples of {ENCODER_MULTIPLE}: change downsample")
+        from .obsurf import check_input_size
+        check_input_size(self.height, self.width, downsample,
+                         f"the shards hold {self.width}x{self.height} images")
 
     @property
     def spec(self) -> BatchSpec:
@@ -338,26 +336,30 @@ class ShardDataset(Dataset):
             return self.max_len
         return self.num_scenes * self.policy.items_per_scene(self.num_views)
 
-    def __getitem__(self, idx):
-        seed = None
-        if isinstance(idx, (tuple, list)):
-            idx, seed = idx
+    def plan(self, item) -> tuple:
+        """(index, seed, scene, input views, target views) of an item `index` or
+        `(index, seed)`: everything about it but its pixels (shared with the DALI loader)."""
+        idx, seed = item if isinstance(item, (tuple, list)) else (item, None)
         idx = int(idx)
         seed = random_seed() if seed is None else int(seed)
-        rng = np.random.default_rng(seed)
-        scene, in_views, tgt_views = self.policy.choose(idx, self.num_scenes, self.num_views, rng)
-        for attempt in range(self.MAX_SKIPS + 1):
-            try:
-                rec = self.reader.read((scene + attempt) % self.num_scenes)
-                break
-            except CorruptFile as e:
-                self.skipped.note(str(e))
-        else:
-            raise DataError(f"{self.MAX_SKIPS + 1} scenes in a row from scene {scene} of "
-                            f"'{self.folder}' could not be decoded: re-convert the dataset")
-        rec.update(input_views=in_views, target_views=tgt_views, seed=seed)
-        if self.index["sceneid"] == "item":
-            rec["sceneid"] = idx
+        scene, in_views, tgt_views = self.policy.choose(idx, self.num_scenes, self.num_views,
+                                                        np.random.default_rng(seed))
+        return idx, seed, scene, in_views, tgt_views
+
+    def sceneid(self, idx: int, stored: int) -> int:
+        """The item's sceneid: its index for the cyclic datasets (as their loaders), else the
+        source's scene id stored in the shard."""
+        return idx if self.index["sceneid"] == "item" else int(stored)
+
+    def __getitem__(self, item):
+        idx, seed, scene, in_views, tgt_views = self.plan(item)
+        _, rec = self.skipped.first_readable(
+            self.reader.read, ((scene + a) % self.num_scenes for a in itertools.count()),
+            self.MAX_SKIPS + 1,
+            f"{self.MAX_SKIPS + 1} scenes in a row from scene {scene} of '{self.folder}' could "
+            f"not be decoded: re-convert the dataset")
+        rec.update(input_views=in_views, target_views=tgt_views, seed=seed,
+                   sceneid=self.sceneid(idx, rec["sceneid"]))
         return rec
 
 
