@@ -43,3 +43,22 @@ def tiny_model_config(**overrides):
     }
     cfg.update(overrides)
     return cfg
+
+
+def train_tiny(tmp_path, data: dict, steps: int = 2, **training) -> list:
+    """train.py's main on the tiny model for `steps` steps on CPU with the data section `data`,
+    in tmp_path/run (training options override the defaults below); returns log.jsonl's records."""
+    import json
+
+    import yaml
+
+    from osrt_fast.trainer import main as train_main
+    opts = {"batch_size": 2, "num_workers": 0, "print_every": 1, "validate_every": 100,
+            "visualize_every": 100, "checkpoint_every": 100, "device": "cpu", "vis_scenes": 1}
+    opts.update(training)
+    path = tmp_path / "run" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"data": data, "model": tiny_model_config(),
+                                    "training": opts}))
+    assert train_main([str(path), "--exit-after", str(steps)]) == 0
+    return [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]

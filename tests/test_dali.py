@@ -181,26 +181,13 @@ def test_png_that_only_dali_rejects_is_decoded_on_the_host(converted):
 
 def test_training_with_the_dali_loader(converted, tmp_path):
     """train.py with data.loader: dali (CPU decoding here): steps run, evaluation covers the split."""
-    import json
-
-    import yaml
-
-    from conftest import tiny_model_config
+    from conftest import train_tiny
     from osrt_fast.config import ConfigError, config_from_dict
-    from osrt_fast.trainer import main as train_main
     out = str(tmp_path / "png")
     shutil.copytree(converted / "png" / "train", os.path.join(out, "train"))
     shutil.copytree(converted / "png" / "train", os.path.join(out, "val"))   # a stand-in split
-    cfg = {"data": {"dataset": "shards", "path": out, "num_points": 16, "loader": "dali"},
-           "model": tiny_model_config(),
-           "training": {"batch_size": 2, "num_workers": 1, "print_every": 1,
-                        "validate_every": 2, "visualize_every": 100, "checkpoint_every": 100,
-                        "device": "cpu", "vis_scenes": 1}}
-    p = tmp_path / "run" / "config.yaml"
-    p.parent.mkdir()
-    p.write_text(yaml.safe_dump(cfg))
-    assert train_main([str(p), "--exit-after", "2"]) == 0
-    log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    log = train_tiny(tmp_path, {"dataset": "shards", "path": out, "num_points": 16,
+                                "loader": "dali"}, num_workers=1, validate_every=2)
     assert [r for r in log if r.get("split") == "val"]
     with pytest.raises(ConfigError, match="loader 'dali' reads png shards"):
         config_from_dict({"data": {"dataset": "procedural", "loader": "dali"}})

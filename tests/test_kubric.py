@@ -243,25 +243,9 @@ def _masked_crc(data: bytes) -> int:
 
 def test_training_and_evaluation_on_msn_hard_format(root, tmp_path):
     """train.py on the TFDS folder: a stream (no exact resume), evaluation with fixed views."""
-    import json
-
-    import yaml
-
-    from conftest import tiny_model_config
-    from osrt_fast.trainer import main as train_main
-    cfg = {"data": {"dataset": "osrt", "path": root, "num_points": 32},
-           "model": tiny_model_config(encoder_kwargs={
-               "pos_start_octave": -5, "num_slots": 3, "slot_dim": 32, "num_conv_blocks": 3,
-               "num_att_blocks": 1, "conv_dim": 8, "latent_dim": 32, "num_heads": 2,
-               "head_dim": 16, "mlp_dim": 64}),
-           "training": {"batch_size": 2, "num_workers": 0, "print_every": 1,
-                        "validate_every": 2, "visualize_every": 100, "checkpoint_every": 100,
-                        "device": "cpu", "vis_scenes": 1}}
-    p = tmp_path / "run" / "config.yaml"
-    p.parent.mkdir()
-    p.write_text(yaml.safe_dump(cfg))
-    assert train_main([str(p), "--exit-after", "2"]) == 0
-    log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    from conftest import train_tiny
+    log = train_tiny(tmp_path, {"dataset": "osrt", "path": root, "num_points": 32},
+                     validate_every=2)
     evals = [r for r in log if r.get("split") == "val"]
     assert evals and evals[-1]["num_scenes"] == SPLITS["validation"]
     assert 0 <= evals[-1]["fg_ari"] <= 1 or np.isnan(evals[-1]["fg_ari"])

@@ -13,7 +13,7 @@ from osrt_fast import scenes
 from osrt_fast.data import DataError, ObSuRFDataset, model_batch, nmr, shards
 from osrt_fast.data.errors import DataWarning
 
-from conftest import tiny_model_config
+from conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +128,8 @@ def test_cli_and_training_from_shards(proc, tmp_path):
     assert shards.main([str(src_cfg), "--out", out, "--shard-size", "5"]) == 0
     assert sorted(os.listdir(out)) == ["test", "train", "val"]
 
-    from osrt_fast.trainer import main as train_main
-    run_cfg = {"data": {"dataset": "shards", "path": out, "num_points": 32},
-               "model": tiny_model_config(),
-               "training": {"batch_size": 2, "num_workers": 0, "print_every": 1,
-                            "validate_every": 100, "visualize_every": 100,
-                            "checkpoint_every": 100, "device": "cpu", "vis_scenes": 1}}
-    p = tmp_path / "run" / "config.yaml"
-    p.parent.mkdir()
-    p.write_text(yaml.safe_dump(run_cfg))
-    assert train_main([str(p), "--exit-after", "2"]) == 0
+    log = train_tiny(tmp_path, {"dataset": "shards", "path": out, "num_points": 32})
     assert os.path.exists(tmp_path / "run" / "model.pt")
-    log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
     assert any("loss" in r or "mse" in r for r in log)
 
 
