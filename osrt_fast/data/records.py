@@ -222,17 +222,17 @@ def make_batch(records: dict, spec: BatchSpec) -> dict:
     out = {}
 
     # Inputs: whole (downsampled) views.
-    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
-    if spec.downsample is not None and spec.downsample >= 1:
-        s = 2 ** spec.downsample
-        rows, cols = rows[s // 2::s], cols[s // 2::s]
-    img = _take_views(images, in_views)[:, :, rows][:, :, :, cols]           # [B, Vi, h, w, 3]
+    # The reference's x[s//2::s, s//2::s]: strided views of the gathered input views, no copy.
+    s = 2 ** spec.downsample if spec.downsample is not None and spec.downsample >= 1 else 1
+    rows = torch.arange(s // 2, height, s, device=device)
+    cols = torch.arange(s // 2, width, s, device=device)
+    img = _take_views(images, in_views)[:, :, s // 2::s, s // 2::s]         # [B, Vi, h, w, 3]
     out["input_images"] = img.permute(0, 1, 4, 2, 3).float().div_(255)
     out["input_camera_pos"] = _take_views(origins, in_views).float()
     m_in = _take_views(mats, in_views)[:, :, None, None]                     # [B, Vi, 1, 1, 3, 3]
     out["input_rays"] = _rays(m_in, cols[None, :].float(), rows[:, None].float())
     if ids is not None:
-        out["input_masks"] = _one_hot(_take_views(ids, in_views)[:, :, rows][:, :, :, cols],
+        out["input_masks"] = _one_hot(_take_views(ids, in_views)[:, :, s // 2::s, s // 2::s],
                                       spec.num_entities)
 
     # Targets: sampled pixels of the target views.
