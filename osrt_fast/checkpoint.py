@@ -55,17 +55,66 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
         the trainer adds 'lr_scheduler' (its parameters), 'rng' (capture_rng_state()) and
         'seed'. Plain types and tensors only, so the file loads with weights_only=True.
     """
+    from . import parallel
     model = unwrap(model)
-    # The reference wraps encoder and decoder in DDP separately; save the modules' own keys.
-    state = {part: unwrap(getattr(model, part)).state_dict() for part in ("encoder", "decoder")}
+    rank = parallel.current().rank
+    if parallel.is_sharded(model):
+        # FSDP: gather the whole state to rank 0 (every rank takes part), in the single-process
+        # format, so any number of processes can resume from it.
+        full, optim_sd = parallel.gather_full_state(model, optimizer)
+        if rank != 0:
+            return _outcome_from_rank0(path, model)
+        state = {part: {k[len(part) + 1:]: v for k, v in full.items() if k.startswith(part + ".")}
+                 for part in ("encoder", "decoder")}
+    else:
+        if rank != 0:                # DDP: every rank holds the same state; rank 0 writes it
+            return _outcome_from_rank0(path, model)
+        # The reference wraps encoder and decoder in DDP separately; save the modules' own keys.
+        state = {part: unwrap(getattr(model, part)).state_dict() for part in ("encoder", "decoder")}
+        optim_sd = optimizer.state_dict() if optimizer is not None else None
+    try:
+        _write(path, model, state, optim_sd, extras, scalars)
+    except BaseException:
+        _announce_outcome(model, ok=False)
+        raise
+    _announce_outcome(model, ok=True)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _flag(model, value: float) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.tensor([value], device=device if device.type == "cuda" else "cpu")
+
+
+def _announce_outcome(model, ok: bool) -> None:
+    if _distributed():
+        import torch.distributed as dist
+        dist.broadcast(_flag(model, 1.0 if ok else 0.0), src=0)
+
+
+def _outcome_from_rank0(path: str, model) -> None:
+    """Other ranks learn whether rank 0 wrote the checkpoint, so all fail (or go on) together."""
+    import torch.distributed as dist
+    flag = _flag(model, 0.0)
+    dist.broadcast(flag, src=0)
+    if flag.item() != 1.0:
+        raise CheckpointError(f"rank 0 could not write {path} (see its error); the existing file, "
+                              "if any, is kept")
+
+
+def _write(path: str, model, state: dict, optim_sd, extras, scalars) -> None:
     if not _all_finite(state):
         bad = [f"{part}.{k}" for part in state for k, v in state[part].items()
                if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         raise CheckpointError(f"refusing to write {path}: the model has non-finite parameters "
                               f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); the "
                               "existing file, if any, is kept")
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
+    if optim_sd is not None:
+        state["optimizer"] = optim_sd
     state.update(scalars)
     cfg = getattr(model, "cfg", None)
     from . import __version__
@@ -215,18 +264,26 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
                               + "\n  ".join(problems) + "\n" + _hint(state).strip())
     if problems:
         print(f"warning: loading '{path}' non-strictly; skipped:\n  " + "\n  ".join(problems))
+    fitting = {}
     for part, module in modules.items():
         own = module.state_dict()
         # load_state_dict rejects shape mismatches even when not strict: leave those at init.
-        fitting = {k: v for k, v in state[part].items()
-                   if k not in own or tuple(own[k].shape) == tuple(v.shape)}
-        module.load_state_dict(fitting, strict=strict)
-    if optimizer is not None:
-        if "optimizer" in state:
-            try:
-                optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"the optimizer state in '{path}' does not fit: {e}") from None
+        fitting[part] = {k: v for k, v in state[part].items()
+                         if k not in own or tuple(own[k].shape) == tuple(v.shape)}
+    optim_sd = state.get("optimizer") if optimizer is not None else None
+    if optimizer is not None and optim_sd is None:
+        print(f"warning: '{path}' has no optimizer state; the optimizer starts fresh")
+    from . import parallel
+    try:
+        if parallel.is_sharded(model):
+            # FSDP: every rank read the whole file; each keeps its own shards.
+            flat = {f"{part}.{k}": v for part in fitting for k, v in fitting[part].items()}
+            parallel.load_full_state(model, flat, optimizer, optim_sd, strict=strict)
         else:
-            print(f"warning: '{path}' has no optimizer state; the optimizer starts fresh")
+            for part, module in modules.items():
+                module.load_state_dict(fitting[part], strict=strict)
+            if optim_sd is not None:
+                optimizer.load_state_dict(optim_sd)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"the optimizer state in '{path}' does not fit: {e}") from None
     return {k: v for k, v in state.items() if k not in ("encoder", "decoder", "optimizer")}

@@ -75,6 +75,17 @@ class TrainingConfig:
     max_nonfinite_steps: int = 5     # stop after this many non-finite losses in a row
     eval_batch_size: Optional[int] = None   # default: max(1, batch_size // 8), as the reference
     vis_scenes: int = 6               # scenes in the visualisation grids
+    # Scale (osrt_fast/parallel.py). `batch_size` is the global batch: scenes per optimizer
+    # step over all processes and accumulation steps together, whatever the process count.
+    precision: str = "fp32"          # 'fp32' | 'bf16' (bf16 autocast; fp32 weights and Adam state)
+    grad_clip: float = 0.0           # clip the global gradient norm to this; 0 = off
+    grad_accum: int = 1              # micro-batches per optimizer step (per process)
+    # Regions recomputed in backward instead of kept: {encoder_blocks: bool (conv stem and each
+    # transformer block), slot_attention: bool, decoder_ray_chunk: rays per scene per chunk (0 = off)}
+    activation_checkpointing: dict = field(default_factory=dict)
+    compile: bool = False            # torch.compile each region (fullgraph)
+    parallel: str = "fsdp"           # with several processes (torchrun): 'fsdp' (FSDP2) | 'ddp'
+    peak_tflops: Optional[float] = None   # the device's dense bf16 peak for MFU (default: known GPUs)
     # Reference keys for its NeRF decoder; accepted so its configs load, unused by OSRT.
     num_coarse_samples: Optional[int] = None
     num_fine_samples: Optional[int] = None
@@ -155,6 +166,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.num_points < 1:
         raise ConfigError(f"data.num_points must be positive, got {cfg.data.num_points}")
     check_model_choices(cfg.model)
+    check_scale_options(t)
     if not isinstance(cfg.data.kwargs, dict):
         raise ConfigError("data.kwargs must be a mapping")
     if cfg.data.loader not in ("torch", "dali"):
@@ -163,6 +175,50 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.loader 'dali' reads png shards: convert the dataset first "
                           "(python -m osrt_fast.data.shards CONFIG --out DIR --encoding png) "
                           "and set data.dataset: shards, data.path: DIR")
+
+
+PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("fsdp", "ddp")
+CHECKPOINT_REGIONS = {"encoder_blocks": bool, "slot_attention": bool, "decoder_ray_chunk": int}
+
+
+def check_scale_options(t: "TrainingConfig") -> None:
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if t.parallel not in PARALLEL:
+        raise ConfigError(f"training.parallel must be one of {', '.join(PARALLEL)}, got {t.parallel!r}")
+    if not isinstance(t.grad_accum, int) or t.grad_accum < 1:
+        raise ConfigError(f"training.grad_accum must be a positive integer, got {t.grad_accum!r}")
+    if t.grad_clip < 0:
+        raise ConfigError(f"training.grad_clip must be >= 0 (0 turns clipping off), got {t.grad_clip}")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError(f"training.peak_tflops must be positive, got {t.peak_tflops}")
+    ac = t.activation_checkpointing
+    if not isinstance(ac, dict):
+        raise ConfigError("training.activation_checkpointing must be a mapping, e.g. "
+                          "{encoder_blocks: true, slot_attention: true, decoder_ray_chunk: 1024}")
+    unknown = sorted(set(ac) - set(CHECKPOINT_REGIONS))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in training.activation_checkpointing; valid "
+                          f"keys are: {', '.join(CHECKPOINT_REGIONS)}")
+    for key, kind in CHECKPOINT_REGIONS.items():
+        value = ac.get(key, kind())
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"training.activation_checkpointing.{key} must be true or false, got {value!r}")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"training.activation_checkpointing.{key} must be a number of rays "
+                              f"per scene (0 = off), got {value!r}")
+
+
+def micro_batch_size(t: "TrainingConfig", world_size: int) -> int:
+    """Scenes per process per forward pass: the global batch over processes and accumulation steps."""
+    parts = world_size * t.grad_accum
+    if t.batch_size % parts:
+        raise ConfigError(
+            f"training.batch_size {t.batch_size} (the global batch) does not split evenly over "
+            f"{world_size} process(es) x grad_accum {t.grad_accum}; use a batch size divisible by "
+            f"{parts} (e.g. {max(parts, t.batch_size - t.batch_size % parts)}) or change grad_accum")
+    return t.batch_size // parts
 
 
 BACKENDS = ("eager", "triton")

@@ -9,6 +9,7 @@ Shapes: B scenes, V input views of H x W pixels, R query rays, K slots, N set-la
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Optional
 
 import torch
@@ -21,6 +22,23 @@ from .config import (BACKENDS, ENCODER_ATTENTION, ConfigError, ModelConfig, chec
 
 NUM_OCTAVES = 15
 QUERY_DIM = 4 * 3 * NUM_OCTAVES      # 180: sin and cos of 3 coordinates, for position and direction
+
+
+# --------------------------------------------------------------------------------------------
+# Regions: the units of activation checkpointing and torch.compile (see osrt_fast/parallel.py)
+
+class Region(nn.Module):
+    """A module whose work is its `region` method; `forward` runs it, under activation
+    checkpointing when `checkpointed` is set and autograd records (the region's activations are
+    then recomputed in backward instead of kept). `parallelize` may replace `region` on the
+    instance by a compiled version; the state dict is unaffected by either."""
+
+    checkpointed = False
+
+    def forward(self, *args, **kwargs):
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self.region, *args, use_reentrant=False, **kwargs)
+        return self.region(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,20 +185,31 @@ class Attention(nn.Module):
         return self.to_out(out.flatten(2))
 
 
+class TransformerBlock(Region, nn.ModuleList):
+    """[attention, feed-forward] with residuals; a list, so its state-dict keys are the
+    reference's (`layers.<i>.0...`, `layers.<i>.1...`)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, selfatt: bool = True,
+                 kv_dim: Optional[int] = None):
+        super().__init__([PreNorm(dim, Attention(dim, heads, dim_head, selfatt=selfatt, kv_dim=kv_dim)),
+                          PreNorm(dim, FeedForward(dim, mlp_dim))])
+
+    def region(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        attn, ff = self
+        x = attn(x, z=z) + x
+        return ff(x) + x
+
+
 class Transformer(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
                  selfatt: bool = True, kv_dim: Optional[int] = None):
         super().__init__()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([
-                PreNorm(dim, Attention(dim, heads, dim_head, selfatt=selfatt, kv_dim=kv_dim)),
-                PreNorm(dim, FeedForward(dim, mlp_dim)),
-            ]) for _ in range(depth)])
+        self.layers = nn.ModuleList([TransformerBlock(dim, heads, dim_head, mlp_dim, selfatt, kv_dim)
+                                     for _ in range(depth)])
 
     def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
-        for attn, ff in self.layers:
-            x = attn(x, z=z) + x
-            x = ff(x) + x
+        for block in self.layers:
+            x = block(x, z) if z is not None else block(x)
         return x
 
 
@@ -220,16 +249,26 @@ class ImprovedSRTEncoder(nn.Module):
         self.per_patch_linear = nn.Conv2d(width, latent_dim, kernel_size=1)
         self.transformer = Transformer(latent_dim, num_att_blocks, num_heads, head_dim, mlp_dim)
         self.latent_dim = latent_dim
+        self.stem_checkpointed = False
 
     def forward(self, images: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor):
         """images [B, V, 3, H, W], camera_pos [B, V, 3], rays [B, V, H, W, 3] -> [B, V*h*w, latent]."""
         check_encoder_inputs(images, camera_pos, rays, self.downsample)
-        batch, views = images.shape[:2]
+        return self.transformer(self.stem(images, camera_pos, rays))
+
+    def stem_region(self, images: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor):
+        """Ray encoding, the conv blocks and the per-patch linear: -> tokens [B, V*h*w, latent]."""
+        batch = images.shape[0]
         x = torch.cat((images.flatten(0, 1),
                        self.ray_encoder(camera_pos.flatten(0, 1), rays.flatten(0, 1))), 1)
         x = self.per_patch_linear(self.conv_blocks(x))           # [B*V, latent, h, w]
-        x = x.flatten(2).transpose(1, 2).reshape(batch, -1, x.shape[1])
-        return self.transformer(x)
+        return x.flatten(2).transpose(1, 2).reshape(batch, -1, x.shape[1])
+
+    def stem(self, images, camera_pos, rays):
+        """The stem region: checkpointed when `stem_checkpointed` and autograd records."""
+        if self.stem_checkpointed and torch.is_grad_enabled():
+            return checkpoint(self.stem_region, images, camera_pos, rays, use_reentrant=False)
+        return self.stem_region(images, camera_pos, rays)
 
 
 def check_encoder_inputs(images, camera_pos, rays, multiple: int) -> None:
@@ -248,7 +287,7 @@ def check_encoder_inputs(images, camera_pos, rays, multiple: int) -> None:
         raise ValueError(f"rays must be [B, V, H, W, 3] = {(b, v, h, w, 3)}, got {tuple(rays.shape)}")
 
 
-class SlotAttention(nn.Module):
+class SlotAttention(Region):
     """Slot Attention (Locatello et al.) with learned initial slots, as in OSRT.
 
     Softmax over the slots, + eps, renormalised over the inputs; GRU update; residual MLP.
@@ -286,7 +325,7 @@ class SlotAttention(nn.Module):
                                        scale=self.slot_dim ** -0.5, eps=self.eps)
         return self.attention_step(q, k, v)[0]
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def region(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [B, N, input_dim] -> slots [B, K, slot_dim]."""
         batch = inputs.shape[0]
         inputs = self.norm_input(inputs)
@@ -414,7 +453,41 @@ def fold_cross_attention(attn: Attention, slots: torch.Tensor, dtype: torch.dtyp
     return mq.reshape(batch, -1, heads * num_slots), mv.reshape(batch, heads * num_slots, -1)
 
 
-class SlotMixerDecoder(nn.Module):
+class RayDecoder(nn.Module):
+    """A decoder of rays: `forward(latents, camera_pos [B, R, 3], rays [B, R, 3])` runs `region`.
+
+    With `ray_chunk` > 0 and autograd recording, the rays are decoded in chunks of `ray_chunk`
+    rays per scene, each under activation checkpointing: only a chunk's inputs and outputs are
+    kept, and backward recomputes one chunk at a time. `max_rays` (any mode) bounds the rays
+    decoded at once, in all scenes together, to bound memory when rendering whole images.
+    """
+
+    ray_chunk = 0
+
+    def forward(self, latents, camera_pos, rays, max_rays: Optional[int] = None, **kwargs):
+        num_rays = rays.shape[1]
+        step, checkpointed = num_rays, False
+        if self.ray_chunk and torch.is_grad_enabled():
+            step, checkpointed = self.ray_chunk, True
+        if max_rays:
+            step = min(step, max(1, max_rays // rays.shape[0]))
+        if step >= num_rays:
+            return self._run(checkpointed, latents, camera_pos, rays)
+        pixels, extras = [], defaultdict(list)
+        for i in range(0, num_rays, step):
+            p, e = self._run(checkpointed, latents, camera_pos[:, i:i + step], rays[:, i:i + step])
+            pixels.append(p)
+            for k, v in e.items():
+                extras[k].append(v)
+        return torch.cat(pixels, 1), {k: torch.cat(v, 1) for k, v in extras.items()}
+
+    def _run(self, checkpointed: bool, latents, camera_pos, rays):
+        if checkpointed:
+            return checkpoint(self.region, latents, camera_pos, rays, use_reentrant=False)
+        return self.region(latents, camera_pos, rays)
+
+
+class SlotMixerDecoder(RayDecoder):
     """OSRT's Slot Mixer decoder: slots + query rays -> pixels and per-ray slot weights."""
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, layer_norm: bool = False,
@@ -429,7 +502,7 @@ class SlotMixerDecoder(nn.Module):
 
         self.backend = "eager"
 
-    def forward(self, slot_latents, camera_pos, rays, **kwargs):
+    def region(self, slot_latents, camera_pos, rays):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]})."""
         if self.backend == "triton" and not self.mixing_block.layer_norm:
             return self.forward_folded(slot_latents, camera_pos, rays)
@@ -477,7 +550,7 @@ class SlotMixerDecoder(nn.Module):
         return pixels, {"segmentation": weights}
 
 
-class ImprovedSRTDecoder(nn.Module):
+class ImprovedSRTDecoder(RayDecoder):
     """The improved SRT decoder: allocation transformer over set-latents, then the render MLP."""
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, latent_dim: int = 768,
@@ -487,13 +560,13 @@ class ImprovedSRTDecoder(nn.Module):
                                                    num_heads=num_heads)
         self.render_mlp = RenderMLP(QUERY_DIM, render_hidden_dim)
 
-    def forward(self, set_latents, camera_pos, rays, **kwargs):
+    def region(self, set_latents, camera_pos, rays):
         """set_latents [B, N, latent], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {})."""
         x, _ = self.allocation_transformer(set_latents, camera_pos, rays)
         return self.render_mlp(x), {}
 
 
-class SpatialBroadcastDecoder(nn.Module):
+class SpatialBroadcastDecoder(RayDecoder):
     """Each slot decoded independently per ray to a logit and a colour; softmax over slots mixes.
 
     Inherently [B, R, K, ...]: about 23x Slot Mixer's decoder cost at K = 32.
@@ -504,7 +577,7 @@ class SpatialBroadcastDecoder(nn.Module):
         self.query_encoder = RayEncoder(pos_start_octave)
         self.render_mlp = nn.Sequential(*render_mlp_layers(slot_dim + QUERY_DIM, hidden_dim, 4))
 
-    def forward(self, slot_latents, camera_pos, rays, **kwargs):
+    def region(self, slot_latents, camera_pos, rays):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]})."""
         queries = self.query_encoder(camera_pos, rays)
         num_rays, num_slots = queries.shape[1], slot_latents.shape[1]
@@ -619,6 +692,10 @@ class OSRT(nn.Module):
             if init is not None:
                 init(module)
 
-    def forward(self, images, camera_pos, rays, target_camera_pos, target_rays):
+    def forward(self, images, camera_pos, rays, target_camera_pos, target_rays,
+                max_rays: Optional[int] = None):
+        """Encoder then decoder: -> (pixels [B, R, 3], extras). `max_rays` bounds the rays decoded
+        at once (all scenes together). Training and evaluation call the model this way, so
+        that under FSDP the root module's hooks run."""
         latents = self.encoder(images, camera_pos, rays)
-        return self.decoder(latents, target_camera_pos, target_rays)
+        return self.decoder(latents, target_camera_pos, target_rays, max_rays=max_rays)

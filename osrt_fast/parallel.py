@@ -1,0 +1,296 @@
+"""Scale: processes, precision, activation checkpointing, torch.compile and sharding, in one place.
+
+`parallelize(model, training_cfg, dist)` prepares a model for training, in this order:
+
+1. **Activation checkpointing**, per region (`training.activation_checkpointing`):
+   `encoder_blocks` (the encoder's stem -- ray encoding, conv blocks, per-patch linear -- and
+   each transformer block), `slot_attention`, and `decoder_ray_chunk` (the decoder runs over
+   chunks of that many rays per scene, each recomputed in backward). These are flags on the
+   model's regions (`model.Region`, `RayDecoder.ray_chunk`); no wrapper modules, so parameter
+   names and checkpoints are unchanged.
+2. **torch.compile** of each region's function (`fullgraph=True`: a graph break in the hot path
+   is an error, not a slowdown). The compiled function runs *inside* the checkpoint, so
+   recomputation replays the compiled code; module hooks (FSDP's, DDP's) stay outside compiled
+   code. The Triton kernels are `torch.library` custom ops and trace as single nodes.
+3. **Sharding**, only with more than one process (torchrun): FSDP2 (`fully_shard`, the default)
+   on each encoder transformer block, slot attention, the encoder (its stem), the decoder, and
+   then the root; or DDP (`training.parallel: ddp`). Sharding comes last because it acts on the
+   modules as they will run: FSDP2 gathers a unit's parameters in the unit's forward hook, which
+   then precedes its checkpointed, compiled region, and a recomputation in backward finds them
+   gathered again by the backward hook.
+
+Precision: `training.precision: bf16` runs the forward pass under `torch.autocast(bf16)`; the
+parameters, gradients and Adam's state stay fp32 (the master weights), and FSDP gathers and
+reduces in fp32, so every strategy computes the same numbers.
+
+The global batch (`training.batch_size`) is the number of scenes per optimizer step whatever
+the process count: each process runs `grad_accum` micro-batches of
+`batch_size / (world_size * grad_accum)` scenes, the loss is their mean, and gradients are
+averaged over processes. `trainer.ResumableBatchSampler` hands process r, micro-batch m the same
+scenes (and ray-sample seeds) that one process would see at the same place of its batch.
+
+Checkpoints are always written unsharded, in the single-process format (rank 0 writes; the
+state is gathered from all ranks), so a run saved by N processes resumes in M.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import ConfigError
+
+
+@dataclass
+class DistInfo:
+    """Where this process stands: rank, world size, local rank (the GPU on its node)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Joins the process group torchrun set up (NCCL on CUDA, gloo on CPU); without torchrun, a
+    single process. Returns this process's DistInfo and device (cuda:LOCAL_RANK on GPUs)."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo(), device
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        if info.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} "
+                              "GPU(s) on this node; start at most that many processes per node "
+                              "(torchrun --nproc_per_node)")
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def current() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+# ----------------------------------------------------------------------------------------------
+# parallelize
+
+def apply_activation_checkpointing(model: nn.Module, regions: dict) -> None:
+    """Sets the checkpoint flags of the model's regions (see the module docstring)."""
+    from .model import OSRTEncoder, RayDecoder, SlotAttention, TransformerBlock
+    srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
+    on = bool(regions.get("encoder_blocks", False))
+    srt.stem_checkpointed = on
+    for block in srt.transformer.layers:
+        block.checkpointed = on
+    for module in model.encoder.modules():
+        if isinstance(module, SlotAttention):
+            module.checkpointed = bool(regions.get("slot_attention", False))
+    if isinstance(model.decoder, RayDecoder):
+        model.decoder.ray_chunk = int(regions.get("decoder_ray_chunk", 0))
+    for module in model.decoder.modules():       # the decoder's own blocks run inside its chunks
+        if isinstance(module, TransformerBlock):
+            module.checkpointed = False
+
+
+def compiled_regions(model: nn.Module) -> list:
+    """(module, attribute) of every region function that `apply_compile` compiles."""
+    from .model import OSRTEncoder, RayDecoder, SlotAttention
+    srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
+    out = [(srt, "stem_region")] + [(block, "region") for block in srt.transformer.layers]
+    out += [(m, "region") for m in model.encoder.modules() if isinstance(m, SlotAttention)]
+    if isinstance(model.decoder, RayDecoder):
+        out.append((model.decoder, "region"))
+    return out
+
+
+def apply_compile(model: nn.Module, **compile_kwargs) -> None:
+    """torch.compile of each region's function, in place (instance attributes; the state dict
+    and parameter names do not change). `fullgraph=True` unless given."""
+    compile_kwargs.setdefault("fullgraph", True)
+    for module, name in compiled_regions(model):
+        fn = getattr(type(module), name).__get__(module)      # the uncompiled method
+        setattr(module, name, torch.compile(fn, **compile_kwargs))
+
+
+def fsdp_units(model: nn.Module) -> list:
+    """The modules FSDP2 shards separately, innermost first (the root comes last)."""
+    from .model import OSRTEncoder, SlotAttention
+    srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
+    units = list(srt.transformer.layers)
+    units += [m for m in model.encoder.modules() if isinstance(m, SlotAttention)]
+    return units + [model.encoder, model.decoder]
+
+
+def parallelize(model: nn.Module, t, info: Optional[DistInfo] = None, device=None,
+                compile_kwargs: Optional[dict] = None) -> nn.Module:
+    """Applies activation checkpointing, torch.compile and sharding (FSDP2 or DDP), in that
+    order, as `t` (the training config) asks. Returns the model to train: the same object under
+    FSDP2 (sharded in place) or a single process, a DistributedDataParallel wrapper under DDP."""
+    info = info or current()
+    apply_activation_checkpointing(model, t.activation_checkpointing)
+    if t.compile:
+        apply_compile(model, **(compile_kwargs or {}))
+    if not info.distributed:
+        return model
+    if t.parallel == "ddp":
+        device = device or next(model.parameters()).device
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    device = device or next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+def autocast(device: torch.device, precision: str):
+    """The forward pass's precision context: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Reduce gradients over processes in this backward pass only if `enabled` (the last
+    micro-batch of an accumulated step)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def is_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def grad_norm_and_clip(params: list, max_norm: float = 0.0) -> torch.Tensor:
+    """The global L2 norm of all gradients (over every process's shards), clipping them to
+    `max_norm` when it is positive. Non-finite when any gradient is."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return full_tensor(norm)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over processes (a sum and a division: gloo has no AVG)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def all_agree(flag: bool, device) -> bool:
+    """True on every process iff `flag` is true on every process."""
+    t = all_reduce_sum(torch.tensor([0.0 if flag else 1.0], device=device))
+    return bool(t.item() == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Unsharded state for checkpoints
+
+def parameter_names(model: nn.Module) -> list:
+    """Parameter names in `model.parameters()` order: the order an optimizer over
+    `model.parameters()` (ours, and the reference's encoder-then-decoder list) numbers them."""
+    return [name for name, _ in model.named_parameters()]
+
+
+def gather_full_state(model: nn.Module, optimizer=None) -> tuple[Optional[dict], Optional[dict]]:
+    """(model state dict, optimizer state dict in the single-process format), unsharded, on CPU,
+    on rank 0 (None elsewhere). A collective under FSDP: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+    if dist.get_rank() != 0:
+        return None, None
+    if optim_sd is not None:
+        optim_sd = optimizer_state_by_index(optim_sd, parameter_names(model))
+    return model_sd, optim_sd
+
+
+def load_full_state(model: nn.Module, model_sd: dict, optimizer=None, optim_sd=None,
+                    strict: bool = True) -> None:
+    """Loads an unsharded state (every rank holds it whole) into a sharded model / optimizer."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+    if optimizer is not None and optim_sd is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(optim_sd, parameter_names(model)),
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state_by_index(sd: dict, names: list) -> dict:
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's form) ->
+    keyed by index in `names` (torch.optim's own form, the one checkpoints hold)."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[k]: v for k, v in sd.get("state", {}).items()},
+            "param_groups": [dict(g, params=[index[p] for p in g["params"]])
+                             for g in sd["param_groups"]]}
+
+
+def optimizer_state_by_name(sd: dict, names: list) -> dict:
+    """The inverse of optimizer_state_by_index."""
+    count = sum(len(g["params"]) for g in sd["param_groups"])
+    if count != len(names):
+        raise ValueError(f"the optimizer state has {count} parameters, the model {len(names)}")
+    return {"state": {names[int(k)]: v for k, v in sd.get("state", {}).items()},
+            "param_groups": [dict(g, params=[names[int(p)] for p in g["params"]])
+                             for g in sd["param_groups"]]}
