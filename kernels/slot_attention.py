@@ -285,9 +285,11 @@ def _slot_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     return slot_attention_bwd_launch(grad_out, q, k, v, out, rsum, scale, eps)
 
 
+# Fakes describe the real outputs: new, contiguous tensors whatever the inputs' strides (a
+# compiled graph plans its views on these strides).
 @_slot_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, out, rsum, scale, eps):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class SlotAttentionStep(torch.autograd.Function):

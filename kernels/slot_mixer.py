@@ -390,9 +390,11 @@ def _cross_attention_fwd_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: t
     return cross_attention_fwd_launch(x, ln_weight, ln_bias, mq, mv, out_bias, num_heads, ln_eps)
 
 
+# Fakes describe the real outputs: new, contiguous tensors whatever the inputs' strides (a
+# compiled graph plans its views on these strides).
 @_cross_attention_fwd_op.register_fake
 def _(x, ln_weight, ln_bias, mq, mv, out_bias, num_heads, ln_eps):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("osrt_fast::slot_cross_attention_bwd", mutates_args=())
@@ -405,8 +407,8 @@ def _cross_attention_bwd_op(dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.
 
 @_cross_attention_bwd_op.register_fake
 def _(dy, x, ln_weight, ln_bias, mq, mv, num_heads, ln_eps):
-    return (torch.empty_like(x), torch.empty_like(ln_weight), torch.empty_like(ln_bias),
-            torch.empty_like(mq), torch.empty_like(mv), ln_weight.new_empty(x.shape[-1], dtype=torch.float32))
+    return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape),
+            mq.new_empty(mq.shape), mv.new_empty(mv.shape), ln_weight.new_empty(x.shape[-1], dtype=torch.float32))
 
 
 class SlotCrossAttention(torch.autograd.Function):
@@ -447,8 +449,8 @@ def _mix_render_bwd_op(dh: torch.Tensor, dweights: torch.Tensor | None, x: torch
 
 @_mix_render_bwd_op.register_fake
 def _(dh, dweights, x, q0, mm, g, w1b, h, weights, negative_slope):
-    return (torch.empty_like(x), torch.empty_like(q0), torch.empty_like(mm), torch.empty_like(g),
-            torch.empty_like(w1b), w1b.new_empty(w1b.shape[0], dtype=torch.float32))
+    return (x.new_empty(x.shape), q0.new_empty(q0.shape), mm.new_empty(mm.shape), g.new_empty(g.shape),
+            w1b.new_empty(w1b.shape), w1b.new_empty(w1b.shape[0], dtype=torch.float32))
 
 
 class SlotMixRender(torch.autograd.Function):

@@ -1,0 +1,206 @@
+"""Real distributed training: train.py under torchrun, 2 processes, gloo on CPU.
+
+One process is the reference: its run saves the parameters after every step (model_<it>.pt) and
+logs loss and global gradient norm. Two processes with the same global batch must give the same
+numbers within fp32 tolerance, under FSDP2 and DDP, and checkpoints must move between process
+counts in both directions. (Adam hides a gradient scaled by a constant, so the logged gradient
+norm is compared too: summing instead of averaging over processes shows there.)
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import osrt_fast.trainer as trainer
+from conftest import tiny_model_config
+from osrt_fast import OSRT
+from osrt_fast.checkpoint import load_checkpoint
+from osrt_fast.config import config_from_dict
+from osrt_fast.data import get_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+
+
+def data_section(path):
+    return {"dataset": "procedural", "path": path, "num_points": 64,
+            "kwargs": {"num_scenes": 40, "height": 16, "width": 16, "num_views": 3,
+                       "min_objects": 1, "max_objects": 3, "seed": 1}}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "procedural")
+    get_dataset("train", config_from_dict({"data": data_section(path)}).data)
+    return path
+
+
+def write_run(folder, data_dir, **training):
+    opts = {"batch_size": 4, "num_workers": 0, "print_every": 1, "visualize_every": 0,
+            "validate_every": 0, "checkpoint_every": 0, "backup_every": 1, "max_it": STEPS,
+            "lr_warmup": 0, "peak_lr": 1e-3, "eval_batch_size": 2, "vis_scenes": 2,
+            "device": "cpu", "seed": 3}
+    opts.update(training)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"data": data_section(data_dir), "model": tiny_model_config(),
+                        "training": opts}, f)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(config: str, *args: str, nproc: int = 2) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), config, *args]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def params(path):
+    model = OSRT(tiny_model_config())
+    load_checkpoint(path, model)
+    return model.state_dict()
+
+
+def train_log(folder):
+    return {r["it"]: r for r in map(json.loads, open(os.path.join(folder, "log.jsonl")))
+            if "loss" in r}
+
+
+def assert_close_params(a_path, b_path, atol=2e-5):
+    a, b = params(a_path), params(b_path)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < atol, f"parameters differ by {worst}"
+
+
+def assert_same_step(log_a, log_b, it):
+    for key in ("loss", "grad_norm"):
+        assert log_a[it][key] == pytest.approx(log_b[it][key], rel=1e-4), (key, it)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """One process, STEPS steps, parameters after each step."""
+    folder = str(tmp_path_factory.mktemp("one"))
+    assert trainer.main([write_run(folder, data_dir), "--exit-after", str(STEPS)]) == 0
+    return folder
+
+
+def test_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, data_dir, reference):
+    # FSDP2 with every activation-checkpointing region on (recomputation changes nothing), with
+    # evaluation and visualisation under sharding (every process takes part).
+    fsdp = str(tmp_path / "fsdp")
+    config = write_run(fsdp, data_dir, parallel="fsdp", validate_every=2, visualize_every=2,
+                       activation_checkpointing={"encoder_blocks": True, "slot_attention": True,
+                                                 "decoder_ray_chunk": 24})
+    out = torchrun(config, "--exit-after", "2")
+    assert "2 processes, FSDP" in out
+    ref_log, log = train_log(reference), train_log(fsdp)
+    # Steps 1 and 2 as one process: parameters (saved by the sharded run as whole tensors in
+    # the single-process format), loss and global gradient norm.
+    for it in (1, 2):
+        assert_close_params(os.path.join(reference, f"model_{it}.pt"), os.path.join(fsdp, f"model_{it}.pt"))
+        assert_same_step(ref_log, log, it)
+    assert log[2]["world_size"] == 2 and log[2]["scenes_per_s"] > 0 and log[2]["tflops_per_s"] > 0
+    evals = [json.loads(x) for x in open(os.path.join(fsdp, "log.jsonl")) if '"split"' in x]
+    assert evals and evals[0]["num_scenes"] >= 2 and all(0 <= e["mse"] < 1 for e in evals)
+    assert os.path.getsize(os.path.join(fsdp, "renders-val.png")) > 0
+    # The checkpoint the two processes wrote (model.pt at step 2, with Adam's state) resumes in
+    # one process and continues as the one-process run did.
+    one = str(tmp_path / "then_one")
+    os.makedirs(one)
+    shutil.copy(os.path.join(fsdp, "model.pt"), os.path.join(one, "model.pt"))
+    assert trainer.main([write_run(one, data_dir), "--exit-after", str(STEPS)]) == 0
+    for it in (3, 4):
+        assert_close_params(os.path.join(reference, f"model_{it}.pt"), os.path.join(one, f"model_{it}.pt"))
+        assert_same_step(ref_log, train_log(one), it)
+
+
+def test_one_process_checkpoint_resumes_in_two_with_ddp(tmp_path, data_dir, reference):
+    ddp = str(tmp_path / "ddp")
+    config = write_run(ddp, data_dir, parallel="ddp")
+    shutil.copy(os.path.join(reference, "model_2.pt"), os.path.join(ddp, "model.pt"))
+    out = torchrun(config, "--exit-after", str(STEPS))
+    assert "Resumed from" in out and "2 processes, DDP" in out
+    ref_log, log = train_log(reference), train_log(ddp)
+    for it in (3, 4):
+        assert_close_params(os.path.join(reference, f"model_{it}.pt"), os.path.join(ddp, f"model_{it}.pt"))
+        assert_same_step(ref_log, log, it)
+
+
+def test_fsdp_checkpoint_resumes_in_fsdp(tmp_path, data_dir, reference):
+    """A sharded run resumes a checkpoint (loading whole tensors into shards, Adam's state
+    included) and continues as the one-process run."""
+    fsdp = str(tmp_path / "fsdp")
+    config = write_run(fsdp, data_dir, parallel="fsdp", grad_clip=1e9)
+    shutil.copy(os.path.join(reference, "model_3.pt"), os.path.join(fsdp, "model.pt"))
+    torchrun(config, "--exit-after", str(STEPS))
+    assert_close_params(os.path.join(reference, "model_4.pt"), os.path.join(fsdp, "model_4.pt"))
+    assert_same_step(train_log(reference), train_log(fsdp), 4)
+
+
+def test_gradient_accumulation_is_the_same_global_batch(tmp_path, data_dir, reference):
+    """One process, two micro-batches of 2 = one batch of 4 (and = two processes of 2)."""
+    folder = str(tmp_path / "accum")
+    assert trainer.main([write_run(folder, data_dir, grad_accum=2), "--exit-after", "2"]) == 0
+    for it in (1, 2):
+        assert_close_params(os.path.join(reference, f"model_{it}.pt"), os.path.join(folder, f"model_{it}.pt"))
+        assert_same_step(train_log(reference), train_log(folder), it)
+
+
+def test_sampler_splits_the_global_batch_by_position():
+    one = trainer.ResumableBatchSampler(50, 8, seed=2)
+    for it in (0, 5, 9):
+        whole = one.batch(it)
+        parts = [trainer.ResumableBatchSampler(50, 8, seed=2, rank=r, world_size=2, accum=2).batch(it, m)
+                 for r in range(2) for m in range(2)]
+        assert [p for part in parts for p in part] == whole
+    # A stream of micro-batches: accum per step, resumable at a step.
+    s = trainer.ResumableBatchSampler(50, 8, seed=2, world_size=2, rank=1, accum=2, start_it=3)
+    stream = iter(s)
+    assert [next(stream) for _ in range(2)] == [s.batch(3, 0), s.batch(3, 1)]
+    with pytest.raises(ValueError, match="does not split"):
+        trainer.ResumableBatchSampler(50, 6, seed=2, world_size=4)
+
+
+def test_batch_that_does_not_split_is_a_clear_error(tmp_path, data_dir, capsys):
+    config = write_run(str(tmp_path / "bad"), data_dir, batch_size=5, grad_accum=2)
+    assert trainer.main([config, "--exit-after", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size 5" in err and "divisible by 2" in err
+
+
+def test_optimizer_state_index_and_name_forms_round_trip():
+    from osrt_fast import parallel
+    model = OSRT(tiny_model_config())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(1, 1, 3, 16, 16), torch.rand(1, 1, 3), torch.rand(1, 1, 16, 16, 3),
+          torch.rand(1, 5, 3), torch.rand(1, 5, 3))[0].sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    names = parallel.parameter_names(model)
+    by_name = parallel.optimizer_state_by_name(sd, names)
+    assert set(by_name["state"]) == set(names)
+    back = parallel.optimizer_state_by_index(by_name, names)
+    assert back["param_groups"] == sd["param_groups"]
+    for i, v in sd["state"].items():
+        assert all(torch.equal(v[k], back["state"][i][k]) for k in v)
+    with pytest.raises(ValueError, match="parameters"):
+        parallel.optimizer_state_by_name(sd, names[:-1])
