@@ -4,6 +4,7 @@ Unlike bench_eager.py (a synthetic step), this includes data loading, logging an
 it checks the whole CUDA path and reports the loop's scenes/s from log.jsonl.
 
     python benchmarks/bench_train_loop.py --steps 40 --batch 32 --scenes 800 --root /tmp/osrt_loop
+        [--set precision=bf16 compile=true ...]
 """
 import argparse
 import json
@@ -26,6 +27,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--root", default="/tmp/osrt_loop")
     p.add_argument("--device", default="auto")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more training options, YAML values, e.g. precision=bf16 compile=true "
+                        "'activation_checkpointing={encoder_blocks: true}'")
     args = p.parse_args(argv)
     with open(os.path.join(os.path.dirname(__file__), "..", "configs", "procedural.yaml")) as f:
         cfg = yaml.safe_load(f)
@@ -35,6 +39,9 @@ def main(argv=None):
                            validate_every=args.steps, visualize_every=args.steps,
                            checkpoint_every=args.steps, max_it=args.steps, eval_batch_size=8,
                            device=args.device)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        cfg["training"][key] = yaml.safe_load(value)
     run = os.path.join(args.root, "run")
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "config.yaml"), "w") as f:
@@ -45,9 +52,12 @@ def main(argv=None):
     log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
     steps = [r for r in log if "loss" in r]
     rate = steps[-1]["scenes_per_s"] if steps else None
-    rec = {"bench": "train_loop", "path": "eager", "dtype": "fp32", "scenes": args.batch,
+    t = cfg["training"]
+    rec = {"bench": "train_loop", "path": cfg["model"].get("backend", "eager"),
+           "dtype": t.get("precision", "fp32"), "training_options": args.set, "scenes": args.batch,
            "rays": cfg["data"]["num_points"], "views_in": 3, "image": 128, "slots": 7,
-           "steps": args.steps, "scenes_per_s_last": rate, "wall_s_incl_data_gen": wall,
+           "steps": args.steps, "scenes_per_s_last": rate,
+           "mfu_last": steps[-1].get("mfu") if steps else None, "wall_s_incl_data_gen": wall,
            "eval": [r for r in log if "split" in r], "rc": rc, **environment()}
     append_result("train_loop", rec)
     print(json.dumps(rec, indent=1))

@@ -114,3 +114,18 @@ def test_bench_activation_memory_triton(memory_rows):
     for dtype in DTYPES:
         assert_measured(memory_rows, ("triton", dtype))
         assert float(memory_rows[("triton", dtype)][0]) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/bench_train_step.py --smoke
+
+def test_bench_train_step_runs_every_path():
+    rows = table(run_script("benchmarks/bench_train_step.py", "--smoke", "--no-save"), 2)
+    for path in ("eager-fp32", "eager-bf16", "fast", "fast-ckpt"):
+        for bench in ("train_step", "train_step_largest"):
+            key = (bench, path)
+            assert key in rows, f"row {key} missing"
+            scenes, rays, ms, scenes_s = rows[key][:4]
+            assert int(scenes) == 2 and int(rays) == 32
+            assert float(ms) > 0 and float(scenes_s) > 0
+    assert rows[("train_step", "eager-fp32")][-1] == "1.00x"
