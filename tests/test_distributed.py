@@ -41,7 +41,7 @@ def data_dir(tmp_path_factory):
     return path
 
 
-def write_run(folder, data_dir, **training):
+def write_run(folder, data_dir, model=None, **training):
     opts = {"batch_size": 4, "num_workers": 0, "print_every": 1, "visualize_every": 0,
             "validate_every": 0, "checkpoint_every": 0, "backup_every": 1, "max_it": STEPS,
             "lr_warmup": 0, "peak_lr": 1e-3, "eval_batch_size": 2, "vis_scenes": 2,
@@ -50,7 +50,7 @@ def write_run(folder, data_dir, **training):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "config.yaml")
     with open(path, "w") as f:
-        yaml.safe_dump({"data": data_section(data_dir), "model": tiny_model_config(),
+        yaml.safe_dump({"data": data_section(data_dir), "model": model or tiny_model_config(),
                         "training": opts}, f)
     return path
 
@@ -154,6 +154,17 @@ def test_fsdp_checkpoint_resumes_in_fsdp(tmp_path, data_dir, reference):
     torchrun(config, "--exit-after", str(STEPS))
     assert_close_params(os.path.join(reference, "model_4.pt"), os.path.join(fsdp, "model_4.pt"))
     assert_same_step(train_log(reference), train_log(fsdp), 4)
+
+
+def test_fsdp_with_the_triton_kernels(tmp_path, data_dir, reference):
+    """The fused kernels (Triton's interpreter on the CPU) inside FSDP units, with the decoder's
+    ray chunks checkpointed: the step of the eager one-process run."""
+    fsdp = str(tmp_path / "fsdp_triton")
+    config = write_run(fsdp, data_dir, model=tiny_model_config(backend="triton"), parallel="fsdp",
+                       activation_checkpointing={"decoder_ray_chunk": 40})
+    torchrun(config, "--exit-after", "1")
+    assert_close_params(os.path.join(reference, "model_1.pt"), os.path.join(fsdp, "model_1.pt"))
+    assert_same_step(train_log(reference), train_log(fsdp), 1)
 
 
 def test_gradient_accumulation_is_the_same_global_batch(tmp_path, data_dir, reference):
