@@ -156,12 +156,14 @@ def test_fsdp_checkpoint_resumes_in_fsdp(tmp_path, data_dir, reference):
     assert_same_step(train_log(reference), train_log(fsdp), 4)
 
 
-def test_fsdp_with_the_triton_kernels(tmp_path, data_dir, reference):
-    """The fused kernels (Triton's interpreter on the CPU) inside FSDP units, with the decoder's
-    ray chunks checkpointed: the step of the eager one-process run."""
+def test_fsdp_with_compiled_triton_kernels(tmp_path, data_dir, reference):
+    """The whole fast path under FSDP: the fused kernels (Triton's interpreter on the CPU) in
+    compiled regions (inductor, fullgraph) inside FSDP units, every region checkpointed: the
+    step of the eager one-process run."""
     fsdp = str(tmp_path / "fsdp_triton")
     config = write_run(fsdp, data_dir, model=tiny_model_config(backend="triton"), parallel="fsdp",
-                       activation_checkpointing={"decoder_ray_chunk": 40})
+                       compile=True, activation_checkpointing={
+                           "encoder_blocks": True, "slot_attention": True, "decoder_ray_chunk": 32})
     torchrun(config, "--exit-after", "1")
     assert_close_params(os.path.join(reference, "model_1.pt"), os.path.join(fsdp, "model_1.pt"))
     assert_same_step(train_log(reference), train_log(fsdp), 1)
