@@ -470,6 +470,7 @@ def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
         def _generate_examples(self, **kwargs):     # unused: splits are generators above
             raise NotImplementedError
 
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)    # (the temp folder's home)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out)) or None) as tmp:
         builder = MultiShapenetConditional(data_dir=tmp)
         # One shard count for all splits (TFDS); no split may have fewer scenes than shards.
