@@ -405,13 +405,23 @@ def _train(cfg: Config, run_dir: str, args, info, device) -> int:
     eval_split = "test" if args.test else "val"
     # The first process prepares the data (e.g. generates the built-in scenes) before the others read.
     for turn in (0, 1) if info.distributed else (0,):
+        error = None
         if (turn == 0) == main_process:
-            say("Loading training set...")
-            train_set = get_dataset("train", cfg.data)
-            say(f"Loading {eval_split} set...")
-            eval_set = get_dataset(eval_split, cfg.data, max_len=args.max_eval, full_scale=args.full_scale)
-        if info.distributed:
-            torch.distributed.barrier()
+            try:
+                say("Loading training set...")
+                train_set = get_dataset("train", cfg.data)
+                say(f"Loading {eval_split} set...")
+                eval_set = get_dataset(eval_split, cfg.data, max_len=args.max_eval,
+                                       full_scale=args.full_scale)
+            except (ConfigError, DataError) as e:
+                if not info.distributed:
+                    raise
+                error = e
+        # Every process learns of a failure, so all stop with a message (none waits forever).
+        if info.distributed and not parallel.all_agree(error is None, device):
+            if error is not None:
+                raise error
+            raise DataError("another process could not load the data (its message says why)")
 
     model = OSRT(cfg.model).to(device)
     model.check_device(device)

@@ -61,7 +61,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(config: str, *args: str, nproc: int = 2) -> str:
+def torchrun(config: str, *args: str, nproc: int = 2, expect: int = 0) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -69,8 +69,8 @@ def torchrun(config: str, *args: str, nproc: int = 2) -> str:
            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), config, *args]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+    assert proc.returncode == expect, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
 
 
 def params(path):
@@ -167,6 +167,22 @@ def test_fsdp_with_compiled_triton_kernels(tmp_path, data_dir, reference):
     torchrun(config, "--exit-after", "1")
     assert_close_params(os.path.join(reference, "model_1.pt"), os.path.join(fsdp, "model_1.pt"))
     assert_same_step(train_log(reference), train_log(fsdp), 1)
+
+
+def test_bad_data_stops_every_process_with_a_message(tmp_path):
+    """The first process prepares the data; when it cannot, every process exits with a message
+    (exit code 2) instead of the others waiting on it."""
+    folder = str(tmp_path / "bad")
+    config = write_run(folder, str(tmp_path / "nowhere"))
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    cfg["data"]["kwargs"]["colour"] = 1
+    with open(config, "w") as f:
+        yaml.safe_dump(cfg, f)
+    out = torchrun(config, "--exit-after", "1", expect=1)
+    assert "unknown data.kwargs key(s) ['colour']" in out
+    assert "another process could not load the data" in out
+    assert out.count("exitcode  : 2") == 2
 
 
 def test_gradient_accumulation_is_the_same_global_batch(tmp_path, data_dir, reference):
