@@ -146,6 +146,23 @@ def fsdp_units(model: nn.Module) -> list:
     return units + [model.encoder, model.decoder]
 
 
+def apply_fsdp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """FSDP2 over all processes: each of `fsdp_units` sharded on its own, then the root. In place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP: whole replicas, gradients averaged over processes. Returns the wrapper."""
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def parallelize(model: nn.Module, t, info: Optional[DistInfo] = None, device=None,
                 compile_kwargs: Optional[dict] = None) -> nn.Module:
     """Applies activation checkpointing, torch.compile and sharding (FSDP2 or DDP), in that
@@ -157,18 +174,10 @@ def parallelize(model: nn.Module, t, info: Optional[DistInfo] = None, device=Non
         apply_compile(model, **(compile_kwargs or {}))
     if not info.distributed:
         return model
-    if t.parallel == "ddp":
-        device = device or next(model.parameters()).device
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     device = device or next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (info.world_size,))
-    for unit in fsdp_units(model):
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    if t.parallel == "ddp":
+        return apply_ddp(model, device)
+    return apply_fsdp(model, info, device)
 
 
 # ----------------------------------------------------------------------------------------------
