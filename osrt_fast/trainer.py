@@ -324,9 +324,10 @@ def visualize(model, batch: dict, path: Optional[str], device, num_angles: int =
         model.train()
 
 
-# Dense bf16 matrix-product peaks measured on the lent machines (docs: spec/PERFORMANCE.md);
-# MFU is reported against these whatever dtype the step runs in, so numbers stay comparable.
-PEAK_FLOPS = {"H100": 798e12, "H200": 790e12}
+# Dense bf16 matrix-product peaks measured on the lent machines, random data (H100:
+# spec/PERFORMANCE.md; H200: the device library's KINDS.md, 8192^3 products); MFU is reported
+# against these whatever dtype the step runs in, so numbers stay comparable.
+PEAK_FLOPS = {"H100": 798e12, "H200": 788e12}
 
 
 def model_flops_per_scene(model_cfg, batch: dict) -> Optional[float]:
