@@ -80,18 +80,14 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     _announce_outcome(model, ok=True)
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _flag(model, value: float) -> torch.Tensor:
     device = next(model.parameters()).device
     return torch.tensor([value], device=device if device.type == "cuda" else "cpu")
 
 
 def _announce_outcome(model, ok: bool) -> None:
-    if _distributed():
+    from . import parallel
+    if parallel.current().distributed:
         import torch.distributed as dist
         dist.broadcast(_flag(model, 1.0 if ok else 0.0), src=0)
 

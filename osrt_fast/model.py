@@ -27,18 +27,23 @@ QUERY_DIM = 4 * 3 * NUM_OCTAVES      # 180: sin and cos of 3 coordinates, for po
 # --------------------------------------------------------------------------------------------
 # Regions: the units of activation checkpointing and torch.compile (see osrt_fast/parallel.py)
 
+def run_checkpointed(fn, checkpointed: bool, *args, **kwargs):
+    """fn(*args, **kwargs), under activation checkpointing when `checkpointed` and autograd
+    records: fn's activations are then recomputed in backward instead of kept."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
 class Region(nn.Module):
-    """A module whose work is its `region` method; `forward` runs it, under activation
-    checkpointing when `checkpointed` is set and autograd records (the region's activations are
-    then recomputed in backward instead of kept). `parallelize` may replace `region` on the
+    """A module whose work is its `region` method; `forward` runs it, checkpointed when
+    `checkpointed` is set (run_checkpointed). `parallelize` may replace `region` on the
     instance by a compiled version; the state dict is unaffected by either."""
 
     checkpointed = False
 
     def forward(self, *args, **kwargs):
-        if self.checkpointed and torch.is_grad_enabled():
-            return checkpoint(self.region, *args, use_reentrant=False, **kwargs)
-        return self.region(*args, **kwargs)
+        return run_checkpointed(self.region, self.checkpointed, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,10 +270,8 @@ class ImprovedSRTEncoder(nn.Module):
         return x.flatten(2).transpose(1, 2).reshape(batch, -1, x.shape[1])
 
     def stem(self, images, camera_pos, rays):
-        """The stem region: checkpointed when `stem_checkpointed` and autograd records."""
-        if self.stem_checkpointed and torch.is_grad_enabled():
-            return checkpoint(self.stem_region, images, camera_pos, rays, use_reentrant=False)
-        return self.stem_region(images, camera_pos, rays)
+        """The stem region, checkpointed when `stem_checkpointed`."""
+        return run_checkpointed(self.stem_region, self.stem_checkpointed, images, camera_pos, rays)
 
 
 def check_encoder_inputs(images, camera_pos, rays, multiple: int) -> None:
@@ -472,19 +475,15 @@ class RayDecoder(nn.Module):
         if max_rays:
             step = min(step, max(1, max_rays // rays.shape[0]))
         if step >= num_rays:
-            return self._run(checkpointed, latents, camera_pos, rays)
+            return run_checkpointed(self.region, checkpointed, latents, camera_pos, rays)
         pixels, extras = [], defaultdict(list)
         for i in range(0, num_rays, step):
-            p, e = self._run(checkpointed, latents, camera_pos[:, i:i + step], rays[:, i:i + step])
+            p, e = run_checkpointed(self.region, checkpointed, latents, camera_pos[:, i:i + step],
+                                    rays[:, i:i + step])
             pixels.append(p)
             for k, v in e.items():
                 extras[k].append(v)
         return torch.cat(pixels, 1), {k: torch.cat(v, 1) for k, v in extras.items()}
-
-    def _run(self, checkpointed: bool, latents, camera_pos, rays):
-        if checkpointed:
-            return checkpoint(self.region, latents, camera_pos, rays, use_reentrant=False)
-        return self.region(latents, camera_pos, rays)
 
 
 class SlotMixerDecoder(RayDecoder):
@@ -532,10 +531,7 @@ class SlotMixerDecoder(RayDecoder):
             mq, mv = fold_cross_attention(attn, slots_c, dtype)
             x = slot_cross_attention(x, attn_block.norm.weight, attn_block.norm.bias, mq, mv,
                                      attn.to_out[0].bias, attn.heads, attn_block.norm.eps)
-            if torch.is_grad_enabled():
-                x = checkpoint(residual, ff_block, x, use_reentrant=False)
-            else:
-                x = residual(ff_block, x)
+            x = run_checkpointed(residual, True, ff_block, x)
         mix, first = self.mixing_block, self.render_mlp.net[0]
         mm = torch.einsum("ac,bka->bck", mix.to_q.weight.to(dtype), mix.to_k(slots_c).to(dtype)) * mix.scale
         slot_dim = slots.shape[-1]

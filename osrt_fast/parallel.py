@@ -101,7 +101,7 @@ def current() -> DistInfo:
 
 def apply_activation_checkpointing(model: nn.Module, regions: dict) -> None:
     """Sets the checkpoint flags of the model's regions (see the module docstring)."""
-    from .model import OSRTEncoder, RayDecoder, SlotAttention, TransformerBlock
+    from .model import OSRTEncoder, RayDecoder, SlotAttention
     srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
     on = bool(regions.get("encoder_blocks", False))
     srt.stem_checkpointed = on
@@ -110,11 +110,8 @@ def apply_activation_checkpointing(model: nn.Module, regions: dict) -> None:
     for module in model.encoder.modules():
         if isinstance(module, SlotAttention):
             module.checkpointed = bool(regions.get("slot_attention", False))
-    if isinstance(model.decoder, RayDecoder):
+    if isinstance(model.decoder, RayDecoder):    # (its own blocks run inside its chunks)
         model.decoder.ray_chunk = int(regions.get("decoder_ray_chunk", 0))
-    for module in model.decoder.modules():       # the decoder's own blocks run inside its chunks
-        if isinstance(module, TransformerBlock):
-            module.checkpointed = False
 
 
 def compiled_regions(model: nn.Module) -> list:
@@ -228,21 +225,18 @@ def grad_norm_and_clip(params: list, max_norm: float = 0.0) -> torch.Tensor:
     return full_tensor(norm)
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over processes (a sum and a division: gloo has no AVG)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Sum over processes (t itself with one process)."""
+    if not current().distributed:
         return t
     t = t.clone()
     dist.all_reduce(t)
     return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over processes (a sum and a division: gloo has no AVG)."""
+    return all_reduce_sum(t) / current().world_size
 
 
 def all_agree(flag: bool, device) -> bool:

@@ -464,11 +464,11 @@ def _train(cfg: Config, run_dir: str, args, info, device) -> int:
 
     strategy = (f"{info.world_size} processes, {t.parallel.upper()}" if info.distributed
                 else "1 process")
+    regions = {k: v for k, v in t.activation_checkpointing.items() if v}
     say(f"Parameters: encoder {n_enc:,}, decoder {n_dec:,}, total {n_enc + n_dec:,}. Device {device}, "
         f"{strategy}; global batch {t.batch_size} = {info.world_size} x {t.grad_accum} micro-batches "
-        f"of {micro} scenes; {t.precision}"
-        f"{', compiled' if t.compile else ''}"
-        f"{', checkpointing ' + str({k: v for k, v in t.activation_checkpointing.items() if v}) if any(t.activation_checkpointing.values()) else ''}.")
+        f"of {micro} scenes; {t.precision}{', compiled' if t.compile else ''}"
+        f"{f', checkpointing {regions}' if regions else ''}.")
 
     wandb = None
     if args.wandb and main_process:
