@@ -390,6 +390,13 @@ def train(cfg: Config, run_dir: str, args) -> int:
     info, device = parallel.init_distributed(resolve_device(cfg.training.device))
     try:
         return _train(cfg, run_dir, args, info, device)
+    except (ConfigError, DataError, CheckpointError) as e:
+        if not info.distributed:
+            raise
+        # Said before the process group is torn down: once one process has exited, torchrun's
+        # agent stops the others, and a teardown that waits on the gone peer would lose this.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
         parallel.shutdown_distributed()
 
