@@ -8,19 +8,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-SHARED = os.environ.get("OSRT_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
-REFERENCE_VECTORS = os.path.join(SHARED, "spec", "reference_vectors")
+REFERENCE_VECTORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_vectors")
 
 
 def require_reference_vectors(name: str) -> str:
-    """Path of a reference-vector file; skips without it, but fails in CI, where shared/ is beside
-    the clone, so parity can never be skipped silently there."""
+    """Path of a reference-vector file (tests/reference_vectors, see its README)."""
     path = os.path.join(REFERENCE_VECTORS, name)
-    if not os.path.exists(path):
-        message = f"reference vectors not found at {path} (set OSRT_SHARED to the shared/ folder)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    assert os.path.exists(path), f"reference vectors missing from the repository: {path}"
     return path
 
 

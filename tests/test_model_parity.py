@@ -1,4 +1,4 @@
-"""The eager model reproduces the reference implementation's outputs (shared/spec/reference_vectors)."""
+"""The eager model reproduces the reference implementation's outputs (tests/reference_vectors)."""
 import math
 
 import pytest
