@@ -136,7 +136,8 @@ def _prepare_obsurf(out: str, args) -> str:
               f"{NUM_VIEWS}x{args.height}x{args.width}) in {out}; this runs once", flush=True)
         t0 = time.perf_counter()
         scenes.generate_dataset(out, args.scenes, height=args.height, width=args.width,
-                                num_views=NUM_VIEWS, seed=SEED, progress=not args.quiet)
+                                num_views=NUM_VIEWS, seed=SEED, progress=not args.quiet,
+                                device=getattr(args, "generate_device", "cpu"))
         print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 

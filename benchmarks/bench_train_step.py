@@ -28,7 +28,11 @@ import gc
 import os
 import sys
 
-import torch
+if __name__ == "__main__" and "--smoke" in sys.argv[1:]:
+    # Triton reads this when a kernel is decorated, i.e. when osrt_fast (below) imports kernels/.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (DECODER_FLOPS_PER_RAY, ENCODER_FLOPS_PER_SCENE, MSN_HARD_MODEL,  # noqa: E402
@@ -107,8 +111,9 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def measure(path, scenes, args, env, shape, device):
-    """A record for one path at one batch, or an 'oom' record."""
+def measure(path, scenes, args, env, shape, device, after=None):
+    """A record for one path at one batch, or an 'oom' record. `after(step, batch)`, if given,
+    runs once the step is timed, before it is freed (e.g. a profile of the compiled step)."""
     views, size, rays = shape
     rec = {"bench": "train_step", "path": path, **{k: v for k, v in PATHS[path].items() if k != "ckpt"},
            "checkpointing": PATHS[path]["ckpt"] or None, "scenes": scenes, "rays": rays,
@@ -121,6 +126,9 @@ def measure(path, scenes, args, env, shape, device):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(step, batch, device, args.warmup, args.repeat)
+        peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+        if after is not None:
+            after(step, batch)
     except torch.OutOfMemoryError:
         rec["oom"] = True
         return rec
@@ -133,7 +141,7 @@ def measure(path, scenes, args, env, shape, device):
     rec.update(q, scenes_per_s=scenes / q["median_ms"] * 1e3,
                rays_per_s=scenes * rays / q["median_ms"] * 1e3,
                mfu=flops / (q["median_ms"] * 1e-3) / peak if peak else None,
-               peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None)
+               peak_mem_gib=peak_mem)
     return rec
 
 
@@ -161,14 +169,8 @@ def largest_fitting(path, start, args, env, shape, device):
     return good, rec_good
 
 
-def profile(path, scenes, args, shape, device) -> str:
-    """The largest costs of one step (torch.profiler), as a table."""
-    views, size, rays = shape
-    torch._dynamo.reset()
-    step = Step(path, args.model, device, compile_backend=args.compile_backend)
-    batch = random_batch(scenes, views, size, rays, device)
-    for _ in range(2):
-        step(batch)
+def profile_step(step, batch, device, rows: int = 20) -> str:
+    """The largest costs of one call of a built, warmed-up step (torch.profiler), as a table."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     sort = "cpu_time_total"
     if device.type == "cuda":
@@ -178,9 +180,21 @@ def profile(path, scenes, args, shape, device) -> str:
         step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+def profile(path, scenes, args, shape, device) -> str:
+    """The largest costs of one step of `path` (built and warmed up here), as a table."""
+    views, size, rays = shape
+    torch._dynamo.reset()
+    step = Step(path, args.model, device, compile_backend=args.compile_backend)
+    batch = random_batch(scenes, views, size, rays, device)
+    for _ in range(2):
+        step(batch)
+    table = profile_step(step, batch, device)
     del step, batch
     free(device)
-    return prof.key_averages().table(sort_by=sort, row_limit=20)
+    return table
 
 
 def main(argv=None):
@@ -206,7 +220,6 @@ def main(argv=None):
         args.compile_backend = "aot_eager"         # traces as inductor would, without its C++ build
         args.encoder_flops = args.decoder_flops_per_ray = None
         args.peak = None
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_train_step needs a CUDA GPU (or --smoke for a CPU check of the script)")
