@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(str(e))
 
     # The same run directory as train.py: a config.yaml's folder, else runs/<config name>.
-    from osrt_fast.trainer import run_dir_for
+    from osrt_fast.runs import run_dir_for
     run_dir = os.path.abspath(run_dir_for(args.config))
     name = args.name or args.motion
     if args.checkpoint is not None:

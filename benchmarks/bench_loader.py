@@ -20,9 +20,10 @@ renderer, under --data-dir/<H>x<W>_<N>scenes/ and reused by later runs:
                 at least 1; no worker processes), when that module imports and runs on
                 --device; otherwise a row that says why not
 
-Each (path, workers) uses the trainer's DataLoader settings (`trainer.record_loader`: the
+Each (path, workers) uses train.py's DataLoader settings (`data.record_loader`: the
 resumable (index, seed) batch sampler for map-style datasets, `loader_kwargs(dataset)` for the
-'spawn' context of TFDS, `trainer._worker_init`, persistent workers, pin_memory on CUDA). Timed:
+'spawn' context of TFDS, `data.loader_options`: worker_init, persistent workers, pin_memory on
+CUDA). Timed:
 
     startup_s       wall time from creating the iterator to the first batch (worker start-up,
                     TF import, the TFDS shuffle buffer filling, ...)
@@ -59,7 +60,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import RESULTS_DIR, environment  # noqa: E402
-from osrt_fast.data import collate, make_batch, to_device  # noqa: E402
+from osrt_fast.data import make_batch, to_device  # noqa: E402
 from osrt_fast.data.records import BatchSpec  # noqa: E402
 
 PATHS = ("tfds", "png_folder", "shards_raw", "shards_png", "dali")
@@ -189,11 +190,9 @@ def make_dataset(path: str, data, args):
 
 
 def torch_loader(dataset, batch_size: int, workers: int, device: torch.device):
-    """The trainer's training DataLoader for `dataset` (trainer.record_loader and its options)."""
-    from osrt_fast.trainer import _worker_init, record_loader
-    kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
-              worker_init_fn=_worker_init, persistent_workers=workers > 0)
-    return record_loader(dataset, batch_size, kw, train=True, seed=SEED)
+    """train.py's training DataLoader for `dataset` (data.record_loader, data.loader_options)."""
+    from osrt_fast.data import loader_options, record_loader
+    return record_loader(dataset, batch_size, loader_options(workers, device), train=True, seed=SEED)
 
 
 def dali_loader(data, args, batch_size: int, workers: int, device: torch.device):

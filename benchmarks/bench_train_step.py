@@ -41,7 +41,7 @@ from benchmarks.common import (DECODER_FLOPS_PER_RAY, ENCODER_FLOPS_PER_SCENE, M
 from osrt_fast import parallel  # noqa: E402
 from osrt_fast.config import config_from_dict  # noqa: E402
 from osrt_fast.model import OSRT  # noqa: E402
-from osrt_fast.trainer import compute_loss  # noqa: E402
+from osrt_fast.evaluate import compute_loss  # noqa: E402
 
 PATHS = {
     "eager-fp32": dict(backend="eager", precision="fp32", compile=False, ckpt={}),
@@ -233,7 +233,7 @@ def main(argv=None):
         args.peak = peak_flops(env["device"])
     if args.smoke:
         # The tiny model's own FLOPs (counted), so MFU-free rates still read sensibly.
-        from osrt_fast.trainer import model_flops_per_scene
+        from osrt_fast.throughput import model_flops_per_scene
         one = random_batch(1, shape[0], shape[1], shape[2], device)
         per_scene = model_flops_per_scene(args.model, one) / 3
         args.encoder_flops, args.decoder_flops_per_ray = per_scene, 0.0

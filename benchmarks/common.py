@@ -15,7 +15,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 # MSN-Hard settings: 5 input views of 128x128, K = 32.
 ENCODER_FLOPS_PER_SCENE = 168.5e9
 DECODER_FLOPS_PER_RAY = 27.7e6
-from osrt_fast.trainer import PEAK_FLOPS  # noqa: E402,F401  (measured bf16 dense ceilings)
+from osrt_fast.throughput import PEAK_FLOPS  # noqa: E402,F401  (measured bf16 dense ceilings)
 
 # OSRT at the paper's widths with MSN-Hard's K = 32, and a tiny one for CPU smoke runs.
 MSN_HARD_MODEL = {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 32},

@@ -287,7 +287,7 @@ def section_reference(ctx) -> None:
     def measure(scenes: int) -> dict:
         row = {"bench": "train_step", "path": "reference", "precision": "fp32", "scenes": scenes,
                "rays": rays, "views": views, "image": size, "slots": args.slots}
-        model = trainer = batch = None
+        model = optimizer = trainer = batch = None
         try:
             torch.manual_seed(0)
             # The reference's own config keys only (it has no width options): paper widths.
@@ -298,12 +298,13 @@ def section_reference(ctx) -> None:
             batch = reference_batch(scenes, ctx.shape, args.slots, ctx.device)
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times = bts.time_steps(lambda b: trainer.train_step(b, 0), batch, ctx.device,
-                                   args.warmup, args.repeat)
+            train_step = trainer.train_step
+            times = bts.time_steps(lambda b: train_step(b, 0), batch, ctx.device, args.warmup,
+                                   args.repeat)
         except torch.OutOfMemoryError:
             return dict(row, oom=True)
         finally:
-            del model, trainer, batch
+            del model, optimizer, trainer, batch
             bts.free(ctx.device)
         q = quantiles(times)
         flops = 3 * (args.encoder_flops + args.decoder_flops_per_ray * rays) * scenes
@@ -402,7 +403,6 @@ def synthetic_records(scenes: int, views: int, size: int, input_views: int, devi
 def section_data(ctx) -> None:
     import statistics
 
-    import torch
 
     from benchmarks import bench_loader as bl
     from osrt_fast.data import make_batch
@@ -501,7 +501,7 @@ def main(argv=None) -> int:
                           scratch=os.path.join(tempfile.gettempdir(), "osrt_suite"))
     if args.smoke:
         from benchmarks.bench_train_step import random_batch
-        from osrt_fast.trainer import model_flops_per_scene
+        from osrt_fast.throughput import model_flops_per_scene
         one = random_batch(1, *ctx.shape, device)
         ctx.smoke_flops = model_flops_per_scene(common.TINY_MODEL, one) / 3
     print(f"suite run {rec.run} on {env['device']}, commit {env['commit']}, torch {env['torch']}, "

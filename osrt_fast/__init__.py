@@ -1,7 +1,7 @@
 """osrt-fast: a fast, faithful implementation of the Object Scene Representation Transformer."""
 from .config import Config, ConfigError, load_config  # noqa: F401
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 
 def __getattr__(name):

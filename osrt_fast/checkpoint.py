@@ -113,7 +113,7 @@ def _write(path: str, model, state: dict, optim_sd, extras, scalars) -> None:
         state["optimizer"] = optim_sd
     state.update(scalars)
     cfg = getattr(model, "cfg", None)
-    from . import __version__
+    from .version import __version__
     state["osrt_fast"] = {"version": FORMAT_VERSION, "package_version": __version__,
                           "model_config": _config_dict(cfg) if cfg is not None else None,
                           **(extras or {})}

@@ -1,7 +1,8 @@
-"""Evaluate a checkpoint: `python -m osrt_fast.evaluate CONFIG [--checkpoint PATH] [--test] [--full-scale]`.
+"""Evaluation: the loss and metrics of a batch, their means over a split, and the CLI
+`python -m osrt_fast.evaluate CONFIG [--checkpoint PATH] [--test] [--full-scale]`.
 
-Prints and writes JSON with PSNR, MSE, ARI and FG-ARI (means over scenes) on sampled target rays
-or, with --full-scale, on every pixel of every view.
+The CLI prints and writes JSON with PSNR, MSE, ARI and FG-ARI (means over scenes) on sampled
+target rays or, with --full-scale, on every pixel of every view.
 """
 from __future__ import annotations
 
@@ -9,14 +10,95 @@ import argparse
 import json
 import os
 import sys
+from collections import defaultdict
+from typing import Optional
 
 import torch
 
+from . import parallel
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, load_config
-from .data import DataError, get_dataset
+from .data import DataError, get_dataset, make_batch, record_loader, to_device
+from .metrics import adjusted_rand_index, fg_ari, psnr
 from .model import OSRT
-from .trainer import evaluate, record_loader, resolve_device, run_dir_for
+from .runs import run_dir_for
+
+
+def compute_loss(model, batch: dict, max_rays: Optional[int] = None):
+    """Per-scene MSE [B] and metric terms ([B] each: mse, and ari / fg_ari for slot decoders).
+
+    Runs `model(...)` (encoder and decoder), so that a sharded model's root hooks run. Under an
+    autocast context the model computes in its dtype; the loss and the metrics are fp32.
+    """
+    pixels, extras = model(batch["input_images"], batch["input_camera_pos"], batch["input_rays"],
+                           batch["target_camera_pos"], batch["target_rays"], max_rays=max_rays)
+    mse = (pixels.float() - batch["target_pixels"]).square().mean((1, 2))
+    terms = {"mse": mse.detach()}
+    if "segmentation" in extras and "target_masks" in batch:
+        with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
+            seg, masks = extras["segmentation"].float(), batch["target_masks"].float()
+            terms["ari"] = adjusted_rand_index(masks, seg).float()
+            terms["fg_ari"] = fg_ari(masks, seg).float()
+    return mse, terms
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool = True,
+             precision: str = "fp32") -> dict:
+    """Mean over scenes of psnr, mse, ari and fg_ari (per-scene PSNR, as the reference).
+    The loader yields scene records; `spec` (the dataset's BatchSpec) turns them into inputs.
+
+    With several processes, each evaluates its share of the scenes and the sums are reduced.
+    All processes run the same number of forward passes (FSDP gathers parameters in each): one
+    whose share is used up repeats its last batch with weight 0.
+    """
+    info = parallel.current()
+    model = parallel.for_inference(model)
+    was_training = model.training
+    model.eval()
+    try:
+        from tqdm import tqdm
+        bar = tqdm(desc="evaluating", leave=False, dynamic_ncols=True,
+                   disable=not progress or not info.is_main)
+    except ImportError:
+        bar = None
+    sums, last, batches = defaultdict(lambda: torch.zeros((), dtype=torch.float64)), None, iter(loader)
+    count = 0
+    while True:
+        records = next(batches, None)
+        if info.distributed:
+            if parallel.all_agree(records is None, device):
+                break
+        elif records is None:
+            break
+        weight = 1.0
+        if records is None:
+            records, weight = last, 0.0
+            if records is None:
+                raise DataError(f"rank {info.rank} has no evaluation scenes; evaluate on more "
+                                f"scenes (--max-eval) or with fewer processes")
+        last = records
+        batch = make_batch(to_device(records, device), spec)
+        with parallel.autocast(device, precision):
+            _, terms = compute_loss(model, batch, max_rays=max_rays)
+        terms["psnr"] = psnr(terms["mse"])
+        for k, v in terms.items():
+            sums[k] = sums[k] + weight * v.double().sum().cpu()
+        count += int(weight) * len(terms["mse"])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if was_training:
+        model.train()
+    keys = sorted(sums)
+    total = parallel.all_reduce_sum(torch.tensor([sums[k].item() for k in keys] + [count],
+                                                 dtype=torch.float64, device=device)).cpu()
+    if total[-1].item() == 0:
+        raise DataError("the evaluation split has no scenes")
+    out = {k: (total[i] / total[-1]).item() for i, k in enumerate(keys)}
+    out["num_scenes"] = int(total[-1].item())
+    return out
 
 
 def main(argv=None) -> int:
@@ -38,7 +120,7 @@ def main(argv=None) -> int:
         if not os.path.exists(ckpt):
             raise CheckpointError(f"no checkpoint at '{ckpt}': train first (python train.py "
                                   f"{args.config}) or pass --checkpoint PATH")
-        device = torch.device("cpu") if args.no_cuda else resolve_device(cfg.training.device)
+        device = torch.device("cpu") if args.no_cuda else parallel.resolve_device(cfg.training.device)
         split = "test" if args.test else "val"
         dataset = get_dataset(split, cfg.data, max_len=args.max_eval, full_scale=args.full_scale)
         model = OSRT(cfg.model).to(device)

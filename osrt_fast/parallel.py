@@ -26,7 +26,7 @@ reduces in fp32, so every strategy computes the same numbers.
 The global batch (`training.batch_size`) is the number of scenes per optimizer step whatever
 the process count: each process runs `grad_accum` micro-batches of
 `batch_size / (world_size * grad_accum)` scenes, the loss is their mean, and gradients are
-averaged over processes. `trainer.ResumableBatchSampler` hands process r, micro-batch m the same
+averaged over processes. `data.ResumableBatchSampler` hands process r, micro-batch m the same
 scenes (and ray-sample seeds) that one process would see at the same place of its batch.
 
 Checkpoints are always written unsharded, in the single-process format (rank 0 writes; the
@@ -60,6 +60,15 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return device
 
 
 def launched_by_torchrun() -> bool:
@@ -198,6 +207,12 @@ def gradient_sync(model: nn.Module, enabled: bool):
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
     yield
+
+
+def for_inference(model):
+    """The module to run without gradients: DDP's inner module (no collectives needed); a
+    sharded (FSDP) model as it is, since it must gather its parameters."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def is_sharded(model: nn.Module) -> bool:

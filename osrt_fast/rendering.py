@@ -24,8 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import geometry
-from .visualize import colorize_segmentation, to_uint8
+from . import geometry, parallel
+from .data.records import to_device
+from .geometry import rotate_about_z
+from .metrics import fg_ari
+from .visualize import colorize_segmentation, draw_visualization_grid, to_uint8
 
 MOTIONS = ("rotate", "zoom", "closeup", "rotate_and_closeup", "eyeroll")
 
@@ -453,3 +456,49 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
     result["video"] = os.path.join(out_dir, "video.mp4")
     write_video(side_by_side(), result["video"], fps)
     return result
+
+
+@torch.no_grad()
+def visualize(model, batch: dict, path: Optional[str], device, num_angles: int = 6,
+              max_rays: int = 16384, precision: str = "fp32"):
+    """A grid per scene: input views, true segmentation, renders and predicted segmentations from
+    cameras rotated about the scene's z axis. With several processes every one renders (a
+    sharded model needs them all) and the one given a `path` writes it."""
+    model = parallel.for_inference(model)
+    was_training = model.training
+    model.eval()
+    batch = to_device(batch, device)
+    images, cam, rays = batch["input_images"], batch["input_camera_pos"], batch["input_rays"]
+    if parallel.is_sharded(model):
+        # Through the root module (its hooks gather the parameters), encoding again per chunk.
+        latents = None
+
+        def decode(_, target_cam, target_rays):
+            return model(images, cam, rays, target_cam, target_rays)
+    else:
+        with parallel.autocast(device, precision):
+            latents = model.encoder(images, cam, rays)
+        decode = model.decoder
+    columns = [(f"input {i + 1}" if images.shape[1] > 1 else "input",
+                images[:, i].permute(0, 2, 3, 1).cpu().numpy(), "image") for i in range(images.shape[1])]
+    labels = None
+    if "input_masks" in batch:
+        true = batch["input_masks"][:, 0]
+        columns.append(("true seg 0°", true.argmax(-1).cpu().numpy(), "clustering"))
+    for i in range(num_angles):
+        angle = 2 * math.pi * i / num_angles
+        with parallel.autocast(device, precision):
+            img, extras = render_image(decode, latents, rotate_about_z(cam[:, 0], angle),
+                                       rotate_about_z(rays[:, 0], angle), max_rays=max_rays)
+        columns.append((f"render {360 * i // num_angles}°", img.float().clamp(0, 1).cpu().numpy(), "image"))
+        if "segmentation" in extras:
+            seg = extras["segmentation"].float()
+            columns.append((f"pred seg {360 * i // num_angles}°", seg.argmax(-1).cpu().numpy(),
+                            "clustering"))
+            if i == 0 and "input_masks" in batch:
+                score = fg_ari(true.flatten(1, 2).float(), seg.flatten(1, 2).float())
+                labels = [f"FG-ARI {100 * s:.1f}" for s in score.tolist()]
+    if path is not None:
+        draw_visualization_grid(columns, path, row_labels=labels)
+    if was_training:
+        model.train()

@@ -17,7 +17,7 @@ from osrt_fast.data import DataError, DataWarning, ObSuRFDataset, collate, make_
 from osrt_fast.data import shards  # noqa: E402
 from osrt_fast.data.dali import DaliShardLoader  # noqa: E402
 from osrt_fast.data.errors import CorruptFile  # noqa: E402
-from osrt_fast.trainer import FixedSampler, ResumableBatchSampler  # noqa: E402
+from osrt_fast.data import FixedSampler, ResumableBatchSampler  # noqa: E402
 
 V, H, W, P = 3, 16, 16, 16
 

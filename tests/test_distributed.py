@@ -19,6 +19,7 @@ import torch
 import yaml
 
 import osrt_fast.trainer as trainer
+from osrt_fast.data import ResumableBatchSampler
 from conftest import tiny_model_config
 from osrt_fast import OSRT
 from osrt_fast.checkpoint import load_checkpoint
@@ -202,18 +203,18 @@ def test_gradient_accumulation_is_the_same_global_batch(tmp_path, data_dir, refe
 
 
 def test_sampler_splits_the_global_batch_by_position():
-    one = trainer.ResumableBatchSampler(50, 8, seed=2)
+    one = ResumableBatchSampler(50, 8, seed=2)
     for it in (0, 5, 9):
         whole = one.batch(it)
-        parts = [trainer.ResumableBatchSampler(50, 8, seed=2, rank=r, world_size=2, accum=2).batch(it, m)
+        parts = [ResumableBatchSampler(50, 8, seed=2, rank=r, world_size=2, accum=2).batch(it, m)
                  for r in range(2) for m in range(2)]
         assert [p for part in parts for p in part] == whole
     # A stream of micro-batches: accum per step, resumable at a step.
-    s = trainer.ResumableBatchSampler(50, 8, seed=2, world_size=2, rank=1, accum=2, start_it=3)
+    s = ResumableBatchSampler(50, 8, seed=2, world_size=2, rank=1, accum=2, start_it=3)
     stream = iter(s)
     assert [next(stream) for _ in range(2)] == [s.batch(3, 0), s.batch(3, 1)]
     with pytest.raises(ValueError, match="does not split"):
-        trainer.ResumableBatchSampler(50, 6, seed=2, world_size=4)
+        ResumableBatchSampler(50, 6, seed=2, world_size=4)
 
 
 def test_batch_that_does_not_split_is_a_clear_error(tmp_path, data_dir, capsys):

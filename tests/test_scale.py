@@ -140,7 +140,7 @@ def test_bf16_autocast_model_is_close_to_fp32():
 def test_flop_count_is_the_eager_models():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from osrt_fast.trainer import model_flops_per_scene
+    from osrt_fast.throughput import model_flops_per_scene
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model = OSRT(tiny_model_config())
     data = inputs(batch=1)

@@ -10,8 +10,10 @@ import osrt_fast.trainer as trainer
 from osrt_fast import OSRT
 from osrt_fast.checkpoint import load_checkpoint, save_checkpoint
 from osrt_fast.config import config_from_dict
-from osrt_fast.data import get_dataset, model_batch
+from osrt_fast.data import ResumableBatchSampler, get_dataset, model_batch
+from osrt_fast.evaluate import compute_loss
 from osrt_fast.evaluate import main as evaluate_main
+from osrt_fast.schedule import LrSchedule
 from conftest import tiny_model_config
 
 
@@ -50,7 +52,7 @@ def params(path):
 
 
 def test_lr_schedule_matches_the_reference():
-    s = trainer.LrSchedule(peak_lr=1e-4, warmup=10000, decay_rate=0.16, decay_it=4_000_000)
+    s = LrSchedule(peak_lr=1e-4, warmup=10000, decay_rate=0.16, decay_it=4_000_000)
     assert s(0) == 0 and s(5000) == pytest.approx(5e-5)
     assert s(10000) == pytest.approx(1e-4)
     assert s(10000 + 4_000_000) == pytest.approx(1.6e-5)
@@ -65,7 +67,7 @@ def test_loss_falls_on_a_fixed_batch(data_dir):
     losses = []
     for _ in range(40):
         opt.zero_grad()
-        mse, terms = trainer.compute_loss(model, batch)
+        mse, terms = compute_loss(model, batch)
         mse.mean().backward()
         opt.step()
         losses.append(mse.mean().item())
@@ -74,14 +76,14 @@ def test_loss_falls_on_a_fixed_batch(data_dir):
 
 
 def test_batch_stream_depends_only_on_seed_and_iteration():
-    a = trainer.ResumableBatchSampler(30, 4, seed=3)
-    b = trainer.ResumableBatchSampler(30, 4, seed=3, start_it=9)
+    a = ResumableBatchSampler(30, 4, seed=3)
+    b = ResumableBatchSampler(30, 4, seed=3, start_it=9)
     it_a = iter(a)
     batches = [next(it_a) for _ in range(12)]
     assert next(iter(b)) == batches[9]
     epoch = [i for batch in batches[:7] for i, _ in batch]     # 30 // 4 = 7 steps per epoch
     assert len(set(epoch)) == 28
-    assert batches[0] != trainer.ResumableBatchSampler(30, 4, seed=4).batch(0)
+    assert batches[0] != ResumableBatchSampler(30, 4, seed=4).batch(0)
 
 
 def test_resume_continues_exactly(tmp_path, data_dir):

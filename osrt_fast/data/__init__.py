@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import numpy as np
-
 from .errors import CorruptFile, DataError, DataWarning, SkipCounter
 from .obsurf import (ENCODER_MULTIPLE, GENERATE_HINT, KINDS, SPLIT_RANGES, ObSuRFDataset,
                      downsample, procedural_split_range)
+from .loaders import (first_records, is_stream, loader_kwargs, loader_options, record_loader,
+                      training_loaders, worker_init, worker_init_fn)
 from .records import (BatchSpec, ViewPolicy, collate, make_batch, model_batch, ray_directions,
                       sample_pixels, to_device)
+from .samplers import EVAL_SEED, FixedSampler, ResumableBatchSampler, item_seed
 
 LOADER_KWARGS = ("max_objects", "downsample", "num_input_views", "max_views")
 KUBRIC_KWARGS = ("downsample", "num_input_views", "shuffle_buffer", "skip", "seed")
@@ -103,16 +104,3 @@ def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale:
             if k != "max_objects":
                 kwargs.pop(k, None)
     return ObSuRFDataset(path, split, kind=name, **common, **kwargs)
-
-
-def loader_kwargs(dataset, num_workers: int) -> dict:
-    """DataLoader options a dataset needs with this many workers ('spawn' for TensorFlow)."""
-    ctx = getattr(dataset, "multiprocessing_context", None)
-    return {"multiprocessing_context": ctx} if ctx and num_workers > 0 else {}
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Seeds numpy differently in every DataLoader worker (and run), as the reference, so
-    unseeded ray sampling differs between workers."""
-    base_seed = int.from_bytes(os.urandom(4), byteorder="big")
-    np.random.seed((base_seed + worker_id) % 2 ** 32)

@@ -8,9 +8,9 @@ Each batch is the dict of tensors that `records.collate([dataset[(i, s)] for (i,
 gives for the same (index, seed) pairs, with the same dtypes (images uint8 [B, V, H, W, 3], ids
 uint8 [B, V, H, W] when the dataset has masks, origins float32 [B, V, 3], ray_mats float32
 [B, V, 3, 3], input_views / target_views int64, seed / sceneid int64 [B]), on `device`. Training
-batches come from `trainer.ResumableBatchSampler(len(dataset), batch_size, seed, start_it)`, so
+batches come from `samplers.ResumableBatchSampler(len(dataset), batch_size, seed, start_it)`, so
 the stream is the PyTorch DataLoader's, batch for batch, and resumes exactly at `start_it`;
-evaluation batches from `trainer.FixedSampler` (one pass in order; the last may be smaller).
+evaluation batches from `samplers.FixedSampler` (one pass in order; the last may be smaller).
 
 What runs where. The host (the Python thread that iterates) draws the sampler's (index, seed)
 pairs, chooses views with the dataset's ViewPolicy, reads cameras from the shard arrays and
@@ -40,7 +40,7 @@ DALI 2.0, keeps running after a failed batch; with the older executor the loader
 pipeline and feeds it again the batches that were in flight.
 
 'raw' shards are memory-mapped arrays with nothing to decode: read them with the PyTorch
-DataLoader (`trainer.record_loader`). Install DALI with `pip install 'osrt-fast[dali]'` (the
+DataLoader (`loaders.record_loader`). Install DALI with `pip install 'osrt-fast[dali]'` (the
 package nvidia-dali-cuda130, or the build for your CUDA version).
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, DataWarning
+from .samplers import FixedSampler, ResumableBatchSampler
 from .records import collate, to_device
 
 INSTALL_HINT = ("pip install 'osrt-fast[dali]' (the package nvidia-dali-cuda130, or the DALI "
@@ -152,7 +153,6 @@ class DaliShardLoader:
         """The batches of (index, seed) pairs this loader serves, in order."""
         if self.batch_sampler is not None:
             return self.batch_sampler
-        from osrt_fast.trainer import FixedSampler, ResumableBatchSampler   # (imports .data)
         n = len(self.dataset)
         if self.train:
             return ResumableBatchSampler(n, self.batch_size, self.seed, start_it=self.start_it)

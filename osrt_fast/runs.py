@@ -1,0 +1,63 @@
+"""Run directories: where a config trains, its copy of the config, and its log."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+
+def append_log(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_dir_for(config_path: str, override: Optional[str] = None) -> str:
+    """The reference's convention: a `config.yaml` trains in its folder; other configs in runs/<stem>."""
+    if override:
+        return override
+    if os.path.basename(config_path) == "config.yaml":
+        return os.path.dirname(os.path.abspath(config_path))
+    return os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def copy_config(config_path: str, run_dir: str) -> None:
+    """Copies the config into the run directory as config.yaml (saying so when it replaces a
+    different copy); nothing when the config is the run's own config.yaml."""
+    target = os.path.join(run_dir, "config.yaml")
+    if os.path.abspath(target) == os.path.abspath(config_path):
+        return
+    if os.path.exists(target):
+        with open(target, "rb") as f_old, open(config_path, "rb") as f_new:
+            if f_old.read() != f_new.read():
+                print(f"note: {config_path} differs from the run's {target}; replacing the run's copy")
+    shutil.copyfile(config_path, target)
+
+
+def start_wandb(cfg, run_dir: str, run_id: Optional[str]):
+    """(the wandb module logging this run, its run id), or (None, run_id) without wandb."""
+    try:
+        import wandb
+    except ImportError:
+        print("--wandb: the wandb package is not installed (pip install 'osrt-fast[wandb]'); "
+              "continuing without it.")
+        return None, run_id
+    run_id = run_id or wandb.util.generate_id()
+    wandb.init(project="osrt-fast", name=run_dir, id=run_id, resume="allow", config=cfg.to_dict())
+    return wandb, run_id
+
+
+def resume_notes(path: str, extras: dict, t, schedule: dict, world_size: int) -> list:
+    """What a run resumed from the checkpoint `path` (its `osrt_fast` entry: `extras`) should be
+    told: a changed seed, learning-rate schedule or process count."""
+    notes = []
+    if "seed" in extras and extras["seed"] != t.seed:
+        notes.append(f"warning: {path} was trained with training.seed {extras['seed']}, the config "
+                     f"says {t.seed}: the batch stream from here on differs from the original run's")
+    if extras.get("lr_scheduler") not in (None, schedule):
+        notes.append(f"note: the LR schedule changed since {path} was written "
+                     f"({extras['lr_scheduler']} -> {schedule}); using the config's")
+    if extras.get("world_size", 1) != world_size:
+        notes.append(f"note: {path} was written by {extras.get('world_size', 1)} process(es), this "
+                     f"run has {world_size}; the global batch ({t.batch_size} scenes) is the same")
+    return notes
