@@ -43,8 +43,8 @@ def slot_cross_attention_eager(x, ln_weight, ln_bias, mq, mv, out_bias, num_head
 
 def slot_mix_render_eager(x, q0, mm, g, w1b, b1, negative_slope: float = LEAKY_SLOPE):
     """x and q0 [B, R, C], mm [B, C, K], g [B, K, F], w1b [F, C], b1 [F] ->
-    (h [B, R, F], weights [B, R, K] fp32)."""
-    weights = torch.bmm(x, mm).float().softmax(-1)
+    (h [B, R, F], weights [B, R, K] in fp32, or fp64 for fp64 inputs)."""
+    weights = torch.bmm(x, mm).to(torch.promote_types(x.dtype, torch.float32)).softmax(-1)
     pre = torch.bmm(weights.to(g.dtype), g) + F.linear(q0, w1b, b1)
     return F.leaky_relu(pre, negative_slope), weights
 

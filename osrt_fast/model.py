@@ -17,6 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.slot_attention import slot_attention_step_eager
+
+from . import fast
 from .config import (BACKENDS, ENCODER_ATTENTION, ConfigError, ModelConfig, check_model_choices,
                      model_config_from_any)
 
@@ -310,23 +313,12 @@ class SlotAttention(Region):
         self.norm_input = nn.LayerNorm(input_dim)
         self.norm_slots = nn.LayerNorm(slot_dim)
         self.norm_pre_mlp = nn.LayerNorm(slot_dim)
-        self.backend = "eager"
-
-    def attention_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """q [B, K, D], k and v [B, N, D] -> (updates [B, K, D], attention [B, K, N])."""
-        logits = torch.bmm(q, k.transpose(1, 2)) * self.slot_dim ** -0.5
-        attn = logits.softmax(dim=1) + self.eps
-        attn = attn / attn.sum(dim=-1, keepdim=True)
-        return torch.bmm(attn, v), attn
 
     def updates(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The attention step's updates [B, K, D], by the module's backend."""
-        if self.backend == "triton":
-            from kernels.slot_attention import slot_attention_step
-            dtype = compute_dtype(q)
-            return slot_attention_step(q.to(dtype), k.to(dtype), v.to(dtype),
-                                       scale=self.slot_dim ** -0.5, eps=self.eps)
-        return self.attention_step(q, k, v)[0]
+        """q [B, K, D], k and v [B, N, D] -> the attention step's updates [B, K, D]: logits
+        q k^T / sqrt(D), softmax over the slots, + eps, renormalised over the inputs, times v
+        (kernels/slot_attention.py's eager twin, the definition its kernel is tested against)."""
+        return slot_attention_step_eager(q, k, v, scale=self.slot_dim ** -0.5, eps=self.eps)[0]
 
     def region(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [B, N, input_dim] -> slots [B, K, slot_dim]."""
@@ -431,31 +423,6 @@ class RenderMLP(nn.Module):
         return self.net(x)
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products run in here: autocast's where it is on, else t's."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
-
-
-def residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return block(x) + x
-
-
-def fold_cross_attention(attn: Attention, slots: torch.Tensor, dtype: torch.dtype):
-    """Per-scene matrices of a ray-to-slot cross-attention (heads h, slots k, ray features c):
-    mq [B, C, H*K] = W_q,h^T k_h^T / sqrt(d) and mv [B, H*K, C] = v_h W_o,h^T."""
-    heads = attn.heads
-    k, v = attn.to_kv(slots).to(dtype).chunk(2, dim=-1)                   # [B, K, H*d]
-    batch, num_slots, inner = k.shape
-    d = inner // heads
-    wq = attn.to_q.weight.to(dtype).view(heads, d, -1)                     # [H, d, C]
-    wo = attn.to_out[0].weight.to(dtype).view(-1, heads, d)                # [C, H, d]
-    mq = torch.einsum("hdc,bkhd->bchk", wq, k.view(batch, num_slots, heads, d)) * d ** -0.5
-    mv = torch.einsum("bkhd,chd->bhkc", v.view(batch, num_slots, heads, d), wo)
-    return mq.reshape(batch, -1, heads * num_slots), mv.reshape(batch, heads * num_slots, -1)
-
-
 class RayDecoder(nn.Module):
     """A decoder of rays: `forward(latents, camera_pos [B, R, 3], rays [B, R, 3])` runs `region`.
 
@@ -499,50 +466,11 @@ class SlotMixerDecoder(RayDecoder):
                                         layer_norm=layer_norm)
         self.render_mlp = RenderMLP(slot_dim + QUERY_DIM, render_hidden_dim or slot_dim)
 
-        self.backend = "eager"
-
     def region(self, slot_latents, camera_pos, rays):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]})."""
-        if self.backend == "triton" and not self.mixing_block.layer_norm:
-            return self.forward_folded(slot_latents, camera_pos, rays)
         x, queries = self.allocation_transformer(slot_latents, camera_pos, rays)
         mixed, weights = self.mixing_block(x, slot_latents)
         pixels = self.render_mlp(torch.cat((mixed, queries), -1))
-        return pixels, {"segmentation": weights}
-
-    def forward_folded(self, slots, camera_pos, rays):
-        """The same function through the fused Triton kernels, on per-scene folded matrices
-        (shared/spec/PERFORMANCE.md): no per-ray 180 <-> 1536 projection, no mixed slot.
-
-        What autograd keeps per ray: the 180-d residual stream at each block, the allocation
-        MLP's input (its 3072-d hidden layer is recomputed in backward), the slot weights, and
-        one 1536-d activation per render layer (LeakyReLU in place; its gradient needs only the
-        output's sign).
-        """
-        from kernels.slot_mixer import slot_cross_attention, slot_mix_render
-
-        dtype = compute_dtype(slots)
-        slots_c = slots.to(dtype)
-        at = self.allocation_transformer
-        queries = at.input_mlp(at.query_encoder(camera_pos, rays)).to(dtype)
-        x = queries
-        for attn_block, ff_block in at.transformer.layers:
-            attn = attn_block.fn
-            mq, mv = fold_cross_attention(attn, slots_c, dtype)
-            x = slot_cross_attention(x, attn_block.norm.weight, attn_block.norm.bias, mq, mv,
-                                     attn.to_out[0].bias, attn.heads, attn_block.norm.eps)
-            x = run_checkpointed(residual, True, ff_block, x)
-        mix, first = self.mixing_block, self.render_mlp.net[0]
-        mm = torch.einsum("ac,bka->bck", mix.to_q.weight.to(dtype), mix.to_k(slots_c).to(dtype)) * mix.scale
-        slot_dim = slots.shape[-1]
-        g = F.linear(slots_c, first.weight[:, :slot_dim].to(dtype)).to(dtype)          # [B, K, F]
-        h, weights = slot_mix_render(x.to(dtype), queries, mm.to(dtype), g,
-                                     first.weight[:, slot_dim:].to(dtype), first.bias,
-                                     self.render_mlp.net[1].negative_slope)
-        layers = list(self.render_mlp.net)[2:]
-        for layer, act in zip(layers[:-2:2], layers[1:-2:2]):
-            h = F.leaky_relu(layer(h), act.negative_slope, inplace=True)
-        pixels = torch.sigmoid(layers[-2](h))
         return pixels, {"segmentation": weights}
 
 
@@ -629,18 +557,17 @@ class OSRT(nn.Module):
         self.set_backend(cfg.backend)
         self.set_encoder_attention(cfg.encoder_attention)
 
-    def set_backend(self, backend: str) -> "OSRT":
+    def set_backend(self, backend: str, ops: Optional[dict] = None) -> "OSRT":
         """'eager' or 'triton' for the modules with fast paths (SlotAttention, SlotMixerDecoder;
-        the others always run eager). Parameters and outputs stay the same."""
+        the others always run eager), as osrt_fast/fast.py implements them (`ops` chooses kernel
+        or eager twin per op). Parameters and outputs stay the same."""
         if backend not in BACKENDS:
             raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == "triton":
             from kernels._triton import HAVE_TRITON, triton_missing_message
             if not HAVE_TRITON:
                 raise ConfigError(f"model.backend 'triton': {triton_missing_message()}")
-        for module in self.modules():
-            if isinstance(module, (SlotAttention, SlotMixerDecoder)):
-                module.backend = backend
+        fast.set_backend(self, backend, ops)
         self.cfg.backend = backend
         return self
 

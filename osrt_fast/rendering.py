@@ -42,15 +42,18 @@ EYEROLL_RADIUS = 1.5
 
 def render_image(decoder: Callable, latents, camera_pos: torch.Tensor, rays: torch.Tensor,
                  max_rays: int = 16384) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Decodes whole images in chunks of rays, so memory stays bounded at any resolution.
+    """Decodes whole images, at most `max_rays` rays at a time, so memory stays bounded at any
+    resolution.
 
     Args:
-        decoder: `decoder(latents, camera_pos [B, R, 3], rays [B, R, 3]) -> (pixels [B, R, 3],
-            extras)`, extras a dict of per-ray tensors [B, R, ...] (e.g. 'segmentation' [B, R, K]).
+        decoder: a ray decoder, `decoder(latents, camera_pos [B, R, 3], rays [B, R, 3],
+            max_rays=N) -> (pixels [B, R, 3], extras)` (model.RayDecoder: it decodes in chunks
+            of at most N rays over all scenes); extras maps names to per-ray tensors [B, R, ...]
+            (e.g. 'segmentation' [B, R, K]).
         latents: whatever the encoder returned (passed through unchanged).
         camera_pos: [B, 3] one camera per scene.
         rays: [B, H, W, 3] ray directions.
-        max_rays: rays per decoder call, summed over the batch (the reference uses
+        max_rays: rays per decoder pass, summed over the batch (the reference uses
             num_points * batch_size, i.e. a training step's worth).
     Returns:
         img [B, H, W, 3] and extras with each per-ray tensor reshaped to [B, H, W, ...]; extras
@@ -65,30 +68,12 @@ def render_image(decoder: Callable, latents, camera_pos: torch.Tensor, rays: tor
         raise ValueError(f"camera_pos must be [B, 3] = [{batch_size}, 3], "
                          f"got {tuple(camera_pos.shape)}")
     num_rays = height * width
-    flat_rays = rays.reshape(batch_size, num_rays, 3)
-    flat_pos = camera_pos[:, None, :].expand(batch_size, num_rays, 3)
-    chunk = max(1, int(max_rays) // batch_size)
-
-    pixel_chunks, extra_chunks = [], []
-    for start in range(0, num_rays, chunk):
-        stop = min(start + chunk, num_rays)
-        pixels, extras = decoder(latents, flat_pos[:, start:stop].contiguous(),
-                                 flat_rays[:, start:stop].contiguous())
-        pixel_chunks.append(pixels)
-        extra_chunks.append(extras or {})
-
-    img = torch.cat(pixel_chunks, 1).reshape(batch_size, height, width, -1)
-    agg = {}
-    for key in extra_chunks[0]:
-        parts = [e.get(key) for e in extra_chunks]
-        if not all(torch.is_tensor(p) and p.dim() >= 2 and p.shape[0] == batch_size
-                   for p in parts):
-            continue
-        if sum(p.shape[1] for p in parts) != num_rays:
-            continue
-        cat = torch.cat(parts, 1)
-        agg[key] = cat.reshape(batch_size, height, width, *cat.shape[2:])
-    return img, agg
+    flat_pos = camera_pos[:, None, :].expand(batch_size, num_rays, 3).contiguous()
+    pixels, extras = decoder(latents, flat_pos, rays.reshape(batch_size, num_rays, 3),
+                             max_rays=int(max_rays))
+    per_ray = {k: v.reshape(batch_size, height, width, *v.shape[2:]) for k, v in (extras or {}).items()
+               if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (batch_size, num_rays)}
+    return pixels.reshape(batch_size, height, width, -1), per_ray
 
 
 # --------------------------------------------------------------------------- camera motions
@@ -470,11 +455,12 @@ def visualize(model, batch: dict, path: Optional[str], device, num_angles: int =
     batch = to_device(batch, device)
     images, cam, rays = batch["input_images"], batch["input_camera_pos"], batch["input_rays"]
     if parallel.is_sharded(model):
-        # Through the root module (its hooks gather the parameters), encoding again per chunk.
+        # Through the root module (its hooks gather the parameters); it encodes once and
+        # decodes in chunks of max_rays.
         latents = None
 
-        def decode(_, target_cam, target_rays):
-            return model(images, cam, rays, target_cam, target_rays)
+        def decode(_, target_cam, target_rays, max_rays):
+            return model(images, cam, rays, target_cam, target_rays, max_rays=max_rays)
     else:
         with parallel.autocast(device, precision):
             latents = model.encoder(images, cam, rays)

@@ -6,6 +6,7 @@ import torch
 
 from osrt_fast import OSRT
 from osrt_fast.config import ConfigError
+from kernels.slot_attention import slot_attention_step_eager
 from osrt_fast.model import MixingBlock, SlotAttention, ray_encoding
 from conftest import tiny_model_config
 
@@ -91,7 +92,8 @@ def test_mixing_block_is_the_weighted_slot_mean():
 def test_slot_attention_softmax_over_slots_then_renormalised_over_inputs():
     sa = SlotAttention(num_slots=4, input_dim=8, slot_dim=8, hidden_dim=16)
     q, k, v = torch.randn(2, 4, 8), torch.randn(2, 11, 8), torch.randn(2, 11, 8)
-    updates, attn = sa.attention_step(q, k, v)
+    updates, attn = slot_attention_step_eager(q, k, v, scale=sa.slot_dim ** -0.5, eps=sa.eps)
+    torch.testing.assert_close(sa.updates(q, k, v), updates)      # the model's step is the twin
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4))
     raw = (torch.einsum("bkd,bnd->bkn", q, k) / math.sqrt(8)).softmax(1) + 1e-8
     torch.testing.assert_close(attn, raw / raw.sum(-1, keepdim=True))

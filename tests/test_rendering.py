@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from osrt_fast import geometry, rendering, visualize
+from osrt_fast.model import RayDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_POS = torch.tensor([[7.5, -4.0, 6.0]])
@@ -95,8 +96,9 @@ def test_apply_fade_matches_the_reference_curve():
     assert np.all(np.diff([rendering.apply_fade(t) for t in ts]) >= 0)
 
 
-class TinyDecoder(torch.nn.Module):
-    """Per-ray MLP with a per-scene latent, and a softmax 'segmentation' over 3 slots."""
+class TinyDecoder(RayDecoder):
+    """Per-ray MLP with a per-scene latent, and a softmax 'segmentation' over 3 slots; a
+    RayDecoder, so `max_rays` chunks its calls of `region`."""
 
     def __init__(self):
         super().__init__()
@@ -104,12 +106,11 @@ class TinyDecoder(torch.nn.Module):
                                        torch.nn.Linear(16, 6))
         self.calls = 0
 
-    def forward(self, latents, camera_pos, rays):
+    def region(self, latents, camera_pos, rays):
         self.calls += 1
         x = torch.cat([camera_pos, rays, latents[:, None].expand(-1, rays.shape[1], -1)], -1)
         out = self.net(x)
-        return torch.sigmoid(out[..., :3]), {"segmentation": out[..., 3:].softmax(-1),
-                                             "not_per_ray": torch.zeros(2)}
+        return torch.sigmoid(out[..., :3]), {"segmentation": out[..., 3:].softmax(-1)}
 
 
 def test_render_image_chunked_equals_unchunked():
@@ -123,7 +124,6 @@ def test_render_image_chunked_equals_unchunked():
         part, ex_part = rendering.render_image(dec, latents, pos, rays, max_rays=6)  # 3 per scene
     assert dec.calls == 1 + math.ceil(35 / 3)
     assert full.shape == (2, 5, 7, 3) and ex_full["segmentation"].shape == (2, 5, 7, 3)
-    assert "not_per_ray" not in ex_full
     torch.testing.assert_close(part, full)
     torch.testing.assert_close(ex_part["segmentation"], ex_full["segmentation"])
     # Pixel (i, j) of scene b is the decoder's answer for exactly that ray.
