@@ -1,12 +1,19 @@
-"""Typed configuration: the reference's YAML layout (`data`, `model`, `training`), checked.
+"""Typed configuration: the reference's YAML layout (`data`, `model`, `training`), checked once.
 
-A reference run directory's `config.yaml` loads unchanged. Unknown keys are an error that names
-the key and the valid ones; YAML is always parsed with the safe loader.
+A reference run directory's `config.yaml` loads unchanged. Every key of every section has a type
+and, where it matters, a range or a set of choices (`option` below); `config_from_dict` checks
+them all when a config is built, and an error names the key, the value, what was expected and
+what the key means. Unknown keys are an error that names the valid ones; YAML is always parsed
+with the safe loader. YAML 1.1 reads `1e6` (no dot) as a string: a number written so is read as
+the number meant. Building a config never changes the dict it came from, and `OSRT` copies the
+model config it is given.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,20 +24,50 @@ class ConfigError(ValueError):
     """A configuration file or section is malformed; the message says what to change."""
 
 
+def option(default=dataclasses.MISSING, help: str = "", *, choices=None, min=None, max=None,
+           default_factory=dataclasses.MISSING):
+    """A config field with its meaning (`help`, quoted in errors) and its allowed values."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+BACKENDS = ("eager", "triton")
+ENCODER_ATTENTION = ("sdpa", "xformers")
+PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("fsdp", "ddp")
+
+# data.kwargs per dataset: key -> (type, minimum or None, meaning). None as a value means "the
+# dataset's default" for every key.
+_FOLDER = {"max_objects": (int, 1, "skip scenes with more objects (the reference's filter)"),
+           "downsample": (int, 0, "input views subsampled by 2**downsample"),
+           "num_input_views": (int, 1, "views the encoder sees"),
+           "max_views": (int, 1, "accepted, unused (as by the reference)")}
+_GENERATOR = {"num_scenes": (int, 1, "scenes generated"), "height": (int, 8, "image height"),
+              "width": (int, 8, "image width"), "num_views": (int, 1, "views per scene"),
+              "min_objects": (int, 0, "fewest objects per scene"),
+              "max_objects": (int, 1, "most objects per scene"), "seed": (int, None, "generator seed"),
+              "device": (str, None, "where scenes are rendered: cpu, cuda, auto")}
+_KUBRIC = {"downsample": _FOLDER["downsample"], "num_input_views": _FOLDER["num_input_views"],
+           "shuffle_buffer": (int, 0, "training stream shuffle buffer, in records"),
+           "skip": (int, 0, "records skipped at the start"), "seed": (int, None, "input-view seed")}
+DATASET_OPTIONS = {
+    "procedural": {**_FOLDER, **_GENERATOR},
+    "clevr3d": _FOLDER, "obsurf_msn": _FOLDER, "osrt": _KUBRIC, "msn": _KUBRIC,
+    "nmr": {"downsample": _FOLDER["downsample"]},
+    "shards": {"downsample": _FOLDER["downsample"], "num_input_views": _FOLDER["num_input_views"]},
+}
+
+
 @dataclass
 class DataConfig:
-    # 'procedural' (built-in generator), 'clevr3d', 'obsurf_msn', 'osrt' / 'msn' (MSN-Hard), 'nmr'
-    dataset: str = "procedural"
-    # Dataset folder; the reference's default is data/<dataset>.
-    path: Optional[str] = None
-    # Target rays sampled per scene and training step.
-    num_points: int = 2048
-    # Dataset-specific keyword arguments (e.g. downsample, max_objects, num_input_views, and for
-    # 'procedural' the generator settings num_scenes, height, width, num_views, ...).
-    kwargs: dict = field(default_factory=dict)
-    # How training reads scenes: 'torch' (DataLoader workers) or 'dali' (png shards decoded by
-    # NVIDIA DALI's threads; `dataset: shards` converted with --encoding png; [dali] extra).
-    loader: str = "torch"
+    dataset: str = option("procedural", "the dataset", choices=tuple(DATASET_OPTIONS))
+    path: Optional[str] = option(None, "the dataset folder (default data/<dataset>)")
+    num_points: int = option(2048, "target rays sampled per scene and training step", min=1)
+    kwargs: dict = option(default_factory=dict, help="dataset options (README, Datasets)")
+    loader: str = option("torch", "how training reads scenes: DataLoader workers, or NVIDIA DALI "
+                                  "over png shards", choices=("torch", "dali"))
 
     def resolved_path(self) -> str:
         return self.path if self.path is not None else os.path.join("data", self.dataset)
@@ -38,57 +75,65 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "osrt"            # 'osrt' | 'srt'
-    encoder_kwargs: dict = field(default_factory=dict)
-    decoder: str = "slot_mixer"      # 'slot_mixer' | 'spatial_broadcast' | 'srt'
-    decoder_kwargs: dict = field(default_factory=dict)
-    # The reference's switch to PyTorch's default initialisation instead of the paper's.
-    use_default_init: bool = False
-    # Which implementation computes the model: 'eager' is the definition and runs everywhere;
-    # 'triton' runs slot attention and the Slot Mixer decoder through the fused Triton kernels
-    # (CUDA; the [triton] extra). Both compute the same function from the same parameters.
-    backend: str = "eager"
-    # The encoder's self-attention: 'sdpa' (PyTorch's scaled_dot_product_attention) or
-    # 'xformers' (memory-efficient attention; CUDA and the [xformers] extra).
-    encoder_attention: str = "sdpa"
+    encoder: str = option("osrt", "the encoder: osrt or srt")
+    encoder_kwargs: dict = option(default_factory=dict, help="the encoder's widths and depths")
+    decoder: str = option("slot_mixer", "the decoder: slot_mixer, spatial_broadcast or srt")
+    decoder_kwargs: dict = option(default_factory=dict, help="the decoder's widths and depths")
+    use_default_init: bool = option(False, "PyTorch's default initialisation instead of the paper's")
+    backend: str = option("eager", "how the model is computed (the same function): eager "
+                                   "everywhere, triton on CUDA GPUs", choices=BACKENDS)
+    encoder_attention: str = option("sdpa", "the encoder's self-attention kernel",
+                                    choices=ENCODER_ATTENTION)
+
+
+@dataclass
+class CheckpointingConfig:
+    """Regions recomputed in backward instead of kept (osrt_fast/parallel.py)."""
+    encoder_blocks: bool = option(False, "the conv stem and each transformer block")
+    slot_attention: bool = option(False, "slot attention")
+    decoder_ray_chunk: int = option(0, "rays per scene per checkpointed decoder chunk (0 = off)", min=0)
+
+    def enabled(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
 
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = 256
-    num_workers: int = 1
-    model_selection_metric: str = "psnr"
-    model_selection_mode: str = "maximize"
-    print_every: int = 10
-    visualize_every: int = 5000
-    validate_every: int = 5000
-    checkpoint_every: int = 1000
-    backup_every: int = 25000
-    max_it: int = 4_000_000
-    decay_it: int = 4_000_000
-    lr_warmup: int = 2500
-    # Options beyond the reference (the reference's values are the defaults).
-    peak_lr: float = 1e-4
-    decay_rate: float = 0.16
-    seed: int = 0
-    device: str = "auto"             # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
-    max_nonfinite_steps: int = 5     # stop after this many non-finite losses in a row
-    eval_batch_size: Optional[int] = None   # default: max(1, batch_size // 8), as the reference
-    vis_scenes: int = 6               # scenes in the visualisation grids
-    # Scale (osrt_fast/parallel.py). `batch_size` is the global batch: scenes per optimizer
-    # step over all processes and accumulation steps together, whatever the process count.
-    precision: str = "fp32"          # 'fp32' | 'bf16' (bf16 autocast; fp32 weights and Adam state)
-    grad_clip: float = 0.0           # clip the global gradient norm to this; 0 = off
-    grad_accum: int = 1              # micro-batches per optimizer step (per process)
-    # Regions recomputed in backward instead of kept: {encoder_blocks: bool (conv stem and each
-    # transformer block), slot_attention: bool, decoder_ray_chunk: rays per scene per chunk (0 = off)}
-    activation_checkpointing: dict = field(default_factory=dict)
-    compile: bool = False            # torch.compile each region (fullgraph)
-    parallel: str = "fsdp"           # with several processes (torchrun): 'fsdp' (FSDP2) | 'ddp'
-    peak_tflops: Optional[float] = None   # the device's dense bf16 peak for MFU (default: known GPUs)
-    # Reference keys for its NeRF decoder; accepted so its configs load, unused by OSRT.
-    num_coarse_samples: Optional[int] = None
-    num_fine_samples: Optional[int] = None
+    batch_size: int = option(256, "the global batch: scenes per optimizer step", min=1)
+    num_workers: int = option(1, "DataLoader workers per process", min=0)
+    model_selection_metric: str = option("psnr", "the evaluation metric model_best.pt is chosen by",
+                                         choices=("psnr", "mse", "ari", "fg_ari"))
+    model_selection_mode: str = option("maximize", "whether a larger metric is better",
+                                       choices=("maximize", "minimize"))
+    print_every: int = option(10, "steps between logs (0 = never)", min=0)
+    visualize_every: int = option(5000, "steps between visualisations (0 = never)", min=0)
+    validate_every: int = option(5000, "steps between evaluations (0 = never)", min=0)
+    checkpoint_every: int = option(1000, "steps between model.pt saves (0 = only at the end)", min=0)
+    backup_every: int = option(25000, "steps between model_<it>.pt backups (0 = never)", min=0)
+    max_it: int = option(4_000_000, "training steps", min=0)
+    decay_it: int = option(4_000_000, "steps per learning-rate decay by decay_rate", min=1)
+    lr_warmup: int = option(2500, "linear learning-rate warm-up steps", min=0)
+    peak_lr: float = option(1e-4, "the learning rate after warm-up", min=0.0)
+    decay_rate: float = option(0.16, "learning-rate decay per decay_it steps", min=0.0)
+    seed: int = option(0, "the seed of weights, batches and ray samples")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    max_nonfinite_steps: int = option(5, "non-finite losses in a row that stop the run", min=1)
+    eval_batch_size: Optional[int] = option(None, "scenes per evaluation batch (default "
+                                                  "batch_size // 8)", min=1)
+    vis_scenes: int = option(6, "scenes in the visualisation grids", min=1)
+    precision: str = option("fp32", "bf16: the forward pass under bf16 autocast, fp32 weights and "
+                                    "Adam state", choices=PRECISIONS)
+    grad_clip: float = option(0.0, "clip the global gradient norm to this (0 = off)", min=0.0)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    activation_checkpointing: CheckpointingConfig = option(
+        default_factory=CheckpointingConfig,
+        help="e.g. {encoder_blocks: true, slot_attention: true, decoder_ray_chunk: 1024}")
+    compile: bool = option(False, "torch.compile each region (fullgraph)")
+    parallel: str = option("fsdp", "with several processes: FSDP2 or DDP", choices=PARALLEL)
+    peak_tflops: Optional[float] = option(None, "the device's dense bf16 peak for MFU", min=0.0)
+    # The reference's NeRF decoder keys: accepted so its configs load, unused by OSRT.
+    num_coarse_samples: Optional[int] = option(None, "unused (the reference's NeRF decoder)")
+    num_fine_samples: Optional[int] = option(None, "unused (the reference's NeRF decoder)")
 
 
 @dataclass
@@ -104,31 +149,104 @@ class Config:
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig}
 
 
-def _build(cls, values: Any, where: str):
+# ----------------------------------------------------------------------------------------------
+# Checking
+
+def _bad(where: str, value, expected: str, help: str = "") -> ConfigError:
+    return ConfigError(f"{where} = {value!r}: expected {expected}" + (f" ({help})" if help else ""))
+
+
+def _number(value):
+    """A YAML string that spells a number (`1e6`, `4e6`) as that number; anything else as is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def coerce(where: str, value, kind, *, help: str = "", choices=None, min=None, max=None):
+    """`value` as `kind` (bool, int, float, str, dict, a config dataclass, or Optional of one),
+    checked against `choices` and the inclusive range [min, max]; a ConfigError otherwise."""
+    if typing.get_origin(kind) is typing.Union:
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, where)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _bad(where, value, "true or false", help)
+    elif kind is int:
+        value = _number(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)              # YAML writes 4e6 as a float
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(where, value, "an integer", help)
+    elif kind is float:
+        value = _number(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(where, value, "a number", help)
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise _bad(where, value, "a string", help)
+    elif kind is dict:
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise _bad(where, value, "a mapping", help)
+        return copy.deepcopy(value)
+    if choices is not None and value not in choices:
+        raise _bad(where, value, f"one of {', '.join(map(str, choices))}", help)
+    if min is not None and value < min:
+        raise _bad(where, value, f"a value >= {min}", help)
+    if max is not None and value > max:
+        raise _bad(where, value, f"a value <= {max}", help)
+    return value
+
+
+def build(cls, values: Any, where: str):
+    """A `cls` (a config dataclass) from a mapping, every field checked (see `coerce`)."""
     if values is None:
         values = {}
+    if isinstance(values, cls):
+        values = dataclasses.asdict(values)
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
-    valid = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(valid))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(
             f"unknown key(s) {', '.join(repr(f'{where}.{k}') for k in unknown)}; "
-            f"valid keys in '{where}' are: {', '.join(sorted(valid))}")
-    kwargs = {}
-    for name, value in values.items():
-        default = valid[name].default
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"'{where}.{name}' must be true or false, got {value!r}")
-        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
-                and value.is_integer():
-            value = int(value)   # YAML writes 4e6 as a float
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if valid[name].default_factory is dict and value is None:  # type: ignore[comparison-overlap]
-            value = {}
-        kwargs[name] = value
+            f"valid keys in '{where}' are: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: coerce(f"{where}.{name}", value, hints[name], **fields[name].metadata)
+              for name, value in values.items()}
     return cls(**kwargs)
+
+
+def checked_data_kwargs(dataset: str, kwargs: Optional[dict]) -> dict:
+    """data.kwargs for `dataset`, every key known to it and of its type."""
+    if dataset not in DATASET_OPTIONS:
+        raise _bad("data.dataset", dataset, f"one of {', '.join(DATASET_OPTIONS)}")
+    valid = DATASET_OPTIONS[dataset]
+    unknown = sorted(set(kwargs or {}) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown data.kwargs key(s) {unknown} for dataset '{dataset}'; valid keys "
+                          f"are: {', '.join(valid)}")
+    return {key: coerce(f"data.kwargs.{key}", value, Optional[valid[key][0]], min=valid[key][1],
+                        help=valid[key][2])
+            for key, value in (kwargs or {}).items()}
+
+
+def validate(cfg: Config) -> None:
+    """What involves several keys."""
+    cfg.data.kwargs = checked_data_kwargs(cfg.data.dataset, cfg.data.kwargs)
+    if cfg.data.loader == "dali" and cfg.data.dataset != "shards":
+        raise ConfigError("data.loader 'dali' reads png shards: convert the dataset first "
+                          "(python -m osrt_fast.data.shards CONFIG --out DIR --encoding png) "
+                          "and set data.dataset: shards, data.path: DIR")
 
 
 def config_from_dict(raw: Any) -> Config:
@@ -142,75 +260,19 @@ def config_from_dict(raw: Any) -> Config:
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; valid sections are: "
                           f"{', '.join(sorted(_SECTIONS))}")
-    cfg = Config(**{name: _build(cls, raw.get(name), name) for name, cls in _SECTIONS.items()})
+    cfg = Config(**{name: build(cls, raw.get(name), name) for name, cls in _SECTIONS.items()})
     validate(cfg)
     return cfg
 
 
 def model_config_from_any(model_cfg: Any) -> ModelConfig:
-    """Accepts a ModelConfig, a reference-style `model:` dict, or a whole Config."""
-    if isinstance(model_cfg, ModelConfig):
-        return model_cfg
+    """A checked copy of a ModelConfig, a reference-style `model:` dict, or a whole Config's model."""
     if isinstance(model_cfg, Config):
-        return model_cfg.model
-    return _build(ModelConfig, model_cfg, "model")
+        model_cfg = model_cfg.model
+    return build(ModelConfig, model_cfg, "model")
 
 
-def validate(cfg: Config) -> None:
-    t = cfg.training
-    if t.model_selection_mode not in ("maximize", "minimize"):
-        raise ConfigError("training.model_selection_mode must be 'maximize' or 'minimize', "
-                          f"got {t.model_selection_mode!r}")
-    if t.batch_size < 1:
-        raise ConfigError(f"training.batch_size must be positive, got {t.batch_size}")
-    if cfg.data.num_points < 1:
-        raise ConfigError(f"data.num_points must be positive, got {cfg.data.num_points}")
-    check_model_choices(cfg.model)
-    check_scale_options(t)
-    if not isinstance(cfg.data.kwargs, dict):
-        raise ConfigError("data.kwargs must be a mapping")
-    if cfg.data.loader not in ("torch", "dali"):
-        raise ConfigError(f"data.loader must be 'torch' or 'dali', got {cfg.data.loader!r}")
-    if cfg.data.loader == "dali" and cfg.data.dataset != "shards":
-        raise ConfigError("data.loader 'dali' reads png shards: convert the dataset first "
-                          "(python -m osrt_fast.data.shards CONFIG --out DIR --encoding png) "
-                          "and set data.dataset: shards, data.path: DIR")
-
-
-PRECISIONS = ("fp32", "bf16")
-PARALLEL = ("fsdp", "ddp")
-CHECKPOINT_REGIONS = {"encoder_blocks": bool, "slot_attention": bool, "decoder_ray_chunk": int}
-
-
-def check_scale_options(t: "TrainingConfig") -> None:
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-    if t.parallel not in PARALLEL:
-        raise ConfigError(f"training.parallel must be one of {', '.join(PARALLEL)}, got {t.parallel!r}")
-    if not isinstance(t.grad_accum, int) or t.grad_accum < 1:
-        raise ConfigError(f"training.grad_accum must be a positive integer, got {t.grad_accum!r}")
-    if t.grad_clip < 0:
-        raise ConfigError(f"training.grad_clip must be >= 0 (0 turns clipping off), got {t.grad_clip}")
-    if t.peak_tflops is not None and t.peak_tflops <= 0:
-        raise ConfigError(f"training.peak_tflops must be positive, got {t.peak_tflops}")
-    ac = t.activation_checkpointing
-    if not isinstance(ac, dict):
-        raise ConfigError("training.activation_checkpointing must be a mapping, e.g. "
-                          "{encoder_blocks: true, slot_attention: true, decoder_ray_chunk: 1024}")
-    unknown = sorted(set(ac) - set(CHECKPOINT_REGIONS))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in training.activation_checkpointing; valid "
-                          f"keys are: {', '.join(CHECKPOINT_REGIONS)}")
-    for key, kind in CHECKPOINT_REGIONS.items():
-        value = ac.get(key, kind())
-        if kind is bool and not isinstance(value, bool):
-            raise ConfigError(f"training.activation_checkpointing.{key} must be true or false, got {value!r}")
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ConfigError(f"training.activation_checkpointing.{key} must be a number of rays "
-                              f"per scene (0 = off), got {value!r}")
-
-
-def micro_batch_size(t: "TrainingConfig", world_size: int) -> int:
+def micro_batch_size(t: TrainingConfig, world_size: int) -> int:
     """Scenes per process per forward pass: the global batch over processes and accumulation steps."""
     parts = world_size * t.grad_accum
     if t.batch_size % parts:
@@ -219,18 +281,6 @@ def micro_batch_size(t: "TrainingConfig", world_size: int) -> int:
             f"{world_size} process(es) x grad_accum {t.grad_accum}; use a batch size divisible by "
             f"{parts} (e.g. {max(parts, t.batch_size - t.batch_size % parts)}) or change grad_accum")
     return t.batch_size // parts
-
-
-BACKENDS = ("eager", "triton")
-ENCODER_ATTENTION = ("sdpa", "xformers")
-
-
-def check_model_choices(model: ModelConfig) -> None:
-    if model.backend not in BACKENDS:
-        raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {model.backend!r}")
-    if model.encoder_attention not in ENCODER_ATTENTION:
-        raise ConfigError(f"model.encoder_attention must be one of {', '.join(ENCODER_ATTENTION)}, "
-                          f"got {model.encoder_attention!r}")
 
 
 def load_config(path: str) -> Config:

@@ -20,8 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.slot_attention import slot_attention_step_eager
 
 from . import fast
-from .config import (BACKENDS, ENCODER_ATTENTION, ConfigError, ModelConfig, check_model_choices,
-                     model_config_from_any)
+from .config import BACKENDS, ENCODER_ATTENTION, ConfigError, ModelConfig, model_config_from_any
 
 NUM_OCTAVES = 15
 QUERY_DIM = 4 * 3 * NUM_OCTAVES      # 180: sin and cos of 3 coordinates, for position and direction
@@ -546,8 +545,7 @@ class OSRT(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        cfg: ModelConfig = model_config_from_any(cfg)
-        check_model_choices(cfg)
+        cfg: ModelConfig = model_config_from_any(cfg)        # a checked copy: ours to change
         self.cfg = cfg
         self.encoder = _construct("encoder", ENCODERS, cfg.encoder, cfg.encoder_kwargs)
         self.decoder = _construct("decoder", DECODERS, cfg.decoder, cfg.decoder_kwargs)

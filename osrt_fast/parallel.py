@@ -35,6 +35,7 @@ state is gathered from all ranks), so a run saved by N processes resumes in M.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -108,9 +109,12 @@ def current() -> DistInfo:
 # ----------------------------------------------------------------------------------------------
 # parallelize
 
-def apply_activation_checkpointing(model: nn.Module, regions: dict) -> None:
-    """Sets the checkpoint flags of the model's regions (see the module docstring)."""
+def apply_activation_checkpointing(model: nn.Module, regions) -> None:
+    """Sets the checkpoint flags of the model's regions (see the module docstring); `regions`
+    is a config.CheckpointingConfig or a mapping of its keys."""
+    from .config import CheckpointingConfig, build
     from .model import OSRTEncoder, RayDecoder, SlotAttention
+    regions = dataclasses.asdict(build(CheckpointingConfig, regions, "training.activation_checkpointing"))
     srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
     on = bool(regions.get("encoder_blocks", False))
     srt.stem_checkpointed = on

@@ -112,7 +112,7 @@ class Trainer:
     def announce(self) -> None:
         t, info = self.t, self.info
         strategy = f"{info.world_size} processes, {t.parallel.upper()}" if info.distributed else "1 process"
-        regions = {k: v for k, v in t.activation_checkpointing.items() if v}
+        regions = t.activation_checkpointing.enabled()
         n_enc, n_dec = self.num_params
         self.say(f"Parameters: encoder {n_enc:,}, decoder {n_dec:,}, total {n_enc + n_dec:,}. Device "
                  f"{self.device}, {strategy}; global batch {t.batch_size} = {info.world_size} x "

@@ -143,7 +143,7 @@ def test_backend_errors_are_clear(monkeypatch):
     model = OSRT({**tiny_model_config(), "backend": "triton"})
     with pytest.raises(ConfigError, match="CUDA GPUs.*backend: eager"):
         model.check_device(torch.device("cpu"))
-    with pytest.raises(ConfigError, match="model.encoder_attention must be one of sdpa, xformers"):
+    with pytest.raises(ConfigError, match="model.encoder_attention = .flash.: expected one of sdpa, xformers"):
         config_from_dict({"model": {"encoder_attention": "flash"}})
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from osrt_fast import data, geometry, scenes
-from osrt_fast.config import DataConfig
+from osrt_fast.config import ConfigError, DataConfig
 from osrt_fast.data import DataError, ObSuRFDataset, model_batch
 
 N, V, H, W = 20, 3, 16, 32
@@ -255,11 +255,12 @@ def test_get_dataset(tmp_path, capsys):
     for name in ("osrt", "msn", "nmr", "shards"):
         with pytest.raises(DataError, match="does not exist"):
             data.get_dataset("train", DataConfig(dataset=name, path=str(tmp_path / "none")))
-    with pytest.raises(DataError, match="unknown dataset 'foo'.*clevr3d.*procedural"):
+    # A hand-made DataConfig is checked as a loaded one is (ConfigError).
+    with pytest.raises(ConfigError, match="data.dataset = 'foo'.*procedural, clevr3d"):
         data.get_dataset("train", DataConfig(dataset="foo"))
-    with pytest.raises(DataError, match="unknown data.kwargs key.*'bogus'.*downsample"):
+    with pytest.raises(ConfigError, match="unknown data.kwargs key.*'bogus'.*downsample"):
         data.get_dataset("train", DataConfig(dataset="clevr3d", kwargs=dict(bogus=1)))
-    with pytest.raises(DataError, match="unknown data.kwargs key.*num_scenes"):
+    with pytest.raises(ConfigError, match="unknown data.kwargs key.*num_scenes"):
         data.get_dataset("train", DataConfig(dataset="clevr3d", kwargs=dict(num_scenes=1)))
     with pytest.raises(DataError, match="does not exist"):
         data.get_dataset("train", DataConfig(dataset="clevr3d", path=str(tmp_path / "x"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..config import checked_data_kwargs
 from .errors import CorruptFile, DataError, DataWarning, SkipCounter
 from .obsurf import (ENCODER_MULTIPLE, GENERATE_HINT, KINDS, SPLIT_RANGES, ObSuRFDataset,
                      downsample, procedural_split_range)
@@ -23,19 +24,8 @@ from .records import (BatchSpec, ViewPolicy, collate, make_batch, model_batch, r
                       sample_pixels, to_device)
 from .samplers import EVAL_SEED, FixedSampler, ResumableBatchSampler, item_seed
 
-LOADER_KWARGS = ("max_objects", "downsample", "num_input_views", "max_views")
-KUBRIC_KWARGS = ("downsample", "num_input_views", "shuffle_buffer", "skip", "seed")
 GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min_objects=2,
                           max_objects=6, seed=0, device="cpu")
-DATASET_KWARGS = {
-    "procedural": tuple(sorted(set(LOADER_KWARGS) | set(GENERATOR_DEFAULTS))),
-    "clevr3d": LOADER_KWARGS,
-    "obsurf_msn": LOADER_KWARGS,
-    "osrt": KUBRIC_KWARGS,
-    "msn": KUBRIC_KWARGS,
-    "nmr": ("downsample",),
-    "shards": ("downsample", "num_input_views"),
-}
 
 
 def _ensure_procedural(path: str, kwargs: dict) -> None:
@@ -78,14 +68,7 @@ def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale:
     Items are scene records; `make_batch(records, dataset.spec)` gives the model's inputs.
     """
     name = data_cfg.dataset
-    if name not in DATASET_KWARGS:
-        raise DataError(f"unknown dataset {name!r}; valid datasets are: "
-                        f"{', '.join(sorted(DATASET_KWARGS))}")
-    kwargs = dict(data_cfg.kwargs or {})
-    unknown = sorted(set(kwargs) - set(DATASET_KWARGS[name]))
-    if unknown:
-        raise DataError(f"unknown data.kwargs key(s) {unknown} for dataset '{name}'; valid keys "
-                        f"are: {', '.join(DATASET_KWARGS[name])}")
+    kwargs = checked_data_kwargs(name, data_cfg.kwargs)     # (a hand-made DataConfig too)
     path = data_cfg.resolved_path()
     common = dict(points_per_item=data_cfg.num_points, max_len=max_len, full_scale=full_scale)
     if name in ("osrt", "msn"):
