@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWINS = dict.fromkeys(fast.OPS, "eager")     # every fast op through its kernel's eager twin
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["osrt_slot_mixer", "osrt_slot_mixer_3iters"])
 def test_reference_vectors_under_the_fast_path(name):
     case = load_case(name)
@@ -200,6 +201,7 @@ def train_losses(backend: str, dtype: torch.dtype, steps: int = 30) -> list:
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_training_on_the_fast_path_follows_eager(dtype, tolerance):
     """30 Adam steps from one seed: the loss curves agree within `tolerance` (relative, per step).
@@ -211,6 +213,7 @@ def test_training_on_the_fast_path_follows_eager(dtype, tolerance):
     assert ((folded - eager).abs() / eager).max() < tolerance
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
     """Every kernel, as its launcher launches it at MSN-Hard and odd small shapes, compiles for
     sm_90 with Triton's bundled ptxas, within Hopper's shared memory (kernels/aot.py)."""

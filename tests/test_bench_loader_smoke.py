@@ -10,6 +10,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
+pytestmark = pytest.mark.slow      # left out by the quick run (pytest -m "not slow"); CI runs it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ("tfds", "png_folder", "shards_raw", "shards_png", "dali")
 WORKERS = (0, 1)

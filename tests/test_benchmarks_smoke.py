@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow      # left out by the quick run (pytest -m "not slow"); CI runs it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = ("fp32", "bf16")
 OPS = ("slot_attention_step", "slot_cross_attention", "slot_mix_render")

@@ -19,13 +19,13 @@ import torch
 import yaml
 
 import osrt_fast.trainer as trainer
-from osrt_fast.data import ResumableBatchSampler
 from conftest import tiny_model_config
 from osrt_fast import OSRT
 from osrt_fast.checkpoint import load_checkpoint
 from osrt_fast.config import config_from_dict
-from osrt_fast.data import get_dataset
+from osrt_fast.data import ResumableBatchSampler, get_dataset
 
+pytestmark = pytest.mark.slow      # left out by the quick run (pytest -m "not slow"); CI runs it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 

@@ -88,7 +88,8 @@ def test_slot_attention_returns_the_attention(device):
 
 @pytest.mark.parametrize("device,dtype", cases())
 @pytest.mark.parametrize("B,R,C,H,K", [(2, 37, 20, 3, 5), (1, 37, 180, 2, 1), (2, 65, 33, 1, 7),
-                                       (1, 37, 24, 12, 32), (1, 8191, 12, 2, 7)])
+                                       (1, 37, 24, 12, 32),
+                                       pytest.param(1, 8191, 12, 2, 7, marks=pytest.mark.slow)])
 def test_slot_cross_attention(device, dtype, B, R, C, H, K):
     g = torch.Generator().manual_seed(R + K)
     inputs = [torch.randn(B, R, C, generator=g), 1 + 0.1 * torch.randn(C, generator=g),
@@ -99,7 +100,8 @@ def test_slot_cross_attention(device, dtype, B, R, C, H, K):
 
 @pytest.mark.parametrize("device,dtype", cases())
 @pytest.mark.parametrize("B,R,C,K,F", [(2, 37, 20, 5, 24), (1, 70, 180, 1, 100), (2, 130, 33, 7, 64),
-                                       (1, 37, 16, 32, 40), (1, 8191, 12, 5, 8)])
+                                       (1, 37, 16, 32, 40),
+                                       pytest.param(1, 8191, 12, 5, 8, marks=pytest.mark.slow)])
 def test_slot_mix_render(device, dtype, B, R, C, K, F):
     g = torch.Generator().manual_seed(R + K + F)
     inputs = [torch.randn(B, R, C, generator=g), torch.randn(B, R, C, generator=g),
@@ -124,6 +126,7 @@ def test_slot_mix_render_without_gradient_on_the_weights():
 # ----------------------------------------------------------------------------------------------
 # torch.compile traces through the custom ops; clear errors
 
+@pytest.mark.slow
 def test_ops_trace_under_torch_compile_fullgraph():
     torch._dynamo.reset()
     q, k, v = (torch.randn(*s, requires_grad=True) for s in ((2, 5, 24), (2, 37, 24), (2, 37, 24)))

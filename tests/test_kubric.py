@@ -14,7 +14,7 @@ tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from osrt_fast import data  # noqa: E402
-from osrt_fast.config import DataConfig  # noqa: E402
+from osrt_fast.config import ConfigError, DataConfig  # noqa: E402
 from osrt_fast.data import DataError, kubric, model_batch  # noqa: E402
 from osrt_fast.data.errors import DataWarning  # noqa: E402
 
@@ -121,6 +121,7 @@ def test_batches_point_rays_at_their_pixels(root):
                                torch.ones(batch["target_rays"].shape[:2]))
 
 
+@pytest.mark.slow
 def test_evaluation_is_reproducible_and_training_is_endless(root):
     a = list(kubric.KubricDataset(root, "val", points_per_item=8))
     b = list(kubric.KubricDataset(root, "val", points_per_item=8))
@@ -146,6 +147,7 @@ def test_sharding_and_skipping(root):
         ds.skipping(3)
 
 
+@pytest.mark.slow
 def test_dataloader_workers_share_the_stream(root):
     """Two 'spawn' workers read disjoint halves: every validation scene exactly once."""
     ds = data.get_dataset("val", DataConfig(dataset="osrt", path=root, num_points=16))
@@ -200,7 +202,7 @@ def test_bad_inputs(root, tmp_path):
         json.dump(feats, f)
     with pytest.raises(DataError, match="lacks feature.*instance_image"):
         kubric.KubricDataset(part, "val")
-    with pytest.raises(DataError, match="unknown data.kwargs key.*'max_objects'"):
+    with pytest.raises(ConfigError, match="unknown data.kwargs key.*.max_objects."):
         data.get_dataset("train", DataConfig(dataset="osrt", path=root,
                                              kwargs={"max_objects": 3}))
 

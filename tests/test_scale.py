@@ -82,6 +82,7 @@ def test_checkpointed_decoder_keeps_only_chunk_inputs_and_outputs(decoder):
     assert per_ray_ckpt <= 4 * (3 + 3 + 3 + 3), per_ray_ckpt   # rays, positions, pixels, weights (K = 3)
 
 
+@pytest.mark.slow
 def test_compile_with_checkpointing_changes_no_gradient():
     """Each region compiled (fullgraph: a graph break fails), under checkpointing: the same
     outputs and gradients as eager, and compiled code did run."""
@@ -99,6 +100,7 @@ def test_compile_with_checkpointing_changes_no_gradient():
     assert list(fast.state_dict()) == list(plain.state_dict())
 
 
+@pytest.mark.slow
 def test_compile_traces_the_triton_kernels_without_graph_breaks():
     """The fused kernels are custom ops: the Slot Mixer and slot attention regions compile whole
     (fullgraph=True) on the triton backend and match the eager backend."""

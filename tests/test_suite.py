@@ -38,6 +38,7 @@ def measured(row):
     return not (row.get("skipped") or row.get("error") or row.get("oom"))
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_section_without_error(smoke):
     rows, _, _ = smoke
     errors = [r for r in rows if r.get("error")]
@@ -50,6 +51,7 @@ def test_smoke_runs_every_section_without_error(smoke):
         assert r["smoke"] is True
 
 
+@pytest.mark.slow
 def test_correctness_section_runs_the_device_tests(smoke):
     rows, _, _ = smoke
     [row] = rows_of(rows, bench="correctness")
@@ -58,6 +60,7 @@ def test_correctness_section_runs_the_device_tests(smoke):
     assert row["passed"] >= 8 and row["skipped"] == 0, row
 
 
+@pytest.mark.slow
 def test_train_step_section_covers_every_path_and_the_paper_batch(smoke):
     rows, _, _ = smoke
     for path in ("eager-fp32", "eager-bf16", "fast", "fast-ckpt"):
@@ -68,6 +71,7 @@ def test_train_step_section_covers_every_path_and_the_paper_batch(smoke):
     assert measured(paper) and paper["path"] == "fast-ckpt" and paper["scenes"] == 4
 
 
+@pytest.mark.slow
 def test_reference_section_searches_the_largest_batch(smoke):
     """The stand-in runs out of memory above one scene: the equal-work row says so, and the
     search finds 1."""
@@ -78,6 +82,7 @@ def test_reference_section_searches_the_largest_batch(smoke):
     assert largest["largest_scenes"] == 1 and largest["scenes_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_kernels_section_has_triton_eager_and_compile_rows(smoke):
     rows, _, _ = smoke
     for dtype in ("fp32", "bf16"):
@@ -91,6 +96,7 @@ def test_kernels_section_has_triton_eager_and_compile_rows(smoke):
             assert row["skipped"], row            # no torch.compile in the smoke run
 
 
+@pytest.mark.slow
 def test_data_section_times_make_batch_and_the_loaders(smoke):
     rows, _, _ = smoke
     [mb] = rows_of(rows, bench="make_batch")
@@ -101,6 +107,7 @@ def test_data_section_times_make_batch_and_the_loaders(smoke):
     assert all(measured(r) and r["scenes_per_s"] > 0 for r in loaders)
 
 
+@pytest.mark.slow
 def test_summary_and_profile_are_written(smoke):
     rows, results, stdout = smoke
     [summary] = results.glob("suite_*.md")
@@ -112,6 +119,7 @@ def test_summary_and_profile_are_written(smoke):
     assert "| figure |" in stdout
 
 
+@pytest.mark.slow
 def test_import_and_readme_table_from_a_gpu_run(smoke, tmp_path):
     """A run's files imported once (a second import adds nothing; smoke rows never), and the
     README block generated from them with the run's conditions and figures."""
