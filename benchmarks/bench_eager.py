@@ -6,7 +6,7 @@ The eager path is the definition; later fast paths report their speed-up over th
 
 Training step = encoder (5 views of 128x128) + Slot Mixer decoder on `rays` target rays per
 scene + MSE backward + Adam step, K = 32, the paper's widths. Scenes/s, rays/s and MFU use the
-model-FLOP count of shared/spec/PERFORMANCE.md. Appends JSON lines to results/eager.jsonl.
+model-FLOP count of docs/PERFORMANCE.md. Appends JSON lines to results/eager.jsonl.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ global gradient norm (the non-finite check), fused Adam. Paths:
 For each path: the time of a step at `--scenes` scenes (equal work across paths; ratio to
 eager-fp32), then the largest number of scenes per step that fits (doubling from `--scenes`,
 then bisecting to 8 scenes), and its time. MFU counts the reference model's FLOPs
-(spec/PERFORMANCE.md) against the GPU's dense bf16 peak. `--profile` writes the largest costs
+(docs/PERFORMANCE.md) against the GPU's dense bf16 peak. `--profile` writes the largest costs
 of one step per path (torch.profiler) next to the results. Appends JSON lines to
 results/train_step.jsonl.
 """

@@ -11,7 +11,7 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# Model FLOPs of the reference architecture (shared/spec/PERFORMANCE.md), forward pass,
+# Model FLOPs of the reference architecture (docs/PERFORMANCE.md), forward pass,
 # MSN-Hard settings: 5 input views of 128x128, K = 32.
 ENCODER_FLOPS_PER_SCENE = 168.5e9
 DECODER_FLOPS_PER_RAY = 27.7e6

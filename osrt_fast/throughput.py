@@ -13,14 +13,14 @@ from .model import OSRT
 
 
 # Dense bf16 matrix-product peaks measured on the lent machines, random data (H100:
-# spec/PERFORMANCE.md; H200: the device library's KINDS.md, 8192^3 products); MFU is reported
+# docs/PERFORMANCE.md; H200 likewise, 8192^3 products on random data); MFU is reported
 # against these whatever dtype the step runs in, so numbers stay comparable.
 PEAK_FLOPS = {"H100": 798e12, "H200": 788e12}
 
 
 def model_flops_per_scene(model_cfg, batch: dict) -> Optional[float]:
     """Model FLOPs of one training step per scene (forward x 3: backward ~ 2x forward), counted
-    as spec/PERFORMANCE.md asks: on the eager reference architecture, whatever fast path runs
+    as docs/PERFORMANCE.md defines them: on the eager reference architecture, whatever fast path runs
     (recomputation and exact rewrites do not change it). Counted on a copy of the model on the
     meta device, so no memory, no collectives and no compiled code are involved. None where the
     counter fails."""
