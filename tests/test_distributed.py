@@ -178,12 +178,16 @@ def test_bad_data_stops_every_process_with_a_message(tmp_path):
     config = write_run(folder, str(tmp_path / "nowhere"))
     with open(config) as f:
         cfg = yaml.safe_load(f)
-    cfg["data"]["kwargs"]["colour"] = 1
+    # A CLEVR3D folder without its metadata: a data error, found when the first process reads
+    # it (a config error would stop every process at load, before any of them reads data).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg["data"].update(dataset="clevr3d", path=str(empty), kwargs={})
     with open(config, "w") as f:
         yaml.safe_dump(cfg, f)
     out = torchrun(config, "--exit-after", "1", expect=1)
     # Both processes reached their error path (neither waits at a barrier) ...
-    assert "unknown data.kwargs key(s) ['colour']" in out
+    assert "metadata.npz' is missing" in out
     assert "another process could not load the data" in out
     # ... and the first to exit did so with the data-error code. torchrun's agent stops the
     # workers still running once one has failed, so the second exits with 2 or, if it was not
