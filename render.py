@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from typing import Optional, Sequence
 
@@ -63,6 +64,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f"unknown motion {args.motion!r}; valid motions are: {', '.join(MOTIONS)}")
     if args.num_frames < 1:
         return _fail(f"--num-frames must be positive, got {args.num_frames}")
+    if args.it is not None and args.checkpoint is not None:
+        return _fail("--it and --checkpoint both name a checkpoint; give one of them")
+    for flag in ("sceneid", "sceneid_start", "sceneid_stop"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            return _fail(f"--{flag.replace('_', '-')} must be a scene id >= 0, got {value}")
     if not args.novideo:
         try:
             check_video_support()
@@ -136,8 +143,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for sceneid in range(start, stop):
         item = next(stream) if iterable else dataset[sceneid]
         out_dir = os.path.join(run_dir, "render", name, str(sceneid))
-        if os.path.exists(out_dir):
-            print(f"Warning: {out_dir} exists; its contents will be overwritten.")
+        if os.path.isdir(out_dir):
+            # A new rendering replaces the old one whole: no frames or videos of an earlier
+            # run (say, with more frames) are left beside the new ones.
+            print(f"note: replacing the earlier rendering in {out_dir}")
+            shutil.rmtree(out_dir)
         result = render_scene_frames(
             model, _batched_item(item, dataset.spec), out_dir, args.motion, args.num_frames,
             height=args.height, width=args.width, fade=args.fade, device=device,

@@ -101,10 +101,9 @@ def prepare_data(args, paths) -> SimpleNamespace:
                         shards_source=None)
     have_tf = tf_available()
     need_shards = any(p in paths for p in ("shards_raw", "shards_png", "dali"))
-    if "tfds" in paths or (need_shards and have_tf):
-        if not have_tf:
-            return d      # tfds rows say why; shards fall back below
+    if have_tf and ("tfds" in paths or need_shards):
         d.tfds = _prepare_tfds(os.path.join(root, "tfds"), args)
+    # Without TensorFlow the tfds rows say why, and the shards come from the PNG folder.
     if "png_folder" in paths or (need_shards and d.tfds is None):
         d.obsurf = _prepare_obsurf(os.path.join(root, "obsurf"), args)
     if need_shards:

@@ -21,6 +21,7 @@ from .config import ConfigError, load_config
 from .data import DataError, get_dataset, make_batch, record_loader, to_device
 from .metrics import adjusted_rand_index, fg_ari, psnr
 from .model import OSRT
+from .progress import progress_bar
 from .runs import run_dir_for
 
 
@@ -56,12 +57,7 @@ def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool 
     model = parallel.for_inference(model)
     was_training = model.training
     model.eval()
-    try:
-        from tqdm import tqdm
-        bar = tqdm(desc="evaluating", leave=False, dynamic_ncols=True,
-                   disable=not progress or not info.is_main)
-    except ImportError:
-        bar = None
+    bar = progress_bar(enabled=progress and info.is_main, desc="evaluating", leave=False)
     sums, last, batches = defaultdict(lambda: torch.zeros((), dtype=torch.float64)), None, iter(loader)
     count = 0
     while True:
@@ -85,10 +81,8 @@ def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool 
         for k, v in terms.items():
             sums[k] = sums[k] + weight * v.double().sum().cpu()
         count += int(weight) * len(terms["mse"])
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     if was_training:
         model.train()
     keys = sorted(sums)

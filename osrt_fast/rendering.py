@@ -28,6 +28,7 @@ from . import geometry, parallel
 from .data.records import to_device
 from .geometry import rotate_about_z
 from .metrics import fg_ari
+from .progress import progress_bar
 from .visualize import colorize_segmentation, draw_visualization_grid, to_uint8
 
 MOTIONS = ("rotate", "zoom", "closeup", "rotate_and_closeup", "eyeroll")
@@ -338,8 +339,6 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
         dict with 'dir', 'num_frames', 'seconds' (rendering only), 'segmentation' (bool) and the
         paths 'renders_video' / 'video' (None without videos).
     """
-    from tqdm import tqdm
-
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; valid motions are: {', '.join(MOTIONS)}")
     if num_frames < 1:
@@ -394,8 +393,7 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
         latents = model.encoder(images, camera_pos, rays)
         base_pos = camera_pos[:, 0]                                   # [1, 3]
         next_camera = pool.submit(camera, 0)
-        bar = tqdm(range(num_frames), desc=f"render {motion}", unit="frame",
-                   disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(range(num_frames), enabled=progress, desc=f"render {motion}", unit="frame")
         for frame in bar:
             cur_pos, cur_rays = next_camera.result()
             if frame + 1 < num_frames:

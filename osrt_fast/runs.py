@@ -35,13 +35,9 @@ def copy_config(config_path: str, run_dir: str) -> None:
 
 
 def start_wandb(cfg, run_dir: str, run_id: Optional[str]):
-    """(the wandb module logging this run, its run id), or (None, run_id) without wandb."""
-    try:
-        import wandb
-    except ImportError:
-        print("--wandb: the wandb package is not installed (pip install 'osrt-fast[wandb]'); "
-              "continuing without it.")
-        return None, run_id
+    """(the wandb module, logging this run, its run id); train.py has checked that wandb is
+    installed before starting."""
+    import wandb
     run_id = run_id or wandb.util.generate_id()
     wandb.init(project="osrt-fast", name=run_dir, id=run_id, resume="allow", config=cfg.to_dict())
     return wandb, run_id
@@ -61,3 +57,31 @@ def resume_notes(path: str, extras: dict, t, schedule: dict, world_size: int) ->
         notes.append(f"note: {path} was written by {extras.get('world_size', 1)} process(es), this "
                      f"run has {world_size}; the global batch ({t.batch_size} scenes) is the same")
     return notes
+
+
+def parse_train_args(argv=None):
+    """train.py's command line (the reference's flags, and a few of ours)."""
+    import argparse
+    p = argparse.ArgumentParser(description="Train OSRT (the reference's train.py flags).")
+    p.add_argument("config", help="Path to a config file (configs/*.yaml or a run's config.yaml).")
+    p.add_argument("--exit-after", type=int, help="Exit after this many training iterations.")
+    p.add_argument("--test", action="store_true", help="Evaluate on the test split instead of val.")
+    p.add_argument("--evalnow", action="store_true", help="Run evaluation on startup.")
+    p.add_argument("--visnow", action="store_true", help="Run visualisation on startup.")
+    p.add_argument("--wandb", action="store_true", help="Log to Weights and Biases (optional extra).")
+    p.add_argument("--max-eval", type=int, help="Limit the number of items in the evaluation set.")
+    p.add_argument("--full-scale", action="store_true", help="Evaluate on full images.")
+    p.add_argument("--print-model", action="store_true", help="Print the model and its parameters.")
+    p.add_argument("--run-dir", help="Run directory (default: the config's folder for config.yaml, "
+                                     "else runs/<config name>).")
+    return p.parse_args(argv)
+
+
+def require_wandb() -> None:
+    """A ConfigError, before any work, where --wandb is asked for without the wandb package."""
+    import importlib.util
+
+    from .config import ConfigError
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb needs the wandb package, which is not installed: "
+                          "pip install 'osrt-fast[wandb]', or leave --wandb out")

@@ -467,8 +467,8 @@ def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 
         batch_scenes = max(1, 65536 // (height * width * num_views))
     bar = None
     if progress and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), unit="scene", desc=f"generating {root}")
+        from osrt_fast.progress import progress_bar
+        bar = progress_bar(total=len(todo), unit="scene", desc=f"generating {root}")
     for start in range(0, len(todo), batch_scenes):
         chunk = todo[start:start + batch_scenes]
         # Camera positions are rendered from the stored float32 values: the loader's rays

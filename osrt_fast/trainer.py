@@ -29,8 +29,10 @@ from .guards import NonFiniteGuard, NonFiniteLossError
 from .metrics import psnr
 from .model import OSRT
 from .rendering import visualize
-from .runs import append_log, copy_config, resume_notes, run_dir_for, start_wandb
+from .runs import (append_log, copy_config, parse_train_args, require_wandb, resume_notes, run_dir_for,
+                   start_wandb)
 from .schedule import LrSchedule
+from .progress import progress_bar
 from .signals import GracefulInterrupt
 from .throughput import Throughput, peak_flops
 
@@ -153,13 +155,16 @@ class Trainer:
         self.say(f"Evaluating on {self.eval_split} ({len(self.eval_set)} items)...")
         result = evaluate(self.model, self.eval_loader, self.device, self.eval_set.spec,
                           max_rays=self.max_rays, precision=t.precision)
-        self.say(f"Evaluation at it={self.it}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        self.say(f"Evaluation at it={self.it}: " + ", ".join(
+            f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in result.items()))
         if self.info.is_main:
             append_log(self.run_dir, {"it": self.it, "split": self.eval_split, **result})
         if self.wandb:
             self.wandb.log({f"val/{k}": v for k, v in result.items()}, step=self.it)
         metric = result[t.model_selection_metric]
-        if self.sign * (metric - self.best) > 0:
+        # The model is chosen on the validation split only: a test-split score (--test) is
+        # reported, never used for selection.
+        if self.eval_split == "val" and self.sign * (metric - self.best) > 0:
             self.best = metric
             self.checkpoint("model_best.pt")
             self.say(f"New best model ({t.model_selection_metric} {self.best:.4f}), saved model_best.pt")
@@ -224,6 +229,8 @@ class Trainer:
         elif "tflops_per_s" in rec:
             postfix["tflops"] = f"{rec['tflops_per_s']:.3g}"
         self.bar.set_postfix(**postfix, lr=f"{step['lr']:.2e}")
+        if self.bar.disable:          # no terminal (a log file): a plain line instead of the bar
+            self.say(f"it {self.it}/{self.bar.total}: " + ", ".join(f"{k}={v}" for k, v in postfix.items()))
         if self.info.is_main:
             append_log(self.run_dir, rec)
         if self.wandb:
@@ -246,7 +253,6 @@ class Trainer:
 
     def run(self) -> int:
         """Resumes, then trains to `max_it` (or --exit-after). Returns a process exit code."""
-        from tqdm import tqdm
         self.resume()
         max_it = self.args.exit_after if self.args.exit_after is not None else self.t.max_it
         self.announce()
@@ -254,8 +260,7 @@ class Trainer:
         if self.args.wandb and self.info.is_main:
             self.wandb, self.run_id = start_wandb(self.cfg, self.run_dir, self.run_id)
         self.build_loaders()
-        self.bar = tqdm(total=max_it, initial=self.it, desc="training", dynamic_ncols=True,
-                        disable=not self.info.is_main)
+        self.bar = progress_bar(total=max_it, initial=self.it, desc="training", enabled=self.info.is_main)
         self.guard = NonFiniteGuard(self.t.max_nonfinite_steps, self.run_dir)
         self.rates = Throughput(self.it, self.t.batch_size, self.cfg.data.num_points,
                                 peak_flops(self.device, self.t.peak_tflops), self.info.world_size)
@@ -300,6 +305,15 @@ class Trainer:
         return 0
 
 
+def check_before_work(cfg: Config, args) -> None:
+    """What can be refused before any data is read or a run directory made: the model's keys
+    (built on the meta device: no memory, no time) and a missing optional extra."""
+    with torch.device("meta"):
+        OSRT(cfg.model)
+    if args.wandb:
+        require_wandb()
+
+
 def train(cfg: Config, run_dir: str, args) -> int:
     """The training loop, on one process or on each of several started by torchrun. Returns a
     process exit code."""
@@ -318,24 +332,11 @@ def train(cfg: Config, run_dir: str, args) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     from .config import load_config
-    p = argparse.ArgumentParser(description="Train OSRT (the reference's train.py flags).")
-    p.add_argument("config", help="Path to a config file (configs/*.yaml or a run's config.yaml).")
-    p.add_argument("--exit-after", type=int, help="Exit after this many training iterations.")
-    p.add_argument("--test", action="store_true", help="Evaluate on the test split instead of val.")
-    p.add_argument("--evalnow", action="store_true", help="Run evaluation on startup.")
-    p.add_argument("--visnow", action="store_true", help="Run visualisation on startup.")
-    p.add_argument("--wandb", action="store_true", help="Log to Weights and Biases (optional extra).")
-    p.add_argument("--max-eval", type=int, help="Limit the number of items in the evaluation set.")
-    p.add_argument("--full-scale", action="store_true", help="Evaluate on full images.")
-    p.add_argument("--print-model", action="store_true", help="Print the model and its parameters.")
-    p.add_argument("--run-dir", help="Run directory (default: the config's folder for config.yaml, "
-                                     "else runs/<config name>).")
-    args = p.parse_args(argv)
+    args = parse_train_args(argv)
     try:
         cfg = load_config(args.config)
+        check_before_work(cfg, args)
         run_dir = run_dir_for(args.config, args.run_dir)
         os.makedirs(run_dir, exist_ok=True)
         if int(os.environ.get("RANK", 0)) == 0:      # under torchrun, one process copies

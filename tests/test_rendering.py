@@ -275,6 +275,10 @@ def test_render_py_missing_checkpoint_message(tmp_path, capsys):
     assert "model.pt" in err and "python train.py" in err
     assert main([str(cfg), "--motion", "spin"]) != 0
     assert "valid motions" in capsys.readouterr().err
+    assert main([str(cfg), "--sceneid", "-1", "--novideo"]) == 2
+    assert "--sceneid must be a scene id >= 0, got -1" in capsys.readouterr().err
+    assert main([str(cfg), "--it", "5", "--checkpoint", "x.pt", "--novideo"]) == 2
+    assert "--it and --checkpoint both name a checkpoint" in capsys.readouterr().err
 
 
 def test_render_py_end_to_end(tmp_path):
@@ -304,6 +308,15 @@ def test_render_py_end_to_end(tmp_path):
     assert sorted(os.listdir(out / "renders")) == ["0.png", "1.png", "2.png"]
     assert len(os.listdir(out / "segmentations")) == 3
     assert (out / "renders.mp4").is_file() and (out / "video.mp4").is_file()
+
+    # Rendering again into the same folder replaces it whole: 2 frames, no video, nothing left
+    # of the 3-frame run.
+    rc = main([str(run / "config.yaml"), "--sceneid", "1", "--motion", "rotate", "--num-frames", "2",
+               "--no-cuda", "--novideo"])
+    assert rc == 0
+    assert sorted(os.listdir(out / "renders")) == ["0.png", "1.png"]
+    assert len(os.listdir(out / "segmentations")) == 2
+    assert not (out / "renders.mp4").exists() and not (out / "video.mp4").exists()
 
     rc = main([str(run / "config.yaml"), "--sceneid-start", "0", "--sceneid-stop", "2",
                "--motion", "eyeroll", "--name", "eye", "--num-frames", "2", "--novideo",

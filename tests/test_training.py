@@ -1,5 +1,6 @@
 """Training loop: learning, exact resume, schedule, bad input, Ctrl-C, end-to-end CLI."""
 import json
+import re
 import os
 
 import pytest
@@ -186,14 +187,6 @@ def test_checkpoint_of_another_model_exits_2(tmp_path, data_dir, capsys):
     assert "initial_slots" in capsys.readouterr().err
 
 
-def test_wandb_missing_says_how_to_install_and_continues(tmp_path, data_dir, monkeypatch, capsys):
-    import sys
-    monkeypatch.setitem(sys.modules, "wandb", None)     # makes `import wandb` raise ImportError
-    config = write_config(tmp_path, data_dir)
-    assert trainer.main([config, "--exit-after", "1", "--wandb"]) == 0
-    assert "pip install 'osrt-fast[wandb]'" in capsys.readouterr().out
-
-
 def test_real_ctrl_c_finishes_the_step_and_resumes_exactly(tmp_path, data_dir, monkeypatch):
     import signal
     (tmp_path / "a").mkdir()
@@ -278,3 +271,60 @@ def test_evaluate_without_checkpoint_exits_2(tmp_path, data_dir, capsys):
     config = write_config(tmp_path, data_dir)
     assert evaluate_main([config]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def named_config(tmp_path, data_dir, model=None, **training):
+    """A config outside a run folder (so train.py would make runs/<name>/), and that folder."""
+    cfg = yaml.safe_load(open(write_config(tmp_path, data_dir, **training)))
+    if model is not None:
+        cfg["model"] = model
+    path = tmp_path / "named.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path), tmp_path / "runs" / "named"
+
+
+def test_a_bad_model_key_is_refused_before_data_or_run_folder(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model_config()
+    model["encoder_kwargs"]["slot_width"] = 7
+    config, run = named_config(tmp_path, data_dir, model=model)
+    monkeypatch.setattr(trainer, "get_dataset", lambda *a, **k: pytest.fail("data was read"))
+    assert trainer.main([config]) == 2
+    assert "unknown key(s) ['slot_width'] in model.encoder_kwargs" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_wandb_without_the_package_fails_at_start(tmp_path, data_dir, monkeypatch, capsys):
+    import importlib.util
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    config, run = named_config(tmp_path, data_dir)
+    assert trainer.main([config, "--wandb"]) == 2
+    assert "pip install 'osrt-fast[wandb]'" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_the_test_split_never_selects_the_model(tmp_path, data_dir, capsys):
+    """--test reports the test split's metrics; model_best.pt comes from validation alone."""
+    config = write_config(tmp_path, data_dir, validate_every=2)
+    run = os.path.dirname(config)
+    assert trainer.main([config, "--exit-after", "2", "--evalnow", "--test"]) == 0
+    out = capsys.readouterr().out
+    assert "Evaluating on test" in out and not os.path.exists(os.path.join(run, "model_best.pt"))
+    # num_scenes is a count, printed as one
+    assert re.search(r"num_scenes=\d+(,|$)", out, re.M), out
+    assert trainer.main([config, "--exit-after", "4"]) == 0
+    assert os.path.exists(os.path.join(run, "model_best.pt"))
+
+
+def test_without_a_terminal_progress_is_plain_lines(tmp_path, data_dir, capsys):
+    """Under pytest stderr is no terminal, as in a log file: no bar, no carriage returns; a
+    plain line per log step instead."""
+    config = write_config(tmp_path, data_dir, print_every=2)
+    assert trainer.main([config, "--exit-after", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    lines = [x for x in captured.out.splitlines() if x.startswith("it ")]
+    assert [x.split(":")[0] for x in lines] == ["it 2/4", "it 4/4"]
+    assert "loss=" in lines[0] and "scenes_s=" in lines[0]

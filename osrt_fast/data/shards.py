@@ -150,9 +150,8 @@ def convert(dataset, out: str, encoding: str = "raw", shard_size: int = 1000,
     start = min(sum(done), total)
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=start, unit="scene", desc=f"converting to {out}",
-                   dynamic_ncols=True)
+        from ..progress import progress_bar
+        bar = progress_bar(total=total, initial=start, unit="scene", desc=f"converting to {out}")
         if start:
             bar.write(f"resuming: {len(done)} shards ({start} scenes) already written")
     buffer, first = [], None
