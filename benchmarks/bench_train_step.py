@@ -111,18 +111,24 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def measure(path, scenes, args, env, shape, device, after=None):
-    """A record for one path at one batch, or an 'oom' record. `after(step, batch)`, if given,
-    runs once the step is timed, before it is freed (e.g. a profile of the compiled step)."""
+def measure(path, scenes, args, env, shape, device, after=None, build=None):
+    """A record for one path at one batch, or an 'oom' record. `build(scenes)` -> (step, batch)
+    makes what is timed (default: this script's `Step` of `path` and a random batch; the GPU
+    suite passes the reference's trainer); `after(step, batch)`, if given, runs once the step is
+    timed, before it is freed (e.g. a profile of the compiled step)."""
     views, size, rays = shape
-    rec = {"bench": "train_step", "path": path, **{k: v for k, v in PATHS[path].items() if k != "ckpt"},
-           "checkpointing": PATHS[path]["ckpt"] or None, "scenes": scenes, "rays": rays,
+    spec = PATHS.get(path, {})
+    rec = {"bench": "train_step", "path": path, **{k: v for k, v in spec.items() if k != "ckpt"},
+           "checkpointing": spec.get("ckpt") or None, "scenes": scenes, "rays": rays,
            "views": views, "image": size, "slots": args.slots, **env}
+    if build is None:
+        def build(n):
+            return (Step(path, args.model, device, compile_backend=args.compile_backend),
+                    random_batch(n, views, size, rays, device))
     torch._dynamo.reset()
     step = batch = None
     try:
-        step = Step(path, args.model, device, compile_backend=args.compile_backend)
-        batch = random_batch(scenes, views, size, rays, device)
+        step, batch = build(scenes)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(step, batch, device, args.warmup, args.repeat)

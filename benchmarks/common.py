@@ -30,17 +30,25 @@ TINY_MODEL = {
 }
 
 
-def environment() -> dict:
+def git_commit() -> str:
+    """The checkout's commit (with -dirty for uncommitted changes to tracked files); without git
+    or .git (the GPU machine gets no .git), what benchmarks/prepare_gpu.py wrote to .gpu/COMMIT."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                                          stderr=subprocess.DEVNULL).decode().strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
-                                             stderr=subprocess.DEVNULL).strip())
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                        cwd=root, stderr=subprocess.DEVNULL).strip()
+        return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        commit, dirty = os.environ.get("OSRT_COMMIT", "unknown"), False
+        written = os.path.join(root, ".gpu", "COMMIT")
+        return open(written).read().strip() if os.path.exists(written) else "unknown"
+
+
+def environment() -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": os.environ.get("OSRT_COMMIT", commit) + ("-dirty" if dirty else ""),
+        "commit": os.environ.get("OSRT_COMMIT") or git_commit(),
         "torch": torch.__version__, "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "cuda": torch.version.cuda,

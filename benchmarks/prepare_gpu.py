@@ -21,6 +21,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import git_commit  # noqa: E402
 GPU_DIR = os.path.join(ROOT, ".gpu")
 LIMIT_BYTES = 64 * 2 ** 20
 # imageio-ffmpeg 0.6.0's wheel is 28 MiB; 0.8.x's is 65 MiB, more than the device tool carries.
@@ -93,12 +95,8 @@ def main(argv=None) -> int:
         shutil.rmtree(wheels)
     if not args.no_wheels:
         download_wheels(args.wheel or DEFAULT_WHEELS, wheels)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
     with open(os.path.join(GPU_DIR, "COMMIT"), "w") as f:
-        f.write(commit + ("-dirty" if dirty else "") + "\n")
+        f.write(git_commit() + "\n")
     gpu, tree = folder_bytes(GPU_DIR), tree_bytes()
     print(f".gpu/ holds {gpu / 2 ** 20:.1f} MiB; the working tree {tree / 2 ** 20:.1f} MiB; "
           f"together {(gpu + tree) / 2 ** 20:.1f} MiB of the 64 MiB the device tool carries")

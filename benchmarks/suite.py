@@ -64,23 +64,6 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def commit_of_checkout() -> str | None:
-    """HEAD of the checkout, or what the GPU preparation wrote (.gpu/COMMIT; no .git travels)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    path = os.path.join(ROOT, ".gpu", "COMMIT")
-    if os.path.exists(path):
-        return open(path).read().strip()
-    return None
-
-
 class Recorder:
     """Rows of one run: each appended to the device's JSON-lines file as it comes."""
 
@@ -276,45 +259,27 @@ def section_reference(ctx) -> None:
 
     from benchmarks import bench_train_step as bts
     from benchmarks import common
-    from benchmarks.common import quantiles
     if not ctx.reference:
         ctx.rec.add("reference", {"bench": "reference", "skipped": "no --reference given (a checkout "
                                   "of stelzner/osrt; docs/GPU.md)"})
         return
     ReferenceOSRT, SRTTrainer = import_reference(ctx.reference)
     args = train_args(ctx, warmup=2, repeat=3)
-    views, size, rays = ctx.shape
+
+    def build(scenes: int):
+        """The reference's own training step (SRTTrainer.train_step: loss, backward, Adam, and
+        the ARI of the batch, as it runs every step) on a batch with target masks."""
+        torch.manual_seed(0)
+        # The reference's own config keys only (it has no width options): paper widths.
+        model = ReferenceOSRT({**common.MSN_HARD_MODEL, "encoder_kwargs": {
+            "pos_start_octave": -5, "num_slots": args.slots}}).to(ctx.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+        trainer = SRTTrainer(model, optimizer, {"training": {}}, ctx.device, None, {})
+        return (lambda b: trainer.train_step(b, 0)), reference_batch(scenes, ctx.shape, args.slots, ctx.device)
 
     def measure(scenes: int) -> dict:
-        row = {"bench": "train_step", "path": "reference", "precision": "fp32", "scenes": scenes,
-               "rays": rays, "views": views, "image": size, "slots": args.slots}
-        model = optimizer = trainer = batch = None
-        try:
-            torch.manual_seed(0)
-            # The reference's own config keys only (it has no width options): paper widths.
-            model = ReferenceOSRT({**common.MSN_HARD_MODEL, "encoder_kwargs": {
-                "pos_start_octave": -5, "num_slots": args.slots}}).to(ctx.device)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-            trainer = SRTTrainer(model, optimizer, {"training": {}}, ctx.device, None, {})
-            batch = reference_batch(scenes, ctx.shape, args.slots, ctx.device)
-            if ctx.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            train_step = trainer.train_step
-            times = bts.time_steps(lambda b: train_step(b, 0), batch, ctx.device, args.warmup,
-                                   args.repeat)
-        except torch.OutOfMemoryError:
-            return dict(row, oom=True)
-        finally:
-            del model, optimizer, trainer, batch
-            bts.free(ctx.device)
-        q = quantiles(times)
-        flops = 3 * (args.encoder_flops + args.decoder_flops_per_ray * rays) * scenes
-        row.update(q, scenes_per_s=scenes / q["median_ms"] * 1e3,
-                   rays_per_s=scenes * rays / q["median_ms"] * 1e3,
-                   mfu=flops / (q["median_ms"] * 1e-3) / args.peak if args.peak else None,
-                   peak_mem_gib=(torch.cuda.max_memory_allocated() / 2 ** 30
-                                 if ctx.device.type == "cuda" else None))
-        return row
+        return dict(bts.measure("reference", scenes, args, {}, ctx.shape, ctx.device, build=build),
+                    precision="fp32")
 
     equal = 2 if ctx.smoke else EQUAL_WORK_SCENES
     first = measure(equal)
@@ -461,7 +426,7 @@ def parse_args(argv):
                    "(default benchmarks/results; --smoke: .scratch/suite_smoke)")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="wall-time budget; a section that would not fit is skipped (default 450)")
-    p.add_argument("--commit", help="the commit measured (default: git, else .gpu/COMMIT)")
+    p.add_argument("--commit", help="the commit measured (default: git's, else .gpu/COMMIT)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the suite")
     return p.parse_args(argv)
 
@@ -480,12 +445,9 @@ def main(argv=None) -> int:
         sys.exit("benchmarks.suite needs a CUDA GPU (or --smoke for a CPU check of the suite)")
     start = time.monotonic()
     budget = Budget(1e9 if args.smoke else args.budget_s)
-    commit = args.commit or commit_of_checkout()
-    if commit:
-        os.environ["OSRT_COMMIT"] = commit
     env = common.environment()
-    if commit:
-        env["commit"] = commit
+    if args.commit:
+        env["commit"] = args.commit
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False      # fp32 is fp32: the reference's setting

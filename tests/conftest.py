@@ -39,6 +39,16 @@ def tiny_model_config(**overrides):
     return cfg
 
 
+def scene_inputs(batch=2, views=2, size=16, rays=37, seed=0):
+    """Random model inputs and targets of odd sizes: images [B, V, 3, S, S], camera positions,
+    unit rays, target camera positions and rays [B, R, 3], target pixels [B, R, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, 3, generator=g), dim=-1)  # noqa: E731
+    return (torch.rand(batch, views, 3, size, size, generator=g), unit(batch, views) * 3,
+            unit(batch, views, size, size), unit(batch, rays) * 3, unit(batch, rays),
+            torch.rand(batch, rays, 3, generator=g))
+
+
 def train_tiny(tmp_path, data: dict, steps: int = 2, **training) -> list:
     """train.py's main on the tiny model for `steps` steps on CPU with the data section `data`,
     in tmp_path/run (training options override the defaults below); returns log.jsonl's records."""

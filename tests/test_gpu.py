@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model_config
+from conftest import scene_inputs, tiny_model_config
 from kernels._triton import poisoned_outputs
 from osrt_fast import OSRT
 from osrt_fast.config import config_from_dict
@@ -37,14 +37,6 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def scene_inputs(batch=2, views=2, size=16, rays=37, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, 3, generator=g), dim=-1)  # noqa: E731
-    return (torch.rand(batch, views, 3, size, size, generator=g), unit(batch, views) * 3,
-            unit(batch, views, size, size), unit(batch, rays) * 3, unit(batch, rays),
-            torch.rand(batch, rays, 3, generator=g))
 
 
 def small_config(**overrides):

@@ -3,21 +3,13 @@ beyond tolerance, and checkpointing does cut what autograd keeps."""
 import pytest
 import torch
 
-from conftest import tiny_model_config
+from conftest import scene_inputs, tiny_model_config
 from osrt_fast import OSRT
 from osrt_fast.config import config_from_dict
 from osrt_fast.parallel import (apply_activation_checkpointing, apply_compile, compiled_regions,
                                 parallelize)
 
 ALL_REGIONS = {"encoder_blocks": True, "slot_attention": True, "decoder_ray_chunk": 7}
-
-
-def inputs(batch=2, views=2, rays=37, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, 3, generator=g), dim=-1)  # noqa: E731
-    return (torch.rand(batch, views, 3, size, size, generator=g), unit(batch, views) * 3,
-            unit(batch, views, size, size), unit(batch, rays) * 3, unit(batch, rays),
-            torch.rand(batch, rays, 3, generator=g))
 
 
 def loss_and_grads(model, data):
@@ -53,7 +45,7 @@ def test_activation_checkpointing_changes_no_gradient(backend):
     plain, ckpt = model_pair(backend)
     apply_activation_checkpointing(ckpt, ALL_REGIONS)
     assert ckpt.decoder.ray_chunk == 7 and ckpt.encoder.slot_attention.checkpointed
-    data = inputs(rays=37)        # 37 rays: chunks of 7 with a short last one
+    data = scene_inputs(rays=37)        # 37 rays: chunks of 7 with a short last one
     assert_same(loss_and_grads(plain, data), loss_and_grads(ckpt, data), rtol=1e-5, atol=1e-6)
 
 
@@ -68,7 +60,7 @@ def test_checkpointed_decoder_keeps_only_chunk_inputs_and_outputs(decoder):
             nonlocal total
             total += t.numel() * t.element_size()
             return t
-        data = inputs(batch=1, rays=rays)
+        data = scene_inputs(batch=1, rays=rays)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             pixels, extras = model(*data[:5])
         return total
@@ -93,7 +85,7 @@ def test_compile_with_checkpointing_changes_no_gradient():
     cfg = config_from_dict({"training": {"compile": True, "activation_checkpointing": ALL_REGIONS}})
     assert parallelize(fast, cfg.training) is fast
     assert len(compiled_regions(fast)) == 4      # stem, 1 transformer block, slot attention, decoder
-    data = inputs(rays=21)                       # 3 chunks of 7: one compiled shape
+    data = scene_inputs(rays=21)                       # 3 chunks of 7: one compiled shape
     assert_same(loss_and_grads(plain, data), loss_and_grads(fast, data), rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
     # The state dict (parameter names) is unchanged by compile and checkpointing.
@@ -108,7 +100,7 @@ def test_compile_traces_the_triton_kernels_without_graph_breaks():
     plain, fast = model_pair("triton")
     plain.set_backend("eager")
     apply_compile(fast, backend="aot_eager")     # tracing is the point; inductor adds only time
-    data = inputs(rays=9)
+    data = scene_inputs(rays=9)
     assert_same(loss_and_grads(plain, data), loss_and_grads(fast, data), rtol=1e-4, atol=1e-5)
 
 
@@ -130,7 +122,7 @@ def test_bf16_training_keeps_fp32_master_weights_and_adam_state(tmp_path):
 
 def test_bf16_autocast_model_is_close_to_fp32():
     model = OSRT(tiny_model_config())
-    data = inputs()
+    data = scene_inputs()
     with torch.no_grad():
         ref, _ = model(*data[:5])
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -145,7 +137,7 @@ def test_flop_count_is_the_eager_models():
     from osrt_fast.throughput import model_flops_per_scene
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model = OSRT(tiny_model_config())
-    data = inputs(batch=1)
+    data = scene_inputs(batch=1)
     # (The math backend: the counter has no formula for the CPU flash kernel and would miss
     # the attention products, which the count on the meta device includes.)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
