@@ -35,7 +35,6 @@ state is gathered from all ranks), so a run saved by N processes resumes in M.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -114,17 +113,16 @@ def apply_activation_checkpointing(model: nn.Module, regions) -> None:
     is a config.CheckpointingConfig or a mapping of its keys."""
     from .config import CheckpointingConfig, build
     from .model import OSRTEncoder, RayDecoder, SlotAttention
-    regions = dataclasses.asdict(build(CheckpointingConfig, regions, "training.activation_checkpointing"))
+    regions = build(CheckpointingConfig, regions, "training.activation_checkpointing")
     srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
-    on = bool(regions.get("encoder_blocks", False))
-    srt.stem_checkpointed = on
+    srt.stem_checkpointed = regions.encoder_blocks
     for block in srt.transformer.layers:
-        block.checkpointed = on
+        block.checkpointed = regions.encoder_blocks
     for module in model.encoder.modules():
         if isinstance(module, SlotAttention):
-            module.checkpointed = bool(regions.get("slot_attention", False))
+            module.checkpointed = regions.slot_attention
     if isinstance(model.decoder, RayDecoder):    # (its own blocks run inside its chunks)
-        model.decoder.ray_chunk = int(regions.get("decoder_ray_chunk", 0))
+        model.decoder.ray_chunk = regions.decoder_ray_chunk
 
 
 def compiled_regions(model: nn.Module) -> list:
