@@ -1,20 +1,31 @@
-"""MSN-Hard: the Kubric `multi_shapenet_conditional` TFDS dataset (version 2.8.0), read from disk.
+"""MSN-Hard: the Kubric TFDS dataset `kubric_frames/multi_shapenet_conditional` (version 2.8.0),
+read from disk.
 
 The reference downloads `gs://kubric-public/tfds/kubric_frames/multi_shapenet_conditional/2.8.0/`
-into `data/osrt/multi_shapenet_frames/` and opens it through sunds. We read the same folder with
-tensorflow-datasets alone (`tfds.builder_from_directory`; no download, no sunds). `path` may be
-the version folder itself (the one holding `dataset_info.json`) or any folder above it, such as
-the reference's `data/osrt`.
+into `data/osrt/multi_shapenet_frames/` and opens it through sunds
+(`sunds.builder('multi_shapenet', data_dir='data/osrt')`, which reads the newest version folder of
+`<data_dir>/multi_shapenet_frames/`). We read the same folder with tensorflow-datasets alone
+(`tfds.builder_from_directory`; no download, no sunds). `path` may be the version folder itself
+(the one holding `dataset_info.json`) or any folder above it, such as the reference's `data/osrt`.
+
+On disk (TFDS layout; docs/spec DATA.md): `multi_shapenet_frames/2.8.0/` holds
+`dataset_info.json` (name `kubric_frames`, config `multi_shapenet_conditional`), `features.json`,
+`metadata.json`, the category `*.labels.txt` files and the record shards. The shards are named
+from dataset_info's `name`, not from the folder, and counted by its `splits[].shardLengths`:
+`kubric_frames-<split>.tfrecord-XXXXX-of-YYYYY`. Everything is taken from `dataset_info.json`,
+never guessed. The splits are `train`, `val` and `test` (a folder with `validation` instead of
+`val`, as this project's fixtures once wrote, is read too).
 
 One example is one scene with 10 cameras. Per camera we use the colour image (PNG), the instance
-image, the intrinsics K and the world-to-camera extrinsics (X_cam = R X_world + t, OpenCV axes),
-so the ray through pixel (x, y) is normalize(R^T K^-1 [x + .5, y + .5, 1]) from -R^T t: unit
-length, world frame, as the sunds Nerf task computes them. As in the reference:
+image, the intrinsics K (camera type `PERSPECTIVE`, a pinhole; anything else is refused, as sunds
+does) and the world-to-camera extrinsics (X_cam = R X_world + t, OpenCV axes), so the ray through
+pixel (x, y) is normalize(R^T K^-1 [x + .5, y + .5, 1]) from -R^T t: unit length, world frame, as
+the sunds Nerf task computes them. As in the reference:
 
 - 5 input views chosen at random per item, target rays from the other 5 views;
 - instance ids clipped to [1, 34] minus 1 give 34 mask channels, channel 0 the background
   (ids 0 and 1);
-- the scene id is the number in `scene_name` (`scene_<n>`);
+- the scene id is the number in `scene_name` (`scene_<n>`; names repeat across splits);
 - streams are sharded across ranks and (unlike the reference) DataLoader workers, and may skip
   the first n scenes of a split (to render a given scene).
 
@@ -37,23 +48,31 @@ from torch.utils.data import IterableDataset
 from .errors import DataError, SkipCounter
 from .records import BatchSpec, ViewPolicy, pinhole_origin, pinhole_ray_matrix
 
-NAME = "multi_shapenet_conditional"
+NAME = "kubric_frames"                  # dataset_info.json `name`: the shard files' prefix
+CONFIG = "multi_shapenet_conditional"   # dataset_info.json `configName`
 VERSION = "2.8.0"
+FOLDER = "multi_shapenet_frames"        # the reference's folder (sunds: '<name>_frames')
 NUM_CAMERAS = 10
 NUM_INPUT_VIEWS = 5
 NUM_ENTITIES = 34
-NUM_CATEGORIES = 4      # fixture only: background + the generator's three shapes
-SPLITS = ("train", "validation", "test")
-# The reference's split names and sizes: first 1,000,000 train / 10,000 val or test scenes.
-MODE_SPLIT = {"train": "train", "val": "validation", "test": "test"}
+CAMERA_TYPE = "PERSPECTIVE"
+SPLITS = ("train", "val", "test")
+# The trainer's modes and the split names they read, first found first: the real data has
+# `val`; `validation` is accepted for folders written by this project's older fixture writer.
+MODE_SPLITS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+# The reference reads the first 1,000,000 train / 10,000 val or test scenes.
 MAX_SCENES = {"train": 1_000_000, "val": 10_000, "test": 10_000}
+# TFDS's default shard file name (dataset_info.json without `filepathTemplate`, as written by
+# TFDS before 4.8); the placeholders are TFDS's.
+DEFAULT_FILEPATH_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 IMAGE_FEATURES = ("color_image", "instance_image", "depth_image", "category_image",
                   "normal_image", "object_coordinates_image", "segmentation_image")
-REQUIRED = ("color_image", "instance_image", "intrinsics/K", "extrinsics/R", "extrinsics/t")
+REQUIRED = ("color_image", "instance_image", "intrinsics/K", "intrinsics/type", "extrinsics/R",
+            "extrinsics/t")
 
-WHERE = (f"MSN-Hard is the Kubric TFDS dataset {NAME} {VERSION}: copy "
-         f"gs://kubric-public/tfds/kubric_frames/{NAME}/{VERSION}/ (e.g. `gsutil -m cp -r ... "
-         f"data/osrt/multi_shapenet_frames/`). The public bucket has been reported to answer "
+WHERE = (f"MSN-Hard is the Kubric TFDS dataset {NAME}/{CONFIG} {VERSION}: copy "
+         f"gs://kubric-public/tfds/{NAME}/{CONFIG}/{VERSION}/ (e.g. `gsutil -m cp -r ... "
+         f"data/osrt/{FOLDER}/`). The public bucket has been reported to answer "
          f"AccessDenied since 2026; without it, `dataset: procedural` (built in, no download) "
          f"trains the same model, and `python -m osrt_fast.data.kubric --out DIR` writes a "
          f"small dataset in this exact format for trying the pipeline.")
@@ -71,7 +90,7 @@ def find_version_dir(path: str) -> str:
     if not found:
         raise DataError(f"'{path}' holds no TFDS dataset (no dataset_info.json in it or in its "
                         f"sub-folders <name>/<version>/). Expected e.g. "
-                        f"'{path}/multi_shapenet_frames/{VERSION}/dataset_info.json' with "
+                        f"'{path}/{FOLDER}/{VERSION}/dataset_info.json' with "
                         f"'{NAME}-train.tfrecord-*' shards beside it. {WHERE}")
 
     def key(p):
@@ -93,37 +112,81 @@ def _feature_paths(node, prefix="") -> dict:
     return out
 
 
+def shard_names(name: str, split: dict, file_format: str = "tfrecord") -> list:
+    """The record shard file names of one `splits` entry of dataset_info.json, as TFDS names
+    them: its `filepathTemplate` (TFDS >= 4.8) or TFDS's default
+    `<name>-<split>.<format>-XXXXX-of-YYYYY`, one per entry of `shardLengths` (or `numShards`,
+    TFDS < 4)."""
+    template = split.get("filepathTemplate") or DEFAULT_FILEPATH_TEMPLATE
+    if "shardLengths" in split:
+        count = len(split["shardLengths"])
+    else:
+        count = int(split.get("numShards", 0))
+    digits = max(5, len(str(count)))
+    out = []
+    for i in range(count):
+        index, total = f"{i:0{digits}d}", f"{count:0{digits}d}"
+        try:
+            out.append(template.format(DATASET=name, SPLIT=split["name"],
+                                       FILEFORMAT=file_format, SHARD_INDEX=index,
+                                       NUM_SHARDS=total, SHARD_X_OF_Y=f"{index}-of-{total}"))
+        except (KeyError, IndexError, ValueError) as e:
+            raise DataError(f"dataset_info.json's filepathTemplate {template!r} of split "
+                            f"{split['name']!r} has an unknown placeholder ({e}); TFDS's are "
+                            f"DATASET, SPLIT, FILEFORMAT, SHARD_INDEX, NUM_SHARDS and "
+                            f"SHARD_X_OF_Y") from None
+    return out
+
+
+def _split_size(split: dict) -> int:
+    if "shardLengths" in split:
+        return sum(int(x) for x in split["shardLengths"])
+    stats = split.get("statistics") or {}
+    return int(stats.get("numExamples", 0))
+
+
 def read_info(version_dir: str) -> dict:
-    """Validates a TFDS folder from its JSON files alone (TensorFlow is not imported):
-    returns {name, version, splits: {name: num_examples}, features: [paths], shards: [files]}."""
+    """Reads a TFDS folder's JSON files (TensorFlow is not imported): returns {name, config,
+    version, splits: {split: num_examples}, files: {split: [shard paths]}, missing: {split:
+    [shard file names not on disk]}, features: [paths], image_shape}. Shard files are checked
+    by the split that is opened (`KubricDataset`), so a folder without, say, the test shards
+    still trains."""
     try:
         with open(os.path.join(version_dir, "dataset_info.json")) as f:
             info = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"'{version_dir}/dataset_info.json' is unreadable ({e}); the download "
                         f"is incomplete. {WHERE}") from None
-    name = info.get("name", "?")
-    splits = {}
-    for s in info.get("splits", []):
-        lengths = s.get("shardLengths", [])
-        splits[s["name"]] = sum(int(x) for x in lengths)
-        prefix = os.path.join(version_dir, f"{name}-{s['name']}.")
-        files = glob.glob(prefix + "*")
-        if lengths and len(files) < len(lengths):
-            raise DataError(f"'{version_dir}' is a partial download: split '{s['name']}' has "
-                            f"{len(lengths)} record shards in dataset_info.json but "
-                            f"{len(files)} files named '{name}-{s['name']}.*' on disk. Copy "
-                            f"the missing shards. {WHERE}")
+    if not isinstance(info, dict) or not info.get("name") or not isinstance(
+            info.get("splits"), list):
+        raise DataError(f"'{version_dir}/dataset_info.json' is not a TFDS dataset_info.json "
+                        f"(expected a 'name' and a list of 'splits', each with 'name' and "
+                        f"'shardLengths'). {WHERE}")
+    name = info["name"]
+    file_format = info.get("fileFormat") or "tfrecord"
+    if file_format != "tfrecord":
+        raise DataError(f"'{version_dir}' stores its records as {file_format!r}; MSN-Hard's "
+                        f"are 'tfrecord' (dataset_info.json fileFormat). {WHERE}")
+    splits, files, missing = {}, {}, {}
+    for s in info["splits"]:
+        if not isinstance(s, dict) or "name" not in s:
+            raise DataError(f"'{version_dir}/dataset_info.json' has a split entry without a "
+                            f"name: {s!r}. {WHERE}")
+        names = shard_names(name, s, file_format)
+        splits[s["name"]] = _split_size(s)
+        files[s["name"]] = [os.path.join(version_dir, n) for n in names]
+        missing[s["name"]] = [n for n in names if not os.path.isfile(os.path.join(version_dir, n))]
     features, image_shape = {}, None
     fpath = os.path.join(version_dir, "features.json")
     if os.path.isfile(fpath):
         with open(fpath) as f:
             features = _feature_paths(json.load(f))
-        missing = [f"cameras/camera_0/{r}" for r in REQUIRED
-                   if f"cameras/camera_0/{r}" not in features]
-        if missing:
-            raise DataError(f"'{fpath}' lacks feature(s) {missing}: this is not a Kubric "
-                            f"multi-view dataset with instance masks ({NAME} >= 2.8.0). {WHERE}")
+        missing_features = [f"cameras/camera_0/{r}" for r in REQUIRED
+                            if f"cameras/camera_0/{r}" not in features]
+        if missing_features:
+            raise DataError(f"'{fpath}' lacks feature(s) {missing_features}: this is not a "
+                            f"Kubric multi-view dataset with instance masks ({CONFIG} >= 2.8.0). "
+                            f"{WHERE}")
         cameras = sorted({p.split("/")[1] for p in features if p.startswith("cameras/")})
         if len(cameras) != NUM_CAMERAS:
             raise DataError(f"'{fpath}' has {len(cameras)} cameras per scene, but MSN-Hard has "
@@ -133,8 +196,39 @@ def read_info(version_dir: str) -> dict:
             image_shape = tuple(int(d) for d in dims)
         except (KeyError, TypeError, ValueError):
             image_shape = None
-    return {"name": name, "version": info.get("version", "?"), "splits": splits,
-            "features": list(features), "image_shape": image_shape}
+    return {"name": name, "config": info.get("configName"), "version": info.get("version", "?"),
+            "splits": splits, "files": files, "missing": missing, "features": list(features),
+            "image_shape": image_shape}
+
+
+def resolve_split(version_dir: str, info: dict, mode: str) -> str:
+    """The split name of the trainer's mode ('train' / 'val' / 'test') in this folder; DataError
+    naming what was expected and found when it has none, or when its shard files are missing."""
+    candidates = MODE_SPLITS[mode]
+    split = next((s for s in candidates if s in info["splits"]), None)
+    if split is None:
+        raise DataError(
+            f"'{version_dir}' has no '{candidates[0]}' split for mode '{mode}': its "
+            f"dataset_info.json lists {sorted(info['splits'])}, MSN-Hard {VERSION} has "
+            f"{list(SPLITS)}. The download is incomplete or this is another dataset; copy the "
+            f"whole version folder again. {WHERE}")
+    expected, missing = info["files"][split], info["missing"][split]
+    if not expected:
+        raise DataError(f"split '{split}' of '{version_dir}/dataset_info.json' lists no record "
+                        f"shards (no shardLengths). {WHERE}")
+    if missing:
+        name = os.path.basename
+        present = sorted(name(p) for p in glob.glob(os.path.join(version_dir, f"*{split}*"))
+                         if ".tfrecord" in name(p) and name(p) not in map(name, expected))
+        extra = (f" Files there with other names: {present[:3]}{' ...' if len(present) > 3 else ''}"
+                 f" (shards are named from dataset_info.json's name '{info['name']}', not from "
+                 f"the folder; do not rename them)." if present else "")
+        raise DataError(
+            f"'{version_dir}' is a partial download: split '{split}' has {len(expected)} record "
+            f"shards in dataset_info.json but only {len(expected) - len(missing)} of those files "
+            f"on disk; missing {len(missing)}, e.g. '{missing[0]}'.{extra} Copy the missing "
+            f"shards. {WHERE}")
+    return split
 
 
 def _hide_gpus(tf) -> None:
@@ -166,9 +260,25 @@ def scene_number(name) -> int:
     return int(m.group(1))
 
 
+def check_camera_type(value, camera: str = "camera_0", scene=None) -> None:
+    """DataError unless a camera's `intrinsics/type` is 'PERSPECTIVE' (a pinhole without
+    distortion, the only model the rays here and sunds' Nerf task are computed for)."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    if text != CAMERA_TYPE:
+        if isinstance(scene, bytes):
+            scene = scene.decode(errors="replace")
+        raise DataError(f"{camera} of {scene or 'a scene'} has intrinsics/type {text!r}, but only "
+                        f"{CAMERA_TYPE!r} (pinhole) cameras are supported: MSN-Hard's are all "
+                        f"{CAMERA_TYPE!r}, and sunds asserts the same. A folder written by an "
+                        f"older `python -m osrt_fast.data.kubric` (type 'PERSP') must be written "
+                        f"again. {WHERE}")
+
+
 def example_to_record(ex: dict, num_cameras: int = NUM_CAMERAS, masks: bool = True) -> dict:
     """A scene record (without views or seed) from a decoded TFDS example (numpy)."""
     cams = [ex["cameras"][f"camera_{i}"] for i in range(num_cameras)]
+    for i, c in enumerate(cams):
+        check_camera_type(c["intrinsics"]["type"], f"camera_{i}", ex.get("scene_name"))
     images = np.stack([c["color_image"] for c in cams])                 # [V, H, W, 3] uint8
     k = np.stack([c["intrinsics"]["K"] for c in cams])
     r = np.stack([c["extrinsics"]["R"] for c in cams])
@@ -216,15 +326,12 @@ class KubricDataset(IterableDataset):
                  downsample: Optional[int] = None, skip: int = 0,
                  num_input_views: int = NUM_INPUT_VIEWS, shuffle_buffer: int = 256,
                  seed: int = 0, masks: bool = True):
-        if mode not in MODE_SPLIT:
+        if mode not in MODE_SPLITS:
             raise DataError(f"unknown split {mode!r}; valid splits are: train, val, test")
         self.path, self.mode = path, mode
         self.version_dir = find_version_dir(path)
         self.info = read_info(self.version_dir)
-        self.split = MODE_SPLIT[mode]
-        if self.split not in self.info["splits"]:
-            raise DataError(f"'{self.version_dir}' has no '{self.split}' split (it has "
-                            f"{sorted(self.info['splits'])}). {WHERE}")
+        self.split = resolve_split(self.version_dir, self.info, mode)
         self.points_per_item, self.full_scale = int(points_per_item), full_scale
         self.downsample, self.skip, self.max_len = downsample, int(skip), max_len
         if not 1 <= num_input_views < NUM_CAMERAS:
@@ -312,9 +419,13 @@ class KubricDataset(IterableDataset):
             failures = 0
             ex = tf.nest.map_structure(lambda x: x.numpy(), ex)
             try:
-                yield example_to_record(ex, masks=self.masks)
+                rec = example_to_record(ex, masks=self.masks)
+            except DataError:       # a wrong format, not a corrupt record: stop, say why
+                raise
             except (KeyError, ValueError) as e:
                 self.skipped.note(f"{type(e).__name__}: {e}")
+                continue
+            yield rec
 
     def ordered_records(self, start: int = 0) -> Iterator[dict]:
         """Every scene of the split once, in file order, from scene `start` (for conversion)."""
@@ -362,24 +473,60 @@ def _limited(it, limit):
 # Fixture writer: tiny datasets in the exact on-disk format, from the built-in scene generator
 
 
-def _features(tfds, tf, height: int, width: int, num_cameras: int):
+# The fixture's category labels (category_image values; 0 is the background): the built-in
+# generator's three shapes, in its shape codes' order.
+FIXTURE_CATEGORIES = ("background", "sphere", "cube", "cylinder")
+# TFDS metadata of Kubric's builder (sunds/datasets/kubric), as its dataset_info.json holds them.
+RELEASE_NOTES = {
+    "1.0.0": "Initial version",
+    "2.0.0": "Migrated to MultiShapenet",
+    "2.1.0": "Also populate camera information.",
+    "2.1.1": "Fix camera information.",
+    "2.2.0": "Do not bake rays.",
+    "2.2.1": "128x128 resolution for multishapenet conditional.",
+    "2.3.0": "Fix semantic maps.",
+    "2.4.0": "Added depth maps.",
+    "2.5.0": "Populate labels.",
+    "2.6.0": "Position cameras at least 2 units above ground.",
+    "2.7.0": "Move camera back.",
+    "2.7.1": "Fix splits.",
+    "2.8.0": "Export instance ids for objects (panoptic segmentation).",
+}
+HOMEPAGE = "https://srt-paper.github.io/"
+CITATION = (
+    "@article{srt22,\n"
+    "  title={{Scene Representation Transformer: Geometry-Free Novel View Synthesis Through "
+    "Set-Latent Scene Representations}},\n"
+    "  author={Mehdi S. M. Sajjadi and Henning Meyer and Etienne Pot and Urs Bergmann and Klaus "
+    "Greff and Noha Radwan and Suhani Vora and Mario Lucic and Daniel Duckworth and Alexey "
+    "Dosovitskiy and Jakob Uszkoreit and Thomas Funkhouser and Andrea Tagliasacchi},\n"
+    "  journal={{CVPR}},\n"
+    "  year={2022},\n"
+    "  url={https://srt-paper.github.io/}\n"
+    "}")
+
+
+def _features(tfds, tf, height: int, width: int, num_cameras: int, categories=FIXTURE_CATEGORIES):
+    """sunds' frame spec for Kubric's conditional frames (sunds.specs.frame_spec without
+    `timestamp`, camera_spec with colour, depth, category and instance images): the names,
+    dtypes and shapes of the real features.json."""
     f = tfds.features
     camera = {
-        "color_image": f.Image(shape=(height, width, 3)),
-        # As sunds' Kubric builder: float depth as a PNG-encoded Image, labelled images.
-        "depth_image": f.Image(shape=(height, width, 1), dtype=tf.float32),
-        "category_image": f.LabeledImage(shape=(height, width, 1), labels=NUM_CATEGORIES),
-        "instance_image": f.LabeledImage(shape=(height, width, 1), labels=NUM_ENTITIES + 1),
         "intrinsics": {
-            "K": f.Tensor(shape=(3, 3), dtype=tf.float32),
-            "image_height": f.Tensor(shape=(), dtype=tf.int32),
             "image_width": f.Tensor(shape=(), dtype=tf.int32),
+            "image_height": f.Tensor(shape=(), dtype=tf.int32),
+            "K": f.Tensor(shape=(3, 3), dtype=tf.float32),
             "type": f.Text(),
             "distortion": {"radial": f.Tensor(shape=(3,), dtype=tf.float32),
                            "tangential": f.Tensor(shape=(2,), dtype=tf.float32)},
         },
         "extrinsics": {"R": f.Tensor(shape=(3, 3), dtype=tf.float32),
                        "t": f.Tensor(shape=(3,), dtype=tf.float32)},
+        "color_image": f.Image(shape=(height, width, 3)),
+        "category_image": f.LabeledImage(labels=list(categories), shape=(height, width, 1)),
+        "instance_image": f.LabeledImage(labels=None, shape=(height, width, 1)),
+        # A float32 image: TFDS stores it as a 4-channel uint8 PNG of the float's bytes.
+        "depth_image": f.Image(shape=(height, width, 1), dtype=tf.float32),
     }
     return f.FeaturesDict({
         "scene_name": f.Text(),
@@ -403,15 +550,27 @@ def fixture_cameras(camera_pos: np.ndarray, height: int, width: int):
 
 def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
                   num_cameras: int = NUM_CAMERAS, seed: int = 0, min_objects: int = 2,
-                  max_objects: int = 6, shards: int = 2, background_zero: bool = True) -> str:
+                  max_objects: int = 6, shards: int = 2, background_zero: bool = True,
+                  camera_type: str = CAMERA_TYPE) -> str:
     """Writes a small MSN-Hard-format TFDS dataset of built-in procedural scenes to
     `<out>/multi_shapenet_frames/2.8.0/` (the reference's layout) and returns that folder.
 
-    splits: {split name: number of scenes}, default {'train': 8, 'validation': 2, 'test': 2}.
+    The folder is what TFDS writes for Kubric's builder (`kubric_frames`, config
+    `multi_shapenet_conditional`, version 2.8.0, sunds' feature spec): dataset_info.json,
+    features.json, metadata.json, the category labels file and shards
+    `kubric_frames-<split>.tfrecord-XXXXX-of-YYYYY`. Cameras are 'PERSPECTIVE' with OpenCV
+    extrinsics, `frame_name == scene_name`, and scene names restart at `scene_0` in each split
+    (each split's scenes are different, from its own seeds).
+
+    splits: {split name: number of scenes}, default {'train': 8, 'val': 2, 'test': 2}.
+    shards: record shards per split (at most the smallest split's scene count).
     Instance ids follow Kubric: 1 for the background, k + 1 for object k; with background_zero,
     a few background pixels of the first view carry id 0 (Kubric's rare rendering errors).
+    camera_type: `intrinsics/type` of every camera (another value than 'PERSPECTIVE' only
+    to test the reader's check).
     Needs tensorflow and tensorflow-datasets (the [tfds] extra).
     """
+    import binascii
     import shutil
     import tempfile
 
@@ -419,18 +578,14 @@ def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
 
     tf, tfds = import_tfds()
     tfds.disable_progress_bar()
-    splits = dict(splits or {"train": 8, "validation": 2, "test": 2})
-    offsets, total = {}, 0
-    for name, n in splits.items():
-        offsets[name], total = total, total + n
+    splits = dict(splits or {"train": 8, "val": 2, "test": 2})
 
     def generate(split):
-        base = offsets[split]
         for i in range(splits[split]):
-            sid = base + i
-            scene = scenes.sample_scene(scenes.scene_seed(seed, sid), min_objects, max_objects)
-            cam_pos = scenes.sample_cameras(scenes.scene_seed(seed, sid), num_cameras)
-            cam_pos = cam_pos.astype(np.float32)
+            # As Kubric's builder: scene i of each split from seed crc32('<i>_<split>').
+            sseed = scenes.scene_seed(seed, binascii.crc32(f"{i}_{split}".encode()))
+            scene = scenes.sample_scene(sseed, min_objects, max_objects)
+            cam_pos = scenes.sample_cameras(sseed, num_cameras).astype(np.float32)
             views = scenes.render_views(scene, cam_pos.astype(np.float64), height, width)
             k, r, t = fixture_cameras(cam_pos.astype(np.float64), height, width)
             inst = views["instances"] + 1
@@ -447,22 +602,32 @@ def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
                     "category_image": cat[v][..., None].astype(np.uint8),
                     "instance_image": inst[v][..., None].astype(np.uint8),
                     "intrinsics": {"K": k[v], "image_height": np.int32(height),
-                                   "image_width": np.int32(width), "type": "PERSP",
+                                   "image_width": np.int32(width), "type": camera_type,
                                    "distortion": {"radial": np.zeros(3, np.float32),
                                                   "tangential": np.zeros(2, np.float32)}},
                     "extrinsics": {"R": r[v], "t": t[v]},
                 }
-            yield f"scene_{sid}", {
-                "scene_name": f"scene_{sid}", "frame_name": "frame_0",
+            name = f"scene_{i}"
+            yield str(i), {
+                "scene_name": name, "frame_name": name,
                 "pose": {"R": np.eye(3, dtype=np.float32), "t": np.zeros(3, np.float32)},
                 "cameras": cams}
 
-    class MultiShapenetConditional(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    class KubricFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """Kubric Frames dataset.
+
+        Dataset from synthetic object.
+        """
         VERSION = tfds.core.Version(VERSION)
+        RELEASE_NOTES = RELEASE_NOTES
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+            name=CONFIG, description="MultiShapenet, 10 conditional cameras per scene "
+                                     f"({height}x{width}; this project's fixture).")]
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=_features(
-                tfds, tf, height, width, num_cameras))
+            return tfds.core.DatasetInfo(
+                builder=self, features=_features(tfds, tf, height, width, num_cameras),
+                metadata=tfds.core.MetadataDict(), homepage=HOMEPAGE, citation=CITATION)
 
         def _split_generators(self, dl_manager):
             return {name: generate(name) for name in splits}
@@ -470,17 +635,20 @@ def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
         def _generate_examples(self, **kwargs):     # unused: splits are generators above
             raise NotImplementedError
 
+    assert KubricFrames.name == NAME
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)    # (the temp folder's home)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out)) or None) as tmp:
-        builder = MultiShapenetConditional(data_dir=tmp)
+        builder = KubricFrames(config=CONFIG, data_dir=tmp)
         # One shard count for all splits (TFDS); no split may have fewer scenes than shards.
         config = tfds.download.DownloadConfig(num_shards=max(1, min(shards, *splits.values())))
         builder.download_and_prepare(download_config=config)
-        target = os.path.join(out, "multi_shapenet_frames", VERSION)
+        target = os.path.join(out, FOLDER, VERSION)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.exists(target):
             shutil.rmtree(target)
-        shutil.move(os.path.join(tmp, NAME, VERSION), target)
+        # TFDS writes <data_dir>/kubric_frames/multi_shapenet_conditional/2.8.0/; the reference
+        # copies that version folder into data/osrt/multi_shapenet_frames/.
+        shutil.move(os.path.join(tmp, NAME, CONFIG, VERSION), target)
     return target
 
 
@@ -488,8 +656,8 @@ def main(argv=None) -> None:
     import argparse
     p = argparse.ArgumentParser(description="Write a small dataset in MSN-Hard's exact TFDS "
                                             "format from the built-in scene generator.")
-    p.add_argument("--out", required=True, help="folder; the data goes to "
-                                                "<out>/multi_shapenet_frames/2.8.0/")
+    p.add_argument("--out", required=True, help=f"folder; the data goes to "
+                                                f"<out>/{FOLDER}/{VERSION}/")
     p.add_argument("--train", type=int, default=8)
     p.add_argument("--val", type=int, default=2)
     p.add_argument("--test", type=int, default=2)
@@ -497,7 +665,7 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    path = write_fixture(a.out, {"train": a.train, "validation": a.val, "test": a.test},
+    path = write_fixture(a.out, {"train": a.train, "val": a.val, "test": a.test},
                          a.height, a.width, seed=a.seed)
     print(f"Wrote {path}")
 
