@@ -1,7 +1,7 @@
 """Built-in procedural multi-object scenes: sampler, analytic ray tracer, dataset writer.
 
 The project's default dataset needs no download: `generate_dataset` writes scenes in the
-ObSuRF / CLEVR3D folder layout (see `osrt_fast/data.py`), so one loader reads both.
+ObSuRF / CLEVR3D folder layout (see `osrt_fast/data/obsurf.py`), so one loader reads both.
 
 A scene is a grey ground plane (z = 0) with 2-6 objects (sphere, cube, cylinder) resting on it.
 Sizes are half-extents: a sphere's radius, a cube's half edge, a cylinder's radius and half
@@ -13,13 +13,21 @@ are exact: the first hit wins, ids are 1-based in object order, 0 is the ground 
 
 CLI: python -m osrt_fast.scenes --out data/procedural --num-scenes N --height H --width W
          --num-views V [--min-objects --max-objects --seed --device]
+It checks every argument before writing anything, and holds the output folder's lock while
+it writes (a second generator on the folder, e.g. a training run generating the data on first
+use, is refused, naming the first); exit code 0 when done, 2 for invalid arguments or a folder
+in use.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
@@ -28,6 +36,8 @@ import numpy as np
 import torch
 
 from osrt_fast import geometry
+from osrt_fast.data.errors import DataError
+from osrt_fast.locks import FolderLock, LockedError
 
 SPHERE, CUBE, CYLINDER = 1, 2, 3
 SHAPE_NAMES = {SPHERE: "sphere", CUBE: "cube", CYLINDER: "cylinder"}
@@ -389,21 +399,198 @@ def decode_depth(value: np.ndarray) -> np.ndarray:
     return value.astype(np.float32) / 65536 * MAX_DEPTH
 
 
+SUBFOLDERS = ("images", "masks", "depths")
+SETTINGS_FILE = "generator.json"
+# Temporary files are "<TMP_PREFIX><final name>.<random>", beside the file they become.
+TMP_PREFIX = ".tmp-"
+# Instance masks are 8-bit PNGs holding object ids 1 .. MAX_OBJECTS (0 is the background).
+MAX_OBJECTS = 255
+LOCK_HINT = (" (the built-in data is generated once, by `python -m osrt_fast.scenes` or by the "
+             "first training run that needs it; once that has finished, later runs reuse it)")
+
+
+@functools.lru_cache(maxsize=None)
+def _file_mode() -> int:
+    """Permissions of a new file under this process's umask. mkstemp creates 0600 files, but the
+    dataset's files should be as readable as any other. (The umask can only be read by setting
+    it, so it is read once.)"""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_atomic(path: str, write) -> None:
+    """Calls write(f) on a new temporary file beside `path`, then renames it to `path`, so an
+    existing file is always a complete one (resume relies on it). The temporary name is unique
+    (mkstemp), so concurrent writers never share one."""
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}.", dir=folder or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def _write_png(path: str, array: np.ndarray) -> None:
     from PIL import Image
-    # Write then rename, so an existing file is always a complete one (resume relies on it).
-    tmp = path + ".tmp.png"
-    Image.fromarray(array).save(tmp, compress_level=1)
-    os.replace(tmp, path)
+    _write_atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG", compress_level=1))
 
 
-def _settings(num_scenes, height, width, num_views, min_objects, max_objects, seed) -> dict:
-    return dict(num_scenes=int(num_scenes), height=int(height), width=int(width),
-                num_views=int(num_views), min_objects=int(min_objects),
-                max_objects=int(max_objects), seed=int(seed))
+def _remove_stale_temporaries(root: str) -> int:
+    """Deletes the temporary files a killed generator left in `root` (also the fixed names
+    '*.tmp.png' and 'metadata.tmp.npz' of earlier versions); returns how many. Call it only
+    while holding the folder lock: a running generator's temporaries would go too."""
+    removed = 0
+    for folder in [root] + [os.path.join(root, sub) for sub in SUBFOLDERS]:
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if (name.startswith(TMP_PREFIX) or name.endswith(".tmp.png")
+                    or name == "metadata.tmp.npz"):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed
 
 
-SETTINGS_FILE = "generator.json"
+SETTING_KEYS = ("num_scenes", "height", "width", "num_views", "min_objects", "max_objects",
+                "seed")
+
+
+def _settings(*values) -> dict:
+    """generator.json's content: the SETTING_KEYS with these values, as ints."""
+    return {k: int(v) for k, v in zip(SETTING_KEYS, values)}
+
+
+def _device_problem(device) -> Optional[str]:
+    """Why `device` cannot render here, or None."""
+    try:
+        dev = _resolve_device(device)
+    except (RuntimeError, ValueError):
+        return f"device {device!r} is not a device name; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+    if dev.type == "cuda" and not (torch.cuda.is_available()
+                                   and (dev.index or 0) < torch.cuda.device_count()):
+        return f"device {device!r} is not available here; use 'cpu' or 'auto'"
+    return None
+
+
+def check_settings(num_scenes: int, height: int, width: int, num_views: int, min_objects: int,
+                   max_objects: int, seed: int, device="cpu",
+                   batch_scenes: Optional[int] = None) -> None:
+    """DataError naming every invalid generator argument (before anything is written)."""
+    problems = [f"{name} must be at least 1, got {value}" for name, value in
+                (("num_scenes", num_scenes), ("height", height), ("width", width),
+                 ("num_views", num_views), ("min_objects", min_objects)) if value < 1]
+    if min_objects > max_objects:
+        problems.append(f"min_objects ({min_objects}) must not exceed max_objects "
+                        f"({max_objects})")
+    if max_objects > MAX_OBJECTS:
+        problems.append(f"max_objects must be at most {MAX_OBJECTS} (8-bit instance masks), "
+                        f"got {max_objects}")
+    if seed < 0:
+        problems.append(f"seed must be 0 or more, got {seed}")
+    if batch_scenes is not None and batch_scenes < 1:
+        problems.append(f"batch_scenes must be at least 1, got {batch_scenes}")
+    device_problem = _device_problem(device)
+    if device_problem:
+        problems.append(device_problem)
+    if problems:
+        raise DataError("invalid generator settings: " + "; ".join(problems) + ". Nothing was "
+                        "written.")
+
+
+def read_settings(root: str) -> Optional[dict]:
+    """The settings in `root`'s generator.json, None if it has none; DataError if the file is
+    damaged (unreadable JSON, or not the generator's settings)."""
+    path = os.path.join(root, SETTINGS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as e:
+        reason = f"{type(e).__name__}: {e}"
+    else:
+        missing = [k for k in SETTING_KEYS if not isinstance(settings, dict)
+                   or not isinstance(settings.get(k), int)]
+        if not missing:
+            return settings
+        reason = f"no integer setting(s) {missing}"
+    raise DataError(f"'{path}' is damaged ({reason}). Delete the folder '{root}' to generate the "
+                    f"built-in data again.")
+
+
+def _claim_folder(root: str, settings: dict, progress: bool) -> None:
+    """Prepares `root` for generation with `settings` (the folder lock held): removes stale
+    temporaries, creates the subfolders, and records the settings in generator.json, or checks
+    that the ones recorded there match."""
+    removed = _remove_stale_temporaries(root)
+    if removed and progress:
+        print(f"removed {removed} temporary files a stopped generator left in {root}", flush=True)
+    for sub in SUBFOLDERS:
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    old = read_settings(root)
+    if old is None:
+        _write_atomic(os.path.join(root, SETTINGS_FILE),
+                      lambda f: f.write(json.dumps(settings).encode()))
+    elif old != settings:
+        raise DataError(
+            f"{root} holds a procedural dataset generated with other settings ({old}); "
+            f"asked for {settings}. Use another --out folder or delete this one.")
+
+
+def _sample_metadata(settings: dict) -> tuple:
+    """(metadata arrays, scenes) of a dataset with these settings (see `generate_dataset`)."""
+    n, v, o = settings["num_scenes"], settings["num_views"], settings["max_objects"] + 1
+    meta = dict(camera_pos=np.zeros((n, v, 3), np.float32),
+                shape=np.zeros((n, o), np.int64),
+                **{"3d_coords": np.zeros((n, o, 3), np.float32)},
+                color=np.zeros((n, o, 3), np.float32),
+                size=np.zeros((n, o), np.float32),
+                rotation=np.zeros((n, o), np.float32))
+    scenes = []
+    for i in range(n):
+        seed = scene_seed(settings["seed"], i)
+        s = sample_scene(seed, settings["min_objects"], settings["max_objects"])
+        k = s.num_objects
+        meta["camera_pos"][i] = sample_cameras(seed, v)
+        meta["shape"][i, 1:k + 1] = s.shape
+        meta["3d_coords"][i, 1:k + 1] = s.position
+        meta["color"][i, 1:k + 1] = s.color
+        meta["size"][i, 1:k + 1] = s.size
+        meta["rotation"][i, 1:k + 1] = s.rotation
+        scenes.append(s)
+    return meta, scenes
+
+
+def _render_scenes(root: str, todo: list, scenes: list, camera_pos: np.ndarray, height: int,
+                   width: int, device, progress: bool, batch_scenes: int) -> None:
+    """Renders scenes `todo` and writes their images, masks and depths."""
+    num_views = camera_pos.shape[1]
+    bar = None
+    if progress and todo:
+        from osrt_fast.progress import progress_bar
+        bar = progress_bar(total=len(todo), unit="scene", desc=f"generating {root}")
+    for start in range(0, len(todo), batch_scenes):
+        chunk = todo[start:start + batch_scenes]
+        # Camera positions are rendered from the stored float32 values: the loader's rays
+        # come from those, so images and rays agree exactly.
+        out = render_batch([scenes[i] for i in chunk], camera_pos[chunk].astype(np.float64),
+                           height, width, device)
+        for j, i in enumerate(chunk):
+            for v in range(num_views):
+                img_p, mask_p, depth_p = scene_files(root, i, num_views)[3 * v:3 * v + 3]
+                _write_png(img_p, np.round(out["rgb"][j, v] * 255).astype(np.uint8))
+                _write_png(mask_p, out["instances"][j, v].astype(np.uint8))
+                _write_png(depth_p, encode_depth(out["depth"][j, v]))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
 
 
 def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 64,
@@ -417,82 +604,38 @@ def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 
     + 1 and column 0 the background (zeros). images/img_{s}_{v}.png RGB uint8, masks/
     masks_{s}_{v}.png uint8 instance ids, depths/depths_{s}_{v}.png uint16 depth codes.
 
-    Resumable: scenes whose files all exist are skipped. metadata.npz is written last and
-    atomically, so its presence marks a complete dataset. Returns `root`.
+    The arguments are checked before anything is written (DataError). Generation holds the
+    folder's lock (`locks.FolderLock`): a second generator on the same folder gets a DataError
+    naming the first. Resumable: scenes whose files all exist are skipped; every file is written
+    under a unique temporary name and renamed, and metadata.npz is written last, so its presence
+    marks a complete dataset. Returns `root`.
     """
+    check_settings(num_scenes, height, width, num_views, min_objects, max_objects, seed, device,
+                   batch_scenes)
     settings = _settings(num_scenes, height, width, num_views, min_objects, max_objects, seed)
-    if num_scenes < 1 or height < 1 or width < 1 or num_views < 1:
-        raise ValueError(f"num_scenes, height, width and num_views must be positive: {settings}")
-    if max_objects > 254:
-        raise ValueError("max_objects must be below 255 (8-bit instance masks)")
-    for sub in ("images", "masks", "depths"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    settings_path = os.path.join(root, SETTINGS_FILE)
-    if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            old = json.load(f)
-        if old != settings:
-            raise ValueError(
-                f"{root} holds a procedural dataset generated with other settings ({old}); "
-                f"asked for {settings}. Use another --out folder or delete this one.")
-    else:
-        with open(settings_path, "w") as f:
-            json.dump(settings, f)
-
-    o = max_objects + 1
-    meta = dict(camera_pos=np.zeros((num_scenes, num_views, 3), np.float32),
-                shape=np.zeros((num_scenes, o), np.int64),
-                **{"3d_coords": np.zeros((num_scenes, o, 3), np.float32)},
-                color=np.zeros((num_scenes, o, 3), np.float32),
-                size=np.zeros((num_scenes, o), np.float32),
-                rotation=np.zeros((num_scenes, o), np.float32))
-    todo = []
-    scenes = {}
-    for i in range(num_scenes):
-        s = sample_scene(scene_seed(seed, i), min_objects, max_objects)
-        cams = sample_cameras(scene_seed(seed, i), num_views)
-        n = s.num_objects
-        meta["camera_pos"][i] = cams
-        meta["shape"][i, 1:n + 1] = s.shape
-        meta["3d_coords"][i, 1:n + 1] = s.position
-        meta["color"][i, 1:n + 1] = s.color
-        meta["size"][i, 1:n + 1] = s.size
-        meta["rotation"][i, 1:n + 1] = s.rotation
-        if not all(os.path.exists(p) for p in scene_files(root, i, num_views)):
-            todo.append(i)
-            scenes[i] = s
-
-    if batch_scenes is None:
-        # About 64k rays per torch call: big enough to amortise overhead, small in memory.
-        batch_scenes = max(1, 65536 // (height * width * num_views))
-    bar = None
-    if progress and todo:
-        from osrt_fast.progress import progress_bar
-        bar = progress_bar(total=len(todo), unit="scene", desc=f"generating {root}")
-    for start in range(0, len(todo), batch_scenes):
-        chunk = todo[start:start + batch_scenes]
-        # Camera positions are rendered from the stored float32 values: the loader's rays
-        # come from those, so images and rays agree exactly.
-        out = render_batch([scenes[i] for i in chunk],
-                           meta["camera_pos"][chunk].astype(np.float64), height, width, device)
-        for j, i in enumerate(chunk):
-            for v in range(num_views):
-                img_p, mask_p, depth_p = scene_files(root, i, num_views)[3 * v:3 * v + 3]
-                _write_png(img_p, np.round(out["rgb"][j, v] * 255).astype(np.uint8))
-                _write_png(mask_p, out["instances"][j, v].astype(np.uint8))
-                _write_png(depth_p, encode_depth(out["depth"][j, v]))
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-
-    tmp = os.path.join(root, "metadata.tmp.npz")
-    np.savez(tmp, **meta)
-    os.replace(tmp, os.path.join(root, "metadata.npz"))
+    lock = FolderLock(root, what="dataset folder", hint=LOCK_HINT)
+    try:
+        lock.acquire()
+    except LockedError as e:
+        raise DataError(str(e)) from None
+    try:
+        _claim_folder(root, settings, progress)
+        meta, scenes = _sample_metadata(settings)
+        todo = [i for i in range(num_scenes)
+                if not all(os.path.exists(p) for p in scene_files(root, i, num_views))]
+        if batch_scenes is None:
+            # About 64k rays per torch call: big enough to amortise overhead, small in memory.
+            batch_scenes = max(1, 65536 // (height * width * num_views))
+        _render_scenes(root, todo, scenes, meta["camera_pos"], height, width, device, progress,
+                       batch_scenes)
+        _write_atomic(os.path.join(root, "metadata.npz"), lambda f: np.savez(f, **meta))
+    finally:
+        lock.release()
     return root
 
 
-def main(argv: Optional[Iterable[str]] = None) -> None:
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    """The CLI; returns the exit code: 0 done, 2 invalid arguments or folder in use."""
     p = argparse.ArgumentParser(prog="python -m osrt_fast.scenes",
                                 description="Generate the built-in procedural dataset "
                                             "(ObSuRF / CLEVR3D folder layout).")
@@ -502,17 +645,22 @@ def main(argv: Optional[Iterable[str]] = None) -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--num-views", type=int, default=4)
     p.add_argument("--min-objects", type=int, default=2)
-    p.add_argument("--max-objects", type=int, default=6)
+    p.add_argument("--max-objects", type=int, default=6, help=f"at most {MAX_OBJECTS}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
     a = p.parse_args(None if argv is None else list(argv))
     t0 = time.time()
-    generate_dataset(a.out, a.num_scenes, a.height, a.width, a.num_views, a.min_objects,
-                     a.max_objects, a.seed, a.device)
+    try:
+        generate_dataset(a.out, a.num_scenes, a.height, a.width, a.num_views, a.min_objects,
+                         a.max_objects, a.seed, a.device)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     dt = time.time() - t0
     print(f"wrote {a.num_scenes} scenes to {a.out} in {dt:.1f} s "
           f"({a.num_scenes / max(dt, 1e-9):.1f} scenes/s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

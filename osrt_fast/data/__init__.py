@@ -30,16 +30,13 @@ GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min
 
 def _ensure_procedural(path: str, kwargs: dict) -> None:
     """Generates the built-in dataset at `path` if its metadata.npz is missing; checks that an
-    existing one matches the generator settings the config names explicitly."""
-    import json
-
+    existing one matches the generator settings the config names explicitly. DataError if the
+    settings are invalid, generator.json is damaged, or another process is generating there."""
     from osrt_fast import scenes
     settings = {k: kwargs.get(k, d) for k, d in GENERATOR_DEFAULTS.items()}
-    settings_path = os.path.join(path, scenes.SETTINGS_FILE)
     if os.path.isfile(os.path.join(path, "metadata.npz")):
-        if os.path.isfile(settings_path):
-            with open(settings_path) as f:
-                old = json.load(f)
+        old = scenes.read_settings(path)
+        if old is not None:
             # Where the data was rendered does not change it.
             differ = {k: (old[k], kwargs[k]) for k in kwargs
                       if k in old and k != "device" and old[k] != kwargs[k]}
@@ -54,10 +51,7 @@ def _ensure_procedural(path: str, kwargs: dict) -> None:
           f"{settings['width']}x{settings['height']}, {settings['min_objects']}-"
           f"{settings['max_objects']} objects, seed {settings['seed']}, device "
           f"{settings['device']}). This runs once; later runs reuse it.", flush=True)
-    try:
-        scenes.generate_dataset(path, **settings)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    scenes.generate_dataset(path, **settings)
 
 
 def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale: bool = False):

@@ -35,7 +35,8 @@ so the loader uses that result instead of re-running DALI on a repaired batch. T
 the one the PyTorch loader gives. Should DALI reject a PNG that PIL decodes, the batch is decoded
 on the host with no skip, and a DataWarning says so. (The reverse, a PNG that PIL rejects but
 DALI's decoder accepts, would be used as decoded; it does not arise from damage to the pixel
-data, which libpng rejects by its chunk checksums.) DALI's dynamic executor, the default since
+data, which both reject by the chunk checksums: the host verifies every chunk's CRC,
+`png.py`.) DALI's dynamic executor, the default since
 DALI 2.0, keeps running after a failed batch; with the older executor the loader rebuilds the
 pipeline and feeds it again the batches that were in flight.
 

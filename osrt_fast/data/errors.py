@@ -11,7 +11,8 @@ class DataError(ValueError):
 
 
 class CorruptFile(Exception):
-    """One record or image could not be decoded; the loader skips it (see SkipCounter)."""
+    """One record or file is missing, damaged or does not fit the dataset (wrong size, ids out of
+    range); the message names the file and the reason. The loader skips it (see SkipCounter)."""
 
 
 class DataWarning(UserWarning):
@@ -31,14 +32,21 @@ class SkipCounter:
                       f"process {os.getpid()}", DataWarning, stacklevel=3)
 
     def first_readable(self, read, scenes, limit: int, error: str):
-        """(scene, read(scene)) for the first of `scenes` whose data decodes, noting each corrupt
-        one; DataError(error) once `limit` scenes in a row have failed."""
+        """(scene, read(scene)) for the first of `scenes` whose data reads, noting each corrupt
+        one; DataError(error, with the last reason and how to list every problem) once `limit`
+        scenes in a row have failed.
+
+        `scenes` is a fixed function of the item (its scene, then the following ones), so the
+        substitute, and with it a resumed run, does not depend on what failed before."""
+        last = "no scenes to try"
         for scene in itertools.islice(scenes, limit):
             try:
                 return scene, read(scene)
             except CorruptFile as e:
-                self.note(str(e))
-        raise DataError(error)
+                last = str(e)
+                self.note(last)
+        raise DataError(f"{error} (last: {last}). List every damaged file with "
+                        f"`python -m osrt_fast.data.check CONFIG`.")
 
     def __getstate__(self):
         return {"what": self.what, "count": 0}

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from .errors import CorruptFile, DataError, SkipCounter
 from .obsurf import check_input_size
+from .png import read_png
 from .records import BatchSpec, ViewPolicy, random_seed
 
 NUM_VIEWS = 24
@@ -75,16 +76,6 @@ def nmr_origin(world_mat_inv) -> np.ndarray:
     """Camera centres [..., 3] (float32, z-up world) of data-frame world_mat_inv [..., 4, 4]."""
     a = FRAME_ROTATION @ np.asarray(world_mat_inv, np.float64)
     return a[..., :3, 3].astype(np.float32)
-
-
-def _read_png(path: str) -> np.ndarray:
-    """[H, W, 3] uint8; CorruptFile if PIL cannot decode it (the caller checked it exists)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:     # PIL's errors for undecodable files
-        raise CorruptFile(f"'{path}': {type(e).__name__}: {e}") from None
 
 
 def read_split(path: str, mode: str) -> list:
@@ -145,7 +136,10 @@ class NMRDataset(Dataset):
     Items are scene records (`records.py`) without 'ids' (NMR has no instance masks): all 24
     views, input view i div n, target views the other 23. `__getitem__((index, seed))` fixes
     the target-ray draw; `make_batch(records, self.spec)` on the device gives the model inputs.
-    An undecodable image or cameras.npz skips to the next scene, with a counted warning.
+    A scene with a missing, damaged (`png.read_png` checks every chunk's CRC) or wrong-size
+    image, or a missing or damaged cameras.npz, is replaced by the next readable scene, with a
+    counted DataWarning naming the file and the reason; MAX_SKIPS + 1 unreadable scenes in a row
+    raise DataError. `check_scene` reads one scene without substitution.
     """
 
     MAX_SKIPS = 16
@@ -172,16 +166,12 @@ class NMRDataset(Dataset):
                             f"softras_{mode}.lst lists no objects. Use a complete NMR folder. "
                             + WHERE)
 
-        first = self._image_path(0, 0)
-        self._check_files(0)
-        from PIL import Image
         try:
-            with Image.open(first) as im:
-                self.width, self.height = im.size
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"cannot read the image size from '{first}' ({type(e).__name__}: "
-                            f"{e}); the first scene of the split must be readable. "
-                            f"Re-download the dataset.") from None
+            self._check_files(0)
+            self.height, self.width = read_png(self._image_path(0, 0), "RGB").shape[:2]
+        except CorruptFile as e:
+            raise DataError(f"the first scene of the {mode} split sets the image size but "
+                            f"cannot be read: {e}. Re-download the dataset. " + WHERE) from None
         self.input_height, self.input_width = check_input_size(
             self.height, self.width, downsample,
             "NMR's 64x64 works with downsample None, 1, 2 or 3")
@@ -202,7 +192,7 @@ class NMRDataset(Dataset):
         return os.path.join(self._scene_dir(scene), "image", f"{view:04d}.png")
 
     def _check_files(self, scene: int) -> None:
-        """DataError naming the missing files of a scene folder."""
+        """CorruptFile naming the missing files of a scene folder."""
         folder = self._scene_dir(scene)
         need = [self._image_path(scene, v) for v in range(self.num_views)]
         need.append(os.path.join(folder, "cameras.npz"))
@@ -210,9 +200,9 @@ class NMRDataset(Dataset):
         if missing:
             shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more"
                                              if len(missing) > 6 else "")
-            raise DataError(f"scene folder '{folder}' is incomplete: {shown} missing (each "
-                            f"object needs image/0000.png ... image/{self.num_views - 1:04d}.png "
-                            f"and cameras.npz). Re-download the dataset. " + WHERE)
+            raise CorruptFile(f"scene folder '{folder}' is incomplete: {shown} missing (each "
+                              f"object needs image/0000.png ... image/"
+                              f"{self.num_views - 1:04d}.png and cameras.npz)")
 
     def _load_cameras(self, scene: int) -> dict:
         cam_path = os.path.join(self._scene_dir(scene), "cameras.npz")
@@ -225,12 +215,13 @@ class NMRDataset(Dataset):
                 for i in range(self.num_views)]
         missing = [k for k in keys if k not in cams]
         if missing:
-            raise DataError(f"'{cam_path}' lacks {len(missing)} camera matrices, e.g. "
-                            f"{missing[:4]}; it needs world_mat_inv_i and camera_mat_inv_i "
-                            f"(4 x 4) for i = 0 .. {self.num_views - 1}. Re-download the dataset.")
-        bad = [k for k in keys if cams[k].shape != (4, 4)]
+            raise CorruptFile(f"'{cam_path}' lacks {len(missing)} camera matrices, e.g. "
+                              f"{missing[:4]}; it needs world_mat_inv_i and camera_mat_inv_i "
+                              f"(4 x 4) for i = 0 .. {self.num_views - 1}")
+        bad = [k for k in keys if cams[k].shape != (4, 4) or not np.isfinite(cams[k]).all()]
         if bad:
-            raise DataError(f"'{cam_path}': {bad[0]} has shape {cams[bad[0]].shape}, not (4, 4)")
+            raise CorruptFile(f"'{cam_path}': {bad[0]} is not a finite 4 x 4 matrix (shape "
+                              f"{cams[bad[0]].shape})")
         return {k: np.stack([cams[f"{k}_{i}"] for i in range(self.num_views)])
                 for k in ("world_mat_inv", "camera_mat_inv")}
 
@@ -239,14 +230,17 @@ class NMRDataset(Dataset):
         cams = self._load_cameras(scene)
         images = []
         for v in range(self.num_views):
-            img = _read_png(self._image_path(scene, v))
+            img = read_png(self._image_path(scene, v), "RGB")
             if img.shape[:2] != (self.height, self.width):
-                raise DataError(f"'{self._image_path(scene, v)}' is {img.shape[1]}x"
-                                f"{img.shape[0]} (width x height) but the dataset's images are "
-                                f"{self.width}x{self.height}, read from "
-                                f"'{self._image_path(0, 0)}'; all images must have one size.")
+                raise CorruptFile(f"'{self._image_path(scene, v)}' is {img.shape[1]}x"
+                                  f"{img.shape[0]} (width x height) but the split's images are "
+                                  f"{self.width}x{self.height} (from '{self._image_path(0, 0)}')")
             images.append(img)
         return np.stack(images), cams
+
+    def check_scene(self, k: int) -> None:
+        """Reads scene k of the split as training does; CorruptFile names the first problem."""
+        self._load_scene(k)
 
     def __getitem__(self, idx):
         seed = None
@@ -258,7 +252,7 @@ class NMRDataset(Dataset):
             self._load_scene, ((scene + a) % self.num_scenes for a in itertools.count()),
             self.MAX_SKIPS + 1,
             f"{self.MAX_SKIPS + 1} scenes in a row from item {idx} of '{self.path}' could not be "
-            f"decoded; the folder is damaged: re-download it. " + WHERE)
+            f"read, so the folder is badly damaged: re-download it")
         return {
             "images": images,
             "origins": nmr_origin(cams["world_mat_inv"]),

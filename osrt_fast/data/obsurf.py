@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from osrt_fast import geometry
 
 from .errors import CorruptFile, DataError, SkipCounter
+from .png import read_png
 from .records import BatchSpec, ViewPolicy, random_seed
 
 GENERATE_HINT = ("The built-in procedural data needs no download: set `dataset: procedural` in "
@@ -91,26 +92,39 @@ def procedural_split_range(mode: str, n: int) -> tuple:
     return bounds[mode]
 
 
-def _read_image(path: str) -> np.ndarray:
-    from PIL import Image
-    if not os.path.isfile(path):
-        raise DataError(f"image file '{path}' is missing: the dataset folder is incomplete. "
-                        f"Expected layout: {LAYOUT}. Re-download the dataset, or for the "
-                        f"built-in data re-run the generator (it resumes and fills the gaps).")
+def repair_hint(kind: str, path: str) -> str:
+    """How to replace damaged files of a dataset folder of this kind."""
+    if kind == "procedural":
+        return (f"Delete the folder '{path}': the built-in data is generated again on first use "
+                f"(or with `python -m osrt_fast.scenes --out {path}` and the same settings).")
+    return f"Re-download the {kind} dataset into '{path}'."
+
+
+def load_metadata(meta_path: str, hint: str) -> dict:
+    """The arrays of metadata.npz, checked: camera_pos [N, V, 3] finite numbers and shape
+    [N, O] numbers. DataError naming the file, the damage and the fix (`hint`) otherwise."""
+    def damaged(reason):
+        return DataError(f"'{meta_path}' is damaged: {reason}. {hint}")
     try:
-        with Image.open(path) as im:
-            return np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:     # PIL's errors for undecodable files
-        raise CorruptFile(f"'{path}': {type(e).__name__}: {e}") from None
-
-
-def _image_size(path: str) -> tuple:
-    from PIL import Image
-    if not os.path.isfile(path):
-        _read_image(path)   # raises the DataError
-    with Image.open(path) as im:
-        width, height = im.size
-    return height, width
+        with np.load(meta_path) as f:
+            meta = {k: f[k] for k in f.files}
+    except Exception as e:   # zipfile / pickle / OSError / EOFError: not a readable archive
+        # (numpy's own message would suggest allow_pickle, which is not the fix)
+        raise damaged(f"not a readable .npz archive ({type(e).__name__})") from None
+    missing = [k for k in ("camera_pos", "shape") if k not in meta]
+    if missing:
+        raise damaged(f"it lacks key(s) {missing} (has {sorted(meta)}); it needs camera_pos "
+                      f"[N, V, 3] and shape [N, O]")
+    cam, shape = meta["camera_pos"], meta["shape"]
+    if cam.ndim != 3 or cam.shape[-1] != 3 or shape.ndim != 2 or shape.shape[0] != cam.shape[0]:
+        raise damaged(f"camera_pos must be [N, V, 3] and shape [N, O] with the same N, got "
+                      f"{cam.shape} and {shape.shape}")
+    if cam.dtype.kind not in "iuf" or shape.dtype.kind not in "biuf":
+        raise damaged(f"camera_pos and shape must hold numbers, got {cam.dtype} and "
+                      f"{shape.dtype}")
+    if not np.isfinite(cam).all():
+        raise damaged("camera_pos holds NaN or infinite values")
+    return meta
 
 
 class ObSuRFDataset(Dataset):
@@ -132,7 +146,13 @@ class ObSuRFDataset(Dataset):
     item's view and the next ones, target views all V; sceneid is the item index.
     `__getitem__((index, seed))` fixes the target-ray draw; `make_batch(records, self.spec)` on
     the device gives the model inputs: input_masks / target_masks have O = shape.shape[1]
-    channels, 0 = background. An undecodable image skips to the next scene, with a warning.
+    channels, 0 = background.
+
+    A scene whose files are missing, damaged (`png.read_png` checks every chunk's CRC), of
+    another size than the split's first image, or with mask ids beyond O - 1, is replaced by the
+    next readable scene of the split, with a counted DataWarning naming the file and the reason;
+    MAX_SKIPS + 1 unreadable scenes in a row raise DataError. `check_scene` reads one scene
+    without substitution (`python -m osrt_fast.data.check`).
     """
 
     MAX_SKIPS = 16
@@ -154,7 +174,7 @@ class ObSuRFDataset(Dataset):
         self.num_input_views = int(num_input_views)
         self.policy = ViewPolicy("cyclic", self.num_input_views, "all")
         self.render_kwargs = {"min_dist": 0.035, "max_dist": 35.}
-        self.skipped = SkipCounter("image")
+        self.skipped = SkipCounter("scene")
 
         meta_path = os.path.join(path, "metadata.npz")
         if not os.path.isdir(path):
@@ -165,17 +185,8 @@ class ObSuRFDataset(Dataset):
                             f"folder. Expected layout: {LAYOUT}. For built-in data, re-run the "
                             f"generator on that folder: it resumes and writes metadata.npz last. "
                             + GENERATE_HINT)
-        with np.load(meta_path) as f:
-            self.metadata = {k: f[k] for k in f.files}
-        missing = [k for k in ("camera_pos", "shape") if k not in self.metadata]
-        if missing:
-            raise DataError(f"'{meta_path}' lacks key(s) {missing} (has {sorted(self.metadata)});"
-                            f" it needs camera_pos [N, V, 3] and shape [N, O]. Re-create it "
-                            f"(for built-in data: delete the folder and re-generate).")
+        self.metadata = load_metadata(meta_path, repair_hint(kind, path))
         cam, shape = self.metadata["camera_pos"], self.metadata["shape"]
-        if cam.ndim != 3 or cam.shape[-1] != 3 or shape.ndim != 2 or shape.shape[0] != cam.shape[0]:
-            raise DataError(f"'{meta_path}': camera_pos must be [N, V, 3] and shape [N, O] with "
-                            f"the same N, got {cam.shape} and {shape.shape}")
         self.folder_scenes, self.num_views = cam.shape[:2]
         self.num_entities = shape.shape[1]
         if not 1 <= self.num_input_views <= self.num_views:
@@ -198,7 +209,7 @@ class ObSuRFDataset(Dataset):
                 f"max_objects={max_objects} objects. Use a folder with more scenes (the "
                 f"{kind} split ranges are {self._ranges_text()}) or raise max_objects.")
 
-        self.height, self.width = _image_size(self._image_path(self.idxs[0], 0))
+        self.height, self.width = self._first_image_size()
         self.input_height, self.input_width = check_input_size(
             self.height, self.width, downsample,
             "for built-in data: --width/--height such as 32, 64 or 128")
@@ -228,24 +239,53 @@ class ObSuRFDataset(Dataset):
             return self.max_len
         return len(self.idxs) * self.num_views
 
-    def _load_view(self, scene: int, view: int):
-        img = _read_image(self._image_path(scene, view))
+    def _first_image_size(self) -> tuple:
+        """(height, width) of the split's first image, which all views must share; DataError if
+        it is missing or damaged (then the size is unknown)."""
+        first = self._image_path(self.idxs[0], 0)
+        if not os.path.isfile(first):
+            raise DataError(f"image file '{first}' is missing: the dataset folder is incomplete. "
+                            f"Expected layout: {LAYOUT}. Re-download the dataset, or for the "
+                            f"built-in data re-run the generator (it resumes and fills the gaps).")
+        try:
+            return read_png(first).shape[:2]
+        except CorruptFile as e:
+            raise DataError(f"the first image of the {self.mode} split sets the image size but "
+                            f"cannot be read ({e}). {repair_hint(self.kind, self.path)}") from None
+
+    def _check_size(self, path: str, array: np.ndarray) -> None:
+        if array.shape[:2] != (self.height, self.width):
+            raise CorruptFile(f"'{path}' is {array.shape[1]}x{array.shape[0]} (width x height), "
+                              f"but the split's images are {self.width}x{self.height} (from "
+                              f"'{self._image_path(self.idxs[0], 0)}')")
+
+    def _load_view(self, scene: int, view: int) -> tuple:
+        """(RGB [H, W, 3], ids [H, W]) uint8 of one view; CorruptFile if a file is missing or
+        damaged, of the wrong size or channel count, or has an id beyond the O - 1 slots."""
+        img_path, mask_path = self._image_path(scene, view), self._mask_path(scene, view)
+        img = read_png(img_path)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, -1)
-        mask = _read_image(self._mask_path(scene, view))
+        if img.shape[-1] < 3:
+            raise CorruptFile(f"'{img_path}' has {img.shape[-1]} channels; images need RGB(A)")
+        self._check_size(img_path, img)
+        mask = read_png(mask_path)
         if mask.ndim == 3:
             mask = mask[..., 0]
-        want = (self.height, self.width)
-        if img.shape[:2] != want or mask.shape[:2] != want:
-            raise DataError(f"scene {scene} view {view}: image {img.shape[:2]} / mask "
-                            f"{mask.shape[:2]} differ from the dataset's {want} (height, width) "
-                            f"read from {self._image_path(self.idxs[0], 0)}; all views must "
-                            f"have one size.")
+        self._check_size(mask_path, mask)
         if mask.max() >= self.num_entities:
-            raise DataError(f"'{self._mask_path(scene, view)}' has instance id {mask.max()}, but "
-                            f"metadata 'shape' has only {self.num_entities} slots (ids 0-"
-                            f"{self.num_entities - 1}).")
+            raise CorruptFile(f"'{mask_path}' has instance id {mask.max()}, but metadata 'shape' "
+                              f"has only {self.num_entities} slots (ids 0-"
+                              f"{self.num_entities - 1})")
         return np.ascontiguousarray(img[..., :3], dtype=np.uint8), mask.astype(np.uint8)
+
+    def _load_scene(self, scene: int) -> list:
+        return [self._load_view(scene, v) for v in range(self.num_views)]
+
+    def check_scene(self, k: int) -> None:
+        """Reads scene k of the split (0 <= k < num_scenes) as training does; CorruptFile names
+        the first problem."""
+        self._load_scene(int(self.idxs[k]))
 
     def __getitem__(self, idx):
         seed = None
@@ -254,10 +294,10 @@ class ObSuRFDataset(Dataset):
         idx = int(idx)
         n = len(self.idxs)
         scene, loaded = self.skipped.first_readable(
-            lambda s: [self._load_view(s, i) for i in range(self.num_views)],
-            (int(self.idxs[(idx + a) % n]) for a in itertools.count()), self.MAX_SKIPS + 1,
+            self._load_scene, (int(self.idxs[(idx + a) % n]) for a in itertools.count()),
+            self.MAX_SKIPS + 1,
             f"{self.MAX_SKIPS + 1} scenes in a row from item {idx} of '{self.path}' could not be "
-            f"decoded; the folder is damaged: re-download it.")
+            f"read, so the folder is badly damaged. {repair_hint(self.kind, self.path)}")
         _, in_views, tgt_views = self.policy.choose(idx, n, self.num_views)
         camera_pos = self.metadata["camera_pos"][scene].astype(np.float32)   # [V, 3]
         return {

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import itertools
 import json
 import os
 import sys
@@ -40,6 +39,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .errors import CorruptFile, DataError, SkipCounter
+from .png import decode_png
 from .records import BatchSpec, ViewPolicy, random_seed
 
 FORMAT = "osrt-fast-shards"
@@ -63,15 +63,6 @@ def _encode_png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def _decode_png(data: bytes, what: str) -> np.ndarray:
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CorruptFile(f"{what}: {type(e).__name__}: {e}") from None
 
 
 def _write_shard(folder: str, index: int, records: list, encoding: str) -> None:
@@ -105,13 +96,24 @@ def _write_shard(folder: str, index: int, records: list, encoding: str) -> None:
     os.replace(name + ".json.tmp", name + ".json")
 
 
+def _shard_count(marker: str) -> Optional[int]:
+    """The scene count in a shard's marker file; None if it is missing or damaged (then the
+    shard counts as not written)."""
+    try:
+        with open(marker) as f:
+            return int(json.load(f)["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _done_shards(folder: str) -> list:
-    """Counts of the complete shards 0, 1, ... (stops at the first missing one)."""
+    """Counts of the complete shards 0, 1, ... (stops at the first missing or damaged one)."""
     counts = []
-    while os.path.isfile(os.path.join(folder, _shard_name(len(counts)) + ".json")):
-        with open(os.path.join(folder, _shard_name(len(counts)) + ".json")) as f:
-            counts.append(int(json.load(f)["count"]))
-    return counts
+    while True:
+        n = _shard_count(os.path.join(folder, _shard_name(len(counts)) + ".json"))
+        if n is None:
+            return counts
+        counts.append(n)
 
 
 def scene_records(dataset, start: int = 0) -> Iterator[dict]:
@@ -200,7 +202,12 @@ def convert(dataset, out: str, encoding: str = "raw", shard_size: int = 1000,
 def _read_first(out, done, encoding) -> dict:
     reader = _ShardReader(out, encoding, done, has_ids=os.path.exists(
         os.path.join(out, _shard_name(0) + (".ids.npy" if encoding == "raw" else ".ids.bin"))))
-    return reader.read(0)
+    try:
+        return reader.read(0)
+    except CorruptFile as e:
+        raise DataError(f"the first scene of '{out}' cannot be read ({e}); delete "
+                        f"{os.path.join(out, _shard_name(0))}.json and re-run the "
+                        f"converter") from None
 
 
 class _ShardReader:
@@ -214,40 +221,78 @@ class _ShardReader:
     def __getstate__(self):
         return {**self.__dict__, "_open": {}}
 
-    def _shard(self, i: int) -> dict:
+    def _load(self, i: int) -> dict:
+        """Shard i's arrays (memory maps), checked against its scene count; CorruptFile if a
+        file is missing, truncated or of the wrong length."""
+        base = os.path.join(self.folder, _shard_name(i))
+        try:
+            arrays = {k: np.load(f"{base}.{k}.npy", mmap_mode="r") for k in ARRAYS}
+            if self.encoding == "raw":
+                for k in ("images", "ids") if self.has_ids else ("images",):
+                    arrays[k] = np.load(f"{base}.{k}.npy", mmap_mode="r")
+            else:
+                for k in ("images", "ids") if self.has_ids else ("images",):
+                    arrays[k] = np.memmap(f"{base}.{k}.bin", np.uint8, "r")
+                    arrays[k + ".offsets"] = np.load(f"{base}.{k}.offsets.npy")
+        except (OSError, ValueError) as e:
+            raise CorruptFile(f"shard '{base}' is unreadable ({e})") from None
+        count = int(self.starts[i + 1] - self.starts[i])
+        if arrays["origins"].ndim != 3:
+            raise CorruptFile(f"'{base}.origins.npy' has shape {arrays['origins'].shape}, not "
+                              f"[scenes, views, 3]")
+        views = arrays["origins"].shape[1]
+        for k, a in arrays.items():
+            if self.encoding == "png" and k in ("images", "ids"):
+                continue        # PNG bytes: checked against the offsets when read
+            want = count * views + 1 if k.endswith(".offsets") else count
+            if len(a) != want:
+                raise CorruptFile(f"shard '{base}': {k} has {len(a)} entries, but the index's "
+                                  f"{count} scenes of {views} views need {want}")
+        return arrays
+
+    def arrays(self, i: int) -> dict:
+        """Shard i's arrays, opened once per process; CorruptFile if it is unreadable."""
         if i not in self._open:
-            base = os.path.join(self.folder, _shard_name(i))
-            try:
-                arrays = {k: np.load(f"{base}.{k}.npy", mmap_mode="r") for k in ARRAYS}
-                if self.encoding == "raw":
-                    arrays["images"] = np.load(f"{base}.images.npy", mmap_mode="r")
-                    if self.has_ids:
-                        arrays["ids"] = np.load(f"{base}.ids.npy", mmap_mode="r")
-                else:
-                    for k in ("images", "ids") if self.has_ids else ("images",):
-                        arrays[k] = np.memmap(f"{base}.{k}.bin", np.uint8, "r")
-                        arrays[k + ".offsets"] = np.load(f"{base}.{k}.offsets.npy")
-            except (OSError, ValueError) as e:
-                raise DataError(f"shard '{base}' is unreadable ({e}); re-run the converter on "
-                                f"'{self.folder}' after deleting {base}.json") from None
-            self._open[i] = arrays
+            self._open[i] = self._load(i)
         return self._open[i]
+
+    def _shard(self, i: int) -> dict:
+        """`arrays`, with a DataError for an unreadable shard (for the DALI loader)."""
+        try:
+            return self.arrays(i)
+        except CorruptFile as e:
+            raise DataError(f"{e}; re-run the converter on '{self.folder}' after deleting "
+                            f"{os.path.join(self.folder, _shard_name(i))}.json") from None
+
+    def opens(self, i: int) -> bool:
+        """Whether shard i's files open (`arrays` raises no CorruptFile)."""
+        try:
+            self.arrays(i)
+            return True
+        except CorruptFile:
+            return False
 
     def locate(self, scene: int):
         i = int(np.searchsorted(self.starts, scene, side="right") - 1)
         return i, scene - int(self.starts[i])
 
-    def _planes(self, arrays, key, local, views):
+    def _planes(self, i, arrays, key, local, views):
         offsets, blob = arrays[key + ".offsets"], arrays[key]
+        name = f"'{os.path.join(self.folder, _shard_name(i))}.{key}.bin' scene {local}"
         out = []
         for v in range(views):
-            a, b = offsets[local * views + v], offsets[local * views + v + 1]
-            out.append(_decode_png(bytes(blob[a:b]), f"{self.folder} {key} scene {local} view {v}"))
+            a, b = int(offsets[local * views + v]), int(offsets[local * views + v + 1])
+            if not 0 <= a <= b <= len(blob):
+                raise CorruptFile(f"{name} view {v}: bytes {a}-{b} lie outside the "
+                                  f"{len(blob)}-byte file")
+            out.append(decode_png(bytes(blob[a:b]), f"{name} view {v}"))
         return np.stack(out)
 
     def read(self, scene: int) -> dict:
+        """Scene `scene`'s record (images, ids, origins, ray_mats, sceneid); CorruptFile if its
+        shard or PNG data is damaged."""
         i, local = self.locate(scene)
-        arrays = self._shard(i)
+        arrays = self.arrays(i)
         rec = {k: np.array(arrays[k][local]) for k in ("origins", "ray_mats")}
         rec["sceneid"] = int(arrays["sceneids"][local])
         views = rec["origins"].shape[0]
@@ -256,9 +301,9 @@ class _ShardReader:
             if self.has_ids:
                 rec["ids"] = np.array(arrays["ids"][local])
         else:
-            rec["images"] = self._planes(arrays, "images", local, views)
+            rec["images"] = self._planes(i, arrays, "images", local, views)
             if self.has_ids:
-                rec["ids"] = self._planes(arrays, "ids", local, views)
+                rec["ids"] = self._planes(i, arrays, "ids", local, views)
         return rec
 
 
@@ -277,8 +322,15 @@ def read_index(path: str, mode: str) -> tuple:
                 if partial else f"Converted splits here: {have or 'none'}; convert this one "
                 f"with python -m osrt_fast.data.shards CONFIG --out {path} --splits {mode}.")
         raise DataError(f"'{index_path}' is missing. {hint}")
-    with open(index_path) as f:
-        index = json.load(f)
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"'{index_path}' is damaged ({type(e).__name__}: {e}); delete it and "
+                        f"re-run the converter on '{folder}': it keeps the written shards and "
+                        f"writes the index again.") from None
+    if not isinstance(index, dict):
+        index = {}
     if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
         raise DataError(f"'{index_path}' is not an {FORMAT} v{FORMAT_VERSION} index "
                         f"(format {index.get('format')!r}, version {index.get('version')!r}); "
@@ -292,6 +344,13 @@ class ShardDataset(Dataset):
     Args: path (the converter's --out), mode ('train' / 'val' / 'test'), points_per_item,
     max_len, full_scale, downsample (as the other loaders), num_input_views (default: the
     source's). Random view choices and ray samples follow the (index, seed) the sampler gives.
+
+    A scene whose shard files are unreadable or of the wrong length, whose PNG data is damaged
+    (`png.decode_png` checks every chunk's CRC), or whose arrays do not fit the index (shape,
+    ids beyond num_entities - 1) is replaced by the next readable scene, passing over the rest of
+    an unreadable shard, with a counted DataWarning naming the file and the reason;
+    MAX_SKIPS + 1 failures in a row raise DataError. (Raw pixels have no checksum: a flipped
+    bit in a raw shard goes unnoticed.) `check_scene` reads one scene without substitution.
     """
 
     MAX_SKIPS = 16
@@ -350,13 +409,40 @@ class ShardDataset(Dataset):
         source's scene id stored in the shard."""
         return idx if self.index["sceneid"] == "item" else int(stored)
 
+    def _read(self, scene: int) -> dict:
+        """The record of `scene`, checked against the index; CorruptFile otherwise."""
+        rec = self.reader.read(scene)
+        v, h, w = self.num_views, self.height, self.width
+        want = {"images": (v, h, w, 3), "ids": (v, h, w), "origins": (v, 3), "ray_mats": (v, 3, 3)}
+        for k, shape in want.items():
+            if k in rec and rec[k].shape != shape:
+                raise CorruptFile(f"scene {scene} of '{self.folder}': {k} has shape "
+                                  f"{rec[k].shape}, but index.json says {shape}")
+        if "ids" in rec and rec["ids"].max() >= self.num_entities:
+            raise CorruptFile(f"scene {scene} of '{self.folder}': instance id {rec['ids'].max()} "
+                              f"is beyond the {self.num_entities} slots in index.json")
+        return rec
+
+    def check_scene(self, k: int) -> None:
+        """Reads scene k as training does; CorruptFile names the first problem."""
+        self._read(k)
+
+    def _candidates(self, scene: int) -> Iterator[int]:
+        """`scene`, then the following scenes cyclically; after a scene of a shard that does not
+        open, the rest of that shard is passed over (a function of the files only, so the
+        substitute is deterministic)."""
+        while True:
+            yield scene
+            i, _ = self.reader.locate(scene)
+            scene = (scene + 1) if self.reader.opens(i) else int(self.reader.starts[i + 1])
+            scene %= self.num_scenes
+
     def __getitem__(self, item):
         idx, seed, scene, in_views, tgt_views = self.plan(item)
         _, rec = self.skipped.first_readable(
-            self.reader.read, ((scene + a) % self.num_scenes for a in itertools.count()),
-            self.MAX_SKIPS + 1,
+            self._read, self._candidates(scene), self.MAX_SKIPS + 1,
             f"{self.MAX_SKIPS + 1} scenes in a row from scene {scene} of '{self.folder}' could "
-            f"not be decoded: re-convert the dataset")
+            f"not be read: re-convert the dataset")
         rec.update(input_views=in_views, target_views=tgt_views, seed=seed,
                    sceneid=self.sceneid(idx, rec["sceneid"]))
         return rec
