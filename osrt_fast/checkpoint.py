@@ -15,7 +15,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .files import explain_write_error
+
 FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -103,9 +106,8 @@ def _outcome_from_rank0(path: str, model) -> None:
 
 
 def _write(path: str, model, state: dict, optim_sd, extras, scalars) -> None:
-    if not _all_finite(state):
-        bad = [f"{part}.{k}" for part in state for k, v in state[part].items()
-               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = _non_finite(state)
+    if bad:
         raise CheckpointError(f"refusing to write {path}: the model has non-finite parameters "
                               f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); the "
                               "existing file, if any, is kept")
@@ -117,13 +119,42 @@ def _write(path: str, model, state: dict, optim_sd, extras, scalars) -> None:
     state["osrt_fast"] = {"version": FORMAT_VERSION, "package_version": __version__,
                           "model_config": _config_dict(cfg) if cfg is not None else None,
                           **(extras or {})}
+    try:
+        _write_verified(path, state)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        needed = sum(v.numel() * v.element_size() for v in _tensors(state))
+        reason = explain_write_error(e, path, needed)
+        if reason is None:
+            raise
+        raise CheckpointError(reason) from None
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _write_verified(path: str, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, fsync, read back, rename over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
+            try:
+                torch.save(state, f)
+                f.flush()
+            except RuntimeError:
+                _raise_os_error(f)     # torch reports a full disk without its errno
+                raise
             os.fsync(f.fileno())
         # Read back exactly as a later resume will (weights_only), so a file that cannot be
         # resumed from never replaces one that can.
@@ -141,6 +172,28 @@ def _write(path: str, model, state: dict, optim_sd, extras, scalars) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _raise_os_error(f) -> None:
+    """Writes a little more to `f`: a full disk or exceeded quota then raises its OSError."""
+    f.write(bytes(1 << 16))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Deletes the temporary files that saves killed mid-write left in `folder` (call it only
+    while holding the folder's lock, so no save is under way); returns the bytes freed."""
+    freed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(TMP_PREFIX) and name.endswith(".pt"):
+            p = os.path.join(folder, name)
+            try:
+                freed += os.path.getsize(p)
+                os.remove(p)
+            except OSError:
+                pass
+    return freed
 
 
 def capture_rng_state() -> dict:
@@ -167,10 +220,36 @@ def _config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x80\x02\x8a\n"          # torch's pre-1.6 files: a pickled magic number first
+
+
+def _container(path: str) -> str:
+    """'zip' (torch.save since 1.6), 'legacy' (older torch.save), 'pickle', 'empty' or 'unknown'."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "empty"
+    if head == ZIP_MAGIC:
+        return "zip"
+    if head == LEGACY_MAGIC:
+        return "legacy"
+    return "pickle" if head[:1] == b"\x80" else "unknown"
+
+
 def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """Loads a checkpoint file with `weights_only=True`; refuses files that need to run code."""
+    """Loads a checkpoint file with `weights_only=True`; refuses files that need to run code,
+    and says plainly when a file is empty, cut short or not a checkpoint at all."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file '{path}' does not exist")
+    kind = _container(path)
+    damaged = ("Use another checkpoint of the run (model_best.pt, a model_<it>.pt backup) or "
+               "the original file")
+    if kind == "empty":
+        raise CheckpointError(f"'{path}' is empty (0 bytes), not a checkpoint. {damaged}.")
+    if kind == "unknown":
+        raise CheckpointError(f"'{path}' is not a PyTorch checkpoint (it is neither a zip archive "
+                              f"nor a pickle): the file is damaged or of another kind. {damaged}.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -181,11 +260,63 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
             f"torch.save({{k: s[k] for k in ('encoder', 'decoder', 'optimizer', 'it') if k in s}}, "
             f"'{path}.safe.pt')\"\n"
             f"and load '{path}.safe.pt'. Details: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({e})") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is damaged: it could not be read as a PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cut short'}). "
+                              f"{damaged}.") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"'{path}' holds a {type(state).__name__}, not a checkpoint dict")
     return state
+
+
+def _whole(v, low=0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Entries a checkpoint may carry besides the weights: key -> (check, what is expected).
+_FIELDS = {
+    "it": (_whole, "a whole number >= 0 (completed training steps)"),
+    "epoch_it": (_whole, "a whole number >= 0"),
+    "t": (_number, "a number (training seconds)"),
+    "loss_val_best": (_number, "a number (the best validation metric)"),
+    "run_id": (lambda v: v is None or isinstance(v, str), "a string or None"),
+}
+_EXTRAS = {
+    "version": (_whole, "the format version, a whole number"),
+    "model_config": (lambda v: v is None or isinstance(v, dict), "a mapping or None"),
+    "lr_scheduler": (lambda v: isinstance(v, dict), "a mapping"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "world_size": (lambda v: _whole(v, 1), "a whole number >= 1"),
+    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
+            and v["torch"].dtype == torch.uint8
+            and all(isinstance(x, torch.Tensor) for x in v.get("cuda") or []),
+            "{'torch': a uint8 tensor, 'cuda': [uint8 tensors]} (capture_rng_state)"),
+}
+
+
+def check_entries(state: dict, path: str) -> None:
+    """CheckpointError naming the first entry (besides the weights) of the wrong type or range."""
+    extras = state.get("osrt_fast")
+    if extras is not None and not isinstance(extras, dict):
+        raise CheckpointError(f"'{path}' is damaged: its 'osrt_fast' entry is a "
+                              f"{type(extras).__name__}, expected a mapping")
+    for where, entries, table in (("", state, _FIELDS), ("osrt_fast.", extras or {}, _EXTRAS)):
+        for key, (ok, expected) in table.items():
+            if key in entries and not ok(entries[key]):
+                value = repr(entries[key])
+                raise CheckpointError(
+                    f"'{path}' is damaged: '{where}{key}' is {value[:60]}{'...' if len(value) > 60 else ''}, "
+                    f"expected {expected}. Use another checkpoint of the run (model_best.pt, a "
+                    f"model_<it>.pt backup)")
+
+
+def _non_finite(state: dict) -> list:
+    return [f"{part}.{k}" for part in ("encoder", "decoder") for k, v in state[part].items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def checkpoint_format(state: dict) -> str:
@@ -250,6 +381,13 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     if fmt == "flat":
         state = {"encoder": {k[8:]: v for k, v in state.items() if k.startswith("encoder.")},
                  "decoder": {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}}
+    check_entries(state, path)
+    bad = _non_finite(state)
+    if bad:
+        raise CheckpointError(
+            f"'{path}' has non-finite (NaN or infinite) weights ({', '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}, {len(bad)} tensors): it would render and evaluate "
+            f"as NaN. Use an earlier checkpoint of the run (model_best.pt, a model_<it>.pt backup)")
     model = unwrap(model)
     modules = {part: unwrap(getattr(model, part)) for part in ("encoder", "decoder")}
     problems = []

@@ -98,6 +98,17 @@ class CheckpointingConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    """When a step's loss or gradient norm counts as a spike (osrt_fast/guards.py)."""
+    loss_factor: float = option(5.0, "a loss above this times the median of the recent accepted "
+                                     "losses is a spike (0 = off)", min=0.0)
+    grad_norm_factor: float = option(0.0, "a gradient norm above this times the recent median "
+                                          "is a spike (0 = off)", min=0.0)
+    window: int = option(100, "accepted steps the medians are taken over", min=1)
+    max_spikes: int = option(5, "spikes in a row (each skipped) that stop the run", min=1)
+
+
+@dataclass
 class TrainingConfig:
     batch_size: int = option(256, "the global batch: scenes per optimizer step", min=1)
     num_workers: int = option(1, "DataLoader workers per process", min=0)
@@ -118,6 +129,9 @@ class TrainingConfig:
     seed: int = option(0, "the seed of weights, batches and ray samples")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     max_nonfinite_steps: int = option(5, "non-finite losses in a row that stop the run", min=1)
+    divergence: DivergenceConfig = option(
+        default_factory=DivergenceConfig,
+        help="e.g. {loss_factor: 5, grad_norm_factor: 0, window: 100, max_spikes: 5}")
     eval_batch_size: Optional[int] = option(None, "scenes per evaluation batch (default "
                                                   "batch_size // 8)", min=1)
     vis_scenes: int = option(6, "scenes in the visualisation grids", min=1)

@@ -1,36 +1,102 @@
-"""Guards of the training step: what a run does when a step goes wrong."""
+"""Guards of the training step: what a run does when a step goes wrong.
+
+Every step's loss and gradient norm are judged before the optimizer applies the step. A
+non-finite value, or a spike (a loss, or gradient norm, far above the median of the recent
+accepted steps), skips the step with a warning; too many bad steps in a row stop the run. The
+trainer writes a checkpoint of the weights after step k only once step k+1 has measured their
+loss and found it sane (`Trainer.step`), so a stopped run leaves the last good checkpoint in
+place: lower the learning rate and run the same command to resume from it.
+"""
 from __future__ import annotations
 
+import collections
+import math
+import statistics
 import warnings
+from typing import Optional
 
 import torch
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many non-finite steps in a row; the run stops without saving."""
 
 
-class NonFiniteGuard:
-    """A non-finite loss or gradient norm skips the optimizer step with a warning; `limit` in a
-    row stop the run (NonFiniteLossError) before anything is saved, so the last good checkpoint
-    in `run_dir` stays untouched."""
+class DivergenceError(RuntimeError):
+    """Too many loss or gradient-norm spikes in a row; the run stops without saving."""
 
-    def __init__(self, limit: int, run_dir: str):
-        self.limit, self.run_dir, self.in_a_row = limit, run_dir, 0
 
-    def step_is_finite(self, loss: torch.Tensor, norm: torch.Tensor, it: int) -> bool:
+class StepGuard:
+    """Judges steps (see the module docstring). `nonfinite_limit`: non-finite steps in a row that
+    stop the run (NonFiniteLossError); `divergence`: a config.DivergenceConfig (DivergenceError);
+    `run_dir` and `saved_it()` (the iteration of the run's last checkpoint) go into the messages."""
+
+    def __init__(self, nonfinite_limit: int, divergence, run_dir: str, saved_it=lambda: None):
+        self.nonfinite_limit, self.div, self.run_dir, self.saved_it = (
+            nonfinite_limit, divergence, run_dir, saved_it)
+        self.losses = collections.deque(maxlen=divergence.window)
+        self.norms = collections.deque(maxlen=divergence.window)
+        self.nonfinite_in_a_row = self.spikes_in_a_row = 0
+
+    def spike(self, loss: float, norm: Optional[float]) -> Optional[str]:
+        """Why (loss, norm) is a spike against the recent accepted steps, or None."""
+        checks = [("loss", loss, self.losses, self.div.loss_factor),
+                  ("gradient norm", norm, self.norms, self.div.grad_norm_factor)]
+        for name, value, history, factor in checks:
+            if value is None or factor <= 0 or not history:
+                continue
+            median = statistics.median(history)
+            if value > factor * median:
+                return (f"{name} {value:.4g} is {value / median:.1f}x the median of the last "
+                        f"{len(history)} accepted steps ({median:.4g}; the limit is "
+                        f"training.divergence.{'loss_factor' if name == 'loss' else 'grad_norm_factor'}"
+                        f" = {factor:g})")
+        return None
+
+    def step_is_good(self, loss: torch.Tensor, norm: torch.Tensor, it: int) -> bool:
+        """True: apply the step (and remember it). False: skip it (warned). Raises when bad
+        steps in a row reach their limit. Every process calls it with the same global values."""
         # One host sync for both: a finite loss can still overflow in the backward pass.
-        loss_ok, norm_ok = torch.stack((loss, norm.float())).isfinite().tolist()
-        if loss_ok and norm_ok:
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        warnings.warn(f"non-finite {'loss' if not loss_ok else 'gradients'} (loss {loss.item()}) "
-                      f"at iteration {it}; optimizer step skipped ({self.in_a_row} in a row, "
-                      f"stopping at {self.limit})")
-        if self.in_a_row >= self.limit:
-            raise NonFiniteLossError(
-                f"{self.in_a_row} non-finite losses in a row at iteration {it}; stopping without "
-                f"saving, so the last good checkpoint in {self.run_dir} stays untouched. Lower "
-                f"training.peak_lr, set training.grad_clip, or check the data.")
-        return False
+        loss_v, norm_v = torch.stack((loss.float(), norm.float())).tolist()
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            self.nonfinite_in_a_row += 1
+            what = "loss" if not math.isfinite(loss_v) else "gradients"
+            warnings.warn(f"non-finite {what} (loss {loss_v}) at iteration {it}; optimizer step "
+                          f"skipped ({self.nonfinite_in_a_row} in a row, stopping at "
+                          f"{self.nonfinite_limit})")
+            if self.nonfinite_in_a_row >= self.nonfinite_limit:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row at iteration {it}; "
+                    f"stopping without saving. {self.resume_hint()}")
+            return False
+        self.nonfinite_in_a_row = 0
+        why = self.spike(loss_v, norm_v)
+        if why is not None:
+            self.spikes_in_a_row += 1
+            warnings.warn(f"spike at iteration {it}: {why}; optimizer step skipped "
+                          f"({self.spikes_in_a_row} in a row, stopping at {self.div.max_spikes})")
+            if self.spikes_in_a_row >= self.div.max_spikes:
+                raise DivergenceError(
+                    f"the run diverged: {self.spikes_in_a_row} spikes in a row at iteration {it} "
+                    f"({why}); stopping without saving. {self.resume_hint()} (set "
+                    f"training.divergence.loss_factor: 0 to turn this check off)")
+            return False
+        self.spikes_in_a_row = 0
+        self.losses.append(loss_v)
+        self.norms.append(norm_v)
+        return True
+
+    def weights_are_sane(self, loss: torch.Tensor) -> Optional[str]:
+        """None if the current weights' loss (measured without a step) is finite and no spike;
+        else why not. For the save at the end of a run, whose weights no later step measured."""
+        value = loss.float().item()
+        if not math.isfinite(value):
+            return f"their loss is {value}"
+        return self.spike(value, None)
+
+    def resume_hint(self) -> str:
+        saved = self.saved_it()
+        where = (f"{self.run_dir}/model.pt (iteration {saved}) holds the last weights whose loss "
+                 f"was checked" if saved is not None else f"no checkpoint in {self.run_dir} was touched")
+        return (f"{where}. Lower training.peak_lr or set training.grad_clip, check the data, and "
+                f"run the same command to resume")

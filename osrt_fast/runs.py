@@ -6,10 +6,16 @@ import os
 import shutil
 from typing import Optional
 
+from .files import WriteError, explain_write_error
+
 
 def append_log(run_dir: str, record: dict) -> None:
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = os.path.join(run_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise WriteError(explain_write_error(e, path) or f"cannot append to {path}: {e}") from None
 
 
 def run_dir_for(config_path: str, override: Optional[str] = None) -> str:
@@ -31,7 +37,10 @@ def copy_config(config_path: str, run_dir: str) -> None:
         with open(target, "rb") as f_old, open(config_path, "rb") as f_new:
             if f_old.read() != f_new.read():
                 print(f"note: {config_path} differs from the run's {target}; replacing the run's copy")
-    shutil.copyfile(config_path, target)
+    try:
+        shutil.copyfile(config_path, target)
+    except OSError as e:
+        raise WriteError(explain_write_error(e, target) or f"cannot write {target}: {e}") from None
 
 
 def start_wandb(cfg, run_dir: str, run_id: Optional[str]):

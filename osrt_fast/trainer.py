@@ -19,13 +19,15 @@ from typing import Optional
 import torch
 
 from . import parallel
-from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
+                         remove_stale_temporaries, restore_rng_state, save_checkpoint)
 from .config import Config, ConfigError, micro_batch_size
 from .data import (DataError, first_records, get_dataset, is_stream, make_batch, to_device,
                    training_loaders)
 from .evaluate import compute_loss, evaluate
-from .guards import NonFiniteGuard, NonFiniteLossError
+from .files import WriteError
+from .guards import DivergenceError, NonFiniteLossError, StepGuard
+from .locks import FolderLock, LockedError
 from .metrics import psnr
 from .model import OSRT
 from .rendering import visualize
@@ -33,7 +35,7 @@ from .runs import (append_log, copy_config, parse_train_args, require_wandb, res
                    start_wandb)
 from .schedule import LrSchedule
 from .progress import progress_bar
-from .signals import GracefulInterrupt
+from .signals import GracefulStop
 from .throughput import Throughput, peak_flops
 
 
@@ -51,6 +53,8 @@ class Trainer:
         self.load_data()
         self.build_model()
         self.it, self.elapsed, self.run_id = 0, 0.0, None
+        # Checkpoints of the current weights waiting for their loss to be measured (`step`).
+        self.pending, self.saved_it = [], None
         self.sign = 1 if self.t.model_selection_mode == "maximize" else -1
         self.best = -self.sign * math.inf
 
@@ -102,7 +106,7 @@ class Trainer:
         if not os.path.exists(path):
             return
         state = load_checkpoint(path, self.model, self.optimizer, map_location="cpu")
-        self.it = int(state.get("it", 0))
+        self.it = self.saved_it = int(state.get("it", 0))
         self.elapsed, self.run_id = float(state.get("t", 0.0)), state.get("run_id")
         self.best = float(state.get("loss_val_best", self.best))
         extras = state.get("osrt_fast") or {}
@@ -142,12 +146,43 @@ class Trainer:
         return self.cfg.data.num_points * self.micro
 
     def checkpoint(self, name: str) -> None:
-        # Every process takes part (FSDP gathers the state); the first one writes.
+        # Every process takes part (FSDP gathers the state); the first one writes. A training
+        # step draws nothing from torch's generators (ray samples are hashed from seeds), so
+        # the state captured here is the one the step at `it` starts from.
         save_checkpoint(os.path.join(self.run_dir, name), self.model, self.optimizer, it=self.it,
                         epoch_it=self.it // max(1, len(self.train_set) // self.t.batch_size),
                         t=self.elapsed, loss_val_best=self.best, run_id=self.run_id,
                         extras={"lr_scheduler": self.schedule.state_dict(), "rng": capture_rng_state(),
                                 "seed": self.t.seed, "world_size": self.info.world_size})
+        if name == "model.pt":
+            self.saved_it = self.it
+
+    def save_checked(self) -> None:
+        """Writes the checkpoints waiting for the current weights (`self.pending`): called once
+        their loss was measured and found sane."""
+        for name in dict.fromkeys(self.pending):
+            self.checkpoint(name)
+        self.pending.clear()
+
+    def final_save(self, batches) -> None:
+        """model.pt at the end of a run or on a stop request. No later step measures these
+        weights, so one micro-batch's loss does (no step is taken): diverged weights are
+        refused and the last good model.pt stays."""
+        if self.saved_it == self.it:
+            return
+        try:
+            batch = make_batch(to_device(next(batches), self.device), self.train_set.spec)
+        except StopIteration:           # a finite stream: the non-finite check on save remains
+            self.checkpoint("model.pt")
+            return
+        with torch.no_grad(), parallel.autocast(self.device, self.t.precision):
+            mse, _ = compute_loss(self.model, batch)
+        why = self.guard.weights_are_sane(parallel.all_reduce_mean(mse.mean().float()))
+        if why is not None:
+            raise DivergenceError(f"not saving iteration {self.it}: the weights diverged ({why}). "
+                                  f"{self.guard.resume_hint()}")
+        self.pending.append("model.pt")
+        self.save_checked()
 
     def evaluate(self) -> None:
         """Metrics on the evaluation split, logged; a new best by the selection metric is saved."""
@@ -178,10 +213,12 @@ class Trainer:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def step(self, batches) -> Optional[dict]:
-        """One optimizer step over `grad_accum` micro-batches. Returns the step's loss, gradient
-        norm, learning rate and mean ARI / FG-ARI, or None when a non-finite loss or gradient
-        skipped it (NonFiniteLossError after `max_nonfinite_steps` in a row)."""
+    def step(self, batches, stop: GracefulStop) -> Optional[dict]:
+        """One optimizer step over `grad_accum` micro-batches; `self.it` counts it. Returns the
+        step's loss, gradient norm, learning rate and mean ARI / FG-ARI, or None when the guard
+        skipped it (a non-finite value or a spike; it raises after too many in a row). The
+        checkpoints pending for the current weights are written once this step's loss has
+        shown them sane, before the optimizer moves them."""
         t = self.t
         lr = self.schedule(self.it)
         for group in self.optimizer.param_groups:
@@ -205,10 +242,15 @@ class Trainer:
         # every process takes the same decision.
         loss = parallel.all_reduce_mean(torch.stack(losses).mean())
         norm = parallel.grad_norm_and_clip(self.params, t.grad_clip).to(loss.device)
-        if not self.guard.step_is_finite(loss, norm, self.it):
+        if not self.guard.step_is_good(loss, norm, self.it):
             self.optimizer.zero_grad(set_to_none=True)
+            self.it += 1
             return None
-        self.optimizer.step()
+        self.save_checked()
+        # A second Ctrl-C waits for this: a checkpoint never holds a half-applied step.
+        with stop.critical():
+            self.optimizer.step()
+            self.it += 1
         return {"loss": loss, "grad_norm": norm, "lr": lr, "terms": terms_sum}
 
     def log(self, step: dict) -> None:
@@ -240,10 +282,11 @@ class Trainer:
         t, it = self.t, self.it
         if (t.print_every > 0 and it % t.print_every == 0) or it == max_it:
             self.log(step)
+        # Written by the next step, once it has measured these weights' loss (`step`).
         if t.checkpoint_every > 0 and it % t.checkpoint_every == 0:
-            self.checkpoint("model.pt")
+            self.pending.append("model.pt")
         if t.backup_every > 0 and it % t.backup_every == 0:
-            self.checkpoint(f"model_{it}.pt")
+            self.pending.append(f"model_{it}.pt")
         if t.validate_every > 0 and it % t.validate_every == 0:
             self.evaluate()
         if t.visualize_every > 0 and it % t.visualize_every == 0:
@@ -261,46 +304,53 @@ class Trainer:
             self.wandb, self.run_id = start_wandb(self.cfg, self.run_dir, self.run_id)
         self.build_loaders()
         self.bar = progress_bar(total=max_it, initial=self.it, desc="training", enabled=self.info.is_main)
-        self.guard = NonFiniteGuard(self.t.max_nonfinite_steps, self.run_dir)
+        self.guard = StepGuard(self.t.max_nonfinite_steps, self.t.divergence, self.run_dir,
+                               saved_it=lambda: self.saved_it)
         self.rates = Throughput(self.it, self.t.batch_size, self.cfg.data.num_points,
                                 peak_flops(self.device, self.t.peak_tflops), self.info.world_size)
         self.model.train()
-        with GracefulInterrupt() as stop:
+        with GracefulStop() as stop:
+            batches = iter(self.train_loader)
+            code = 0
             try:
                 if self.args.evalnow:
                     self.evaluate()
                 if self.args.visnow:
                     self.visualize()
-                batches = iter(self.train_loader)
                 while self.it < max_it:
-                    # Checked between steps, so a first Ctrl-C saves a consistent, resumable
-                    # state; with several processes, all stop at the same step when any was.
-                    requested = stop.requested
+                    # Checked between steps, so a stop request saves a consistent, resumable
+                    # state; with several processes, all stop at the same step when any was asked.
+                    requested = bool(stop.requested)
                     if self.info.distributed:
                         requested = not parallel.all_agree(not requested, self.device)
                     if requested:
                         raise KeyboardInterrupt
                     t0 = time.perf_counter()
-                    step = self.step(batches)
-                    self.it += 1
+                    step = self.step(batches, stop)
                     self.bar.update(1)
                     if step is None:
                         continue
                     self.elapsed += time.perf_counter() - t0
                     self.after_step(step, max_it)
             except KeyboardInterrupt:
-                self.bar.close()
-                self.say(f"\nInterrupted at iteration {self.it}; saving "
+                self.say(f"\nStopped at iteration {self.it}; saving "
                          f"{os.path.join(self.run_dir, 'model.pt')} ...")
-                self.checkpoint("model.pt")
-                self.say("Saved. Run the same command to resume.")
-                return 130
-            except NonFiniteLossError as e:
+                code = stop.exit_code
+            except (NonFiniteLossError, DivergenceError) as e:
                 self.bar.close()
                 print(f"error: {e}", file=sys.stderr)
                 return 3
-        self.bar.close()
-        self.checkpoint("model.pt")
+            self.bar.close()
+            # Still under the handlers: the SIGTERM torchrun sends after a Ctrl-C must not
+            # cut the save short.
+            try:
+                self.final_save(batches)
+            except DivergenceError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+        if code:
+            self.say("Saved. Run the same command to resume.")
+            return code
         self.say(f"Reached iteration {self.it}; saved {os.path.join(self.run_dir, 'model.pt')}.")
         return 0
 
@@ -320,7 +370,7 @@ def train(cfg: Config, run_dir: str, args) -> int:
     info, device = parallel.init_distributed(parallel.resolve_device(cfg.training.device))
     try:
         return Trainer(cfg, run_dir, args, info, device).run()
-    except (ConfigError, DataError, CheckpointError) as e:
+    except ERRORS as e:
         if not info.distributed:
             raise
         # Said before the process group is torn down: once one process has exited, torchrun's
@@ -331,18 +381,43 @@ def train(cfg: Config, run_dir: str, args) -> int:
         parallel.shutdown_distributed()
 
 
+ERRORS = (ConfigError, DataError, CheckpointError, LockedError, WriteError)
+
+
+def claim_run_dir(run_dir: str) -> FolderLock:
+    """Makes the run directory and takes its lock (held until the process ends); removes the
+    temporary files of saves that a killed run left. A folder that cannot be written is a
+    WriteError naming the cause."""
+    from .files import explain_write_error
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = FolderLock(run_dir, what="run directory",
+                          hint=", or train in another folder with --run-dir").acquire()
+    except OSError as e:
+        raise WriteError(explain_write_error(e, run_dir) or f"cannot use the run directory "
+                         f"'{run_dir}': {e}") from None
+    freed = remove_stale_temporaries(run_dir)
+    if freed:
+        print(f"Removed temporary files of interrupted saves from {run_dir} ({freed / 2**20:.1f} MB).")
+    return lock
+
+
 def main(argv=None) -> int:
     from .config import load_config
     args = parse_train_args(argv)
+    lock = None
     try:
         cfg = load_config(args.config)
         check_before_work(cfg, args)
         run_dir = run_dir_for(args.config, args.run_dir)
-        os.makedirs(run_dir, exist_ok=True)
-        if int(os.environ.get("RANK", 0)) == 0:      # under torchrun, one process copies
+        if int(os.environ.get("RANK", 0)) == 0:      # under torchrun, the first process
+            lock = claim_run_dir(run_dir)
             copy_config(args.config, run_dir)
             print(f"Run directory: {run_dir}")
         return train(cfg, run_dir, args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()

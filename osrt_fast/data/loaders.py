@@ -26,11 +26,35 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 def worker_init(worker_id: int) -> None:
-    """A training or evaluation worker: leaves Ctrl-C to the main process, which finishes its
-    step, saves and shuts the workers down (a worker dying first would break the save); seeds
-    numpy as `worker_init_fn`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A training or evaluation worker: leaves Ctrl-C, SIGTERM and SIGUSR1 to the main process,
+    which finishes its step, saves and shuts the workers down (a worker dying first would break
+    the save; SLURM signals every process of a job); seeds numpy as `worker_init_fn`."""
+    for s in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    _sigterm_only_from_parent()
     worker_init_fn(worker_id)
+
+
+def _sigterm_only_from_parent() -> None:
+    """A SIGTERM from the main process (the DataLoader's and multiprocessing's shutdown) ends
+    this worker as before; one from elsewhere (SLURM signals every process of a job) is ignored,
+    so the main process can finish its step and save. SIGTERM is blocked and a thread waits
+    for it, the only way to learn who sent it. Without sigwaitinfo (macOS): unchanged."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    import threading
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)     # not the trainer's handler, inherited by fork
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # threads started later inherit it
+
+    def wait():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        # Unblocked in this thread only: the signal sent again is delivered here, and kills.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
 def loader_options(num_workers: int, device: torch.device) -> dict:

@@ -1,0 +1,56 @@
+"""Writing files: what to tell a user when the disk is full, read-only or not theirs."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from typing import Optional
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written; the message names the cause and the fix."""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _free_bytes(path: str) -> Optional[int]:
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def explain_write_error(e: BaseException, path: str, needed: Optional[int] = None) -> Optional[str]:
+    """Why writing `path` failed, in words with the fix, for a full disk, an exceeded quota, a
+    read-only file system or missing permission; None for any other error. torch.save reports
+    a full disk as a RuntimeError without errno, so for those the free space decides."""
+    code = getattr(e, "errno", None)
+    fix = "the existing file, if any, is kept"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and isinstance(e, RuntimeError)
+                                                 and _looks_full(path, needed)):
+        free = _free_bytes(path)
+        what = "disk quota is exceeded" if code == errno.EDQUOT else "disk is full"
+        details = ([f"{_size(free)} free"] if free is not None else []) + (
+            [f"about {_size(needed)} needed"] if needed else [])
+        room = f" ({', '.join(details)})" if details else ""
+        return (f"cannot write {path}: the {what}{room}. Free some space, or write elsewhere "
+                f"(train.py --run-dir DIR); {fix}")
+    if code == errno.EROFS:
+        return (f"cannot write {path}: the file system is read-only. Choose a writable folder "
+                f"(train.py --run-dir DIR); {fix}")
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"cannot write {path}: permission denied. Choose a folder you can write "
+                f"(train.py --run-dir DIR) or fix its permissions; {fix}")
+    return None
+
+
+def _looks_full(path: str, needed: Optional[int]) -> bool:
+    free = _free_bytes(path)
+    return free is not None and free < max(needed or 0, 1 << 20)
