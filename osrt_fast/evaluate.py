@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -136,6 +137,11 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
     print(f"Wrote {out}")
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        print(f"error: the metrics {bad} are not finite: the model's outputs are NaN or infinite "
+              f"on this data", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,12 +28,11 @@ class DivergenceError(RuntimeError):
 
 class StepGuard:
     """Judges steps (see the module docstring). `nonfinite_limit`: non-finite steps in a row that
-    stop the run (NonFiniteLossError); `divergence`: a config.DivergenceConfig (DivergenceError);
-    `run_dir` and `saved_it()` (the iteration of the run's last checkpoint) go into the messages."""
+    stop the run (NonFiniteLossError); `divergence`: a config.DivergenceConfig (DivergenceError).
+    The trainer adds to the errors' messages where the last good checkpoint is."""
 
-    def __init__(self, nonfinite_limit: int, divergence, run_dir: str, saved_it=lambda: None):
-        self.nonfinite_limit, self.div, self.run_dir, self.saved_it = (
-            nonfinite_limit, divergence, run_dir, saved_it)
+    def __init__(self, nonfinite_limit: int, divergence):
+        self.nonfinite_limit, self.div = nonfinite_limit, divergence
         self.losses = collections.deque(maxlen=divergence.window)
         self.norms = collections.deque(maxlen=divergence.window)
         self.nonfinite_in_a_row = self.spikes_in_a_row = 0
@@ -67,7 +66,7 @@ class StepGuard:
             if self.nonfinite_in_a_row >= self.nonfinite_limit:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} non-finite losses in a row at iteration {it}; "
-                    f"stopping without saving. {self.resume_hint()}")
+                    f"stopping without saving.")
             return False
         self.nonfinite_in_a_row = 0
         why = self.spike(loss_v, norm_v)
@@ -78,8 +77,8 @@ class StepGuard:
             if self.spikes_in_a_row >= self.div.max_spikes:
                 raise DivergenceError(
                     f"the run diverged: {self.spikes_in_a_row} spikes in a row at iteration {it} "
-                    f"({why}); stopping without saving. {self.resume_hint()} (set "
-                    f"training.divergence.loss_factor: 0 to turn this check off)")
+                    f"({why}); stopping without saving (training.divergence.loss_factor: 0 turns "
+                    f"this check off).")
             return False
         self.spikes_in_a_row = 0
         self.losses.append(loss_v)
@@ -93,10 +92,3 @@ class StepGuard:
         if not math.isfinite(value):
             return f"their loss is {value}"
         return self.spike(value, None)
-
-    def resume_hint(self) -> str:
-        saved = self.saved_it()
-        where = (f"{self.run_dir}/model.pt (iteration {saved}) holds the last weights whose loss "
-                 f"was checked" if saved is not None else f"no checkpoint in {self.run_dir} was touched")
-        return (f"{where}. Lower training.peak_lr or set training.grad_clip, check the data, and "
-                f"run the same command to resume")

@@ -94,8 +94,18 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(clean: bool = True) -> None:
+    """Leaves the process group while the interpreter is whole. First frees what still refers
+    to it (a model's FSDP state, held in reference cycles until the collector runs, would
+    otherwise be destroyed during interpreter finalisation, with gloo's threads); after a run
+    that every process ended the same way (`clean`), waits for all before tearing down, so none
+    closes its connections while another still uses them. After an error on one process the
+    others may not come: no barrier then."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+        gc.collect()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -164,6 +164,13 @@ class Trainer:
             self.checkpoint(name)
         self.pending.clear()
 
+    def resume_hint(self) -> str:
+        path = os.path.join(self.run_dir, "model.pt")
+        where = (f"{path} (iteration {self.saved_it}) holds the last weights whose loss was checked"
+                 if self.saved_it is not None else f"no checkpoint in {self.run_dir} was touched")
+        return (f"{where}. Lower training.peak_lr or set training.grad_clip, check the data, and "
+                f"run the same command to resume.")
+
     def final_save(self, batches) -> None:
         """model.pt at the end of a run or on a stop request. No later step measures these
         weights, so one micro-batch's loss does (no step is taken): diverged weights are
@@ -179,8 +186,7 @@ class Trainer:
             mse, _ = compute_loss(self.model, batch)
         why = self.guard.weights_are_sane(parallel.all_reduce_mean(mse.mean().float()))
         if why is not None:
-            raise DivergenceError(f"not saving iteration {self.it}: the weights diverged ({why}). "
-                                  f"{self.guard.resume_hint()}")
+            raise DivergenceError(f"not saving iteration {self.it}: the weights diverged ({why}).")
         self.pending.append("model.pt")
         self.save_checked()
 
@@ -304,8 +310,7 @@ class Trainer:
             self.wandb, self.run_id = start_wandb(self.cfg, self.run_dir, self.run_id)
         self.build_loaders()
         self.bar = progress_bar(total=max_it, initial=self.it, desc="training", enabled=self.info.is_main)
-        self.guard = StepGuard(self.t.max_nonfinite_steps, self.t.divergence, self.run_dir,
-                               saved_it=lambda: self.saved_it)
+        self.guard = StepGuard(self.t.max_nonfinite_steps, self.t.divergence)
         self.rates = Throughput(self.it, self.t.batch_size, self.cfg.data.num_points,
                                 peak_flops(self.device, self.t.peak_tflops), self.info.world_size)
         self.model.train()
@@ -338,7 +343,7 @@ class Trainer:
                 code = stop.exit_code
             except (NonFiniteLossError, DivergenceError) as e:
                 self.bar.close()
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {e} {self.resume_hint()}", file=sys.stderr)
                 return 3
             self.bar.close()
             # Still under the handlers: the SIGTERM torchrun sends after a Ctrl-C must not
@@ -346,7 +351,7 @@ class Trainer:
             try:
                 self.final_save(batches)
             except DivergenceError as e:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {e} {self.resume_hint()}", file=sys.stderr)
                 return 3
         if code:
             self.say("Saved. Run the same command to resume.")
@@ -368,8 +373,11 @@ def train(cfg: Config, run_dir: str, args) -> int:
     """The training loop, on one process or on each of several started by torchrun. Returns a
     process exit code."""
     info, device = parallel.init_distributed(parallel.resolve_device(cfg.training.device))
+    clean = False
     try:
-        return Trainer(cfg, run_dir, args, info, device).run()
+        code = Trainer(cfg, run_dir, args, info, device).run()
+        clean = True            # every process ends a run the same way, at the same step
+        return code
     except ERRORS as e:
         if not info.distributed:
             raise
@@ -378,7 +386,7 @@ def train(cfg: Config, run_dir: str, args) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        parallel.shutdown_distributed()
+        parallel.shutdown_distributed(clean)
 
 
 ERRORS = (ConfigError, DataError, CheckpointError, LockedError, WriteError)

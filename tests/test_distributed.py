@@ -63,14 +63,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(config: str, *args: str, nproc: int = 2, expect: int = 0) -> str:
+def torchrun_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), config, *args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return env
+
+
+def torchrun_command(config: str, *args: str, nproc: int = 2) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), config, *args]
+
+
+def torchrun(config: str, *args: str, nproc: int = 2, expect: int = 0) -> str:
+    proc = subprocess.run(torchrun_command(config, *args, nproc=nproc), env=torchrun_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr
 
@@ -133,6 +141,29 @@ def test_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, data_dir, refe
     for it in (3, 4):
         assert_close_params(os.path.join(reference, f"model_{it}.pt"), os.path.join(one, f"model_{it}.pt"))
         assert_same_step(ref_log, train_log(one), it)
+
+
+def test_sigterm_to_torchrun_saves_on_every_process(tmp_path, data_dir):
+    """A cluster stops a job by SIGTERM to its launcher (Kubernetes: PID 1): torchrun passes it
+    to both workers, which stop at the same step; the sharded model.pt holds that step and
+    resumes in one process."""
+    import signal
+    import time
+    folder = str(tmp_path / "run")
+    config = write_run(folder, data_dir, parallel="fsdp", max_it=100000, backup_every=0)
+    proc = subprocess.Popen(torchrun_command(config), env=torchrun_env(), cwd=ROOT, text=True,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(folder, "log.jsonl")) or len(train_log(folder)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert out.count("SIGTERM: stopping after this step") == 2, out[-4000:]
+    last = max(train_log(folder))
+    state = load_checkpoint(os.path.join(folder, "model.pt"), OSRT(tiny_model_config()))
+    assert state["it"] == last, out[-4000:]
+    assert trainer.main([write_run(folder, data_dir, max_it=last + 1, backup_every=0)]) == 0
 
 
 def test_one_process_checkpoint_resumes_in_two_with_ddp(tmp_path, data_dir, reference):
