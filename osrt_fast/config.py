@@ -48,7 +48,8 @@ _GENERATOR = {"num_scenes": (int, 1, "scenes generated"), "height": (int, 8, "im
               "width": (int, 8, "image width"), "num_views": (int, 1, "views per scene"),
               "min_objects": (int, 0, "fewest objects per scene"),
               "max_objects": (int, 1, "most objects per scene"), "seed": (int, None, "generator seed"),
-              "device": (str, None, "where scenes are rendered: cpu, cuda, auto")}
+              "device": (str, None, "where scenes are rendered: cpu, cuda, auto"),
+              "zoom": (float, 0.5, "cameras closer by this factor: larger objects")}
 _KUBRIC = {"downsample": _FOLDER["downsample"], "num_input_views": _FOLDER["num_input_views"],
            "shuffle_buffer": (int, 0, "training stream shuffle buffer, in records"),
            "skip": (int, 0, "records skipped at the start"), "seed": (int, None, "input-view seed")}

@@ -136,11 +136,16 @@ def sample_scene(seed: Seed, min_objects: int = 2, max_objects: int = 6) -> Scen
                  rotation=rotations, color=colors)
 
 
-def sample_cameras(seed: Seed, num_views: int) -> np.ndarray:
+CAMERA_DISTANCE = (9.0, 12.0)     # from the scene's centre, at zoom 1
+
+
+def sample_cameras(seed: Seed, num_views: int, zoom: float = 1.0) -> np.ndarray:
     """Camera positions [num_views, 3] for the scene with this seed (own stream, so the cameras
-    do not depend on how many random numbers the object sampler drew)."""
+    do not depend on how many random numbers the object sampler drew); `zoom` > 1 brings them
+    closer (distance / zoom), so objects fill more of the image (and some leave it)."""
     rng = np.random.default_rng(_seed_list(seed) + [0x63616D])
-    return geometry.hemisphere_cameras(rng, num_views)
+    near, far = CAMERA_DISTANCE
+    return geometry.hemisphere_cameras(rng, num_views, radius_range=(near / zoom, far / zoom))
 
 
 def scene_seed(dataset_seed: int, index: int) -> tuple:
@@ -461,9 +466,13 @@ SETTING_KEYS = ("num_scenes", "height", "width", "num_views", "min_objects", "ma
                 "seed")
 
 
-def _settings(*values) -> dict:
-    """generator.json's content: the SETTING_KEYS with these values, as ints."""
-    return {k: int(v) for k, v in zip(SETTING_KEYS, values)}
+def _settings(*values, zoom: float = 1.0) -> dict:
+    """generator.json's content: the SETTING_KEYS with these values, as ints, and `zoom` where
+    it is not 1 (so folders written before it existed keep matching)."""
+    settings = {k: int(v) for k, v in zip(SETTING_KEYS, values)}
+    if zoom != 1.0:
+        settings["zoom"] = float(zoom)
+    return settings
 
 
 def _device_problem(device) -> Optional[str]:
@@ -480,7 +489,7 @@ def _device_problem(device) -> Optional[str]:
 
 def check_settings(num_scenes: int, height: int, width: int, num_views: int, min_objects: int,
                    max_objects: int, seed: int, device="cpu",
-                   batch_scenes: Optional[int] = None) -> None:
+                   batch_scenes: Optional[int] = None, zoom: float = 1.0) -> None:
     """DataError naming every invalid generator argument (before anything is written)."""
     problems = [f"{name} must be at least 1, got {value}" for name, value in
                 (("num_scenes", num_scenes), ("height", height), ("width", width),
@@ -493,6 +502,8 @@ def check_settings(num_scenes: int, height: int, width: int, num_views: int, min
                         f"got {max_objects}")
     if seed < 0:
         problems.append(f"seed must be 0 or more, got {seed}")
+    if not 0.5 <= zoom <= 4.0:
+        problems.append(f"zoom must be between 0.5 and 4, got {zoom}")
     if batch_scenes is not None and batch_scenes < 1:
         problems.append(f"batch_scenes must be at least 1, got {batch_scenes}")
     device_problem = _device_problem(device)
@@ -557,7 +568,7 @@ def _sample_metadata(settings: dict) -> tuple:
         seed = scene_seed(settings["seed"], i)
         s = sample_scene(seed, settings["min_objects"], settings["max_objects"])
         k = s.num_objects
-        meta["camera_pos"][i] = sample_cameras(seed, v)
+        meta["camera_pos"][i] = sample_cameras(seed, v, settings.get("zoom", 1.0))
         meta["shape"][i, 1:k + 1] = s.shape
         meta["3d_coords"][i, 1:k + 1] = s.position
         meta["color"][i, 1:k + 1] = s.color
@@ -596,7 +607,7 @@ def _render_scenes(root: str, todo: list, scenes: list, camera_pos: np.ndarray, 
 def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 64,
                      num_views: int = 4, min_objects: int = 2, max_objects: int = 6,
                      seed: int = 0, device="cpu", progress: bool = True,
-                     batch_scenes: Optional[int] = None) -> str:
+                     batch_scenes: Optional[int] = None, zoom: float = 1.0) -> str:
     """Writes `num_scenes` procedural scenes to `root` in the ObSuRF / CLEVR3D layout.
 
     metadata.npz: camera_pos float32 [N, V, 3]; shape int64 [N, O], 3d_coords float32 [N, O, 3],
@@ -611,8 +622,9 @@ def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 
     marks a complete dataset. Returns `root`.
     """
     check_settings(num_scenes, height, width, num_views, min_objects, max_objects, seed, device,
-                   batch_scenes)
-    settings = _settings(num_scenes, height, width, num_views, min_objects, max_objects, seed)
+                   batch_scenes, zoom)
+    settings = _settings(num_scenes, height, width, num_views, min_objects, max_objects, seed,
+                         zoom=zoom)
     lock = FolderLock(root, what="dataset folder", hint=LOCK_HINT)
     try:
         lock.acquire()
@@ -648,11 +660,13 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("--max-objects", type=int, default=6, help=f"at most {MAX_OBJECTS}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
+    p.add_argument("--zoom", type=float, default=1.0,
+                   help="cameras closer by this factor (0.5-4): larger objects in the images")
     a = p.parse_args(None if argv is None else list(argv))
     t0 = time.time()
     try:
         generate_dataset(a.out, a.num_scenes, a.height, a.width, a.num_views, a.min_objects,
-                         a.max_objects, a.seed, a.device)
+                         a.max_objects, a.seed, a.device, zoom=a.zoom)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -133,3 +133,35 @@ def test_bench_train_step_command_line():
             assert int(scenes) == 2 and int(rays) == 32
             assert float(ms) > 0 and float(scenes_s) > 0
     assert rows[("train_step", "eager-fp32")][-1] == "1.00x"
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/bench_learning.py
+
+def test_bench_learning_records_curves_and_resumes(tmp_path):
+    """Two invocations: the second resumes the run and adds its evaluations to the curves."""
+    import json
+
+    import yaml
+    from conftest import tiny_model_config
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"dataset": "procedural", "path": str(tmp_path / "data"), "num_points": 32,
+                 "kwargs": {"num_scenes": 12, "height": 16, "width": 16, "num_views": 3,
+                            "min_objects": 2, "max_objects": 3, "zoom": 1.5}},
+        "model": tiny_model_config(),
+        "training": {"batch_size": 2, "num_workers": 0, "visualize_every": 0, "lr_warmup": 1,
+                     "eval_batch_size": 4, "vis_scenes": 1, "device": "cpu"}}))
+    common = ["--config", str(config), "--eval-every", "1", "--max-eval", "4", "--out",
+              str(tmp_path / "out"), "--no-save"]
+    run_script("benchmarks/bench_learning.py", "--steps", "2", *common)
+    run_script("benchmarks/bench_learning.py", "--steps", "3", *common)
+    curves = json.load(open(tmp_path / "out" / "curves.json"))
+    assert [p["it"] for p in curves["points"]] == [1, 2, 3]
+    assert all({"psnr", "ari", "fg_ari", "scenes_seen", "train_s"} <= set(p) for p in curves["points"])
+    assert curves["points"][-1]["scenes_seen"] == 6 and curves["device"] and curves["commit"]
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+    except ImportError:
+        pass

@@ -141,6 +141,7 @@ def test_second_ctrl_c_during_the_optimizer_step_never_saves_half_a_step(
 
 
 def test_graceful_stop_defers_a_second_ctrl_c_only_inside_critical_sections():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     with GracefulStop() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested == signal.SIGTERM and stop.exit_code == 143
@@ -153,7 +154,7 @@ def test_graceful_stop_defers_a_second_ctrl_c_only_inside_critical_sections():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)       # outside: at once
             time.sleep(1)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in before} == before         # handlers restored
 
 
 # -- concurrent runs --------------------------------------------------------------------------

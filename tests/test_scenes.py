@@ -200,3 +200,33 @@ def test_cli(tmp_path):
                  "--num-views", "2", "--max-objects", "3"])
     assert os.path.isfile(os.path.join(out, "metadata.npz"))
     assert os.path.isfile(os.path.join(out, "depths", "depths_1_1.png"))
+
+
+def test_zoom_brings_the_cameras_closer_and_is_part_of_the_settings(tmp_path):
+    """zoom 2: cameras at half the distance, objects cover more pixels; a folder written at one
+    zoom is refused for a config that names another (data.kwargs.zoom), and zoom 1 leaves
+    generator.json as it was before the option existed."""
+    from osrt_fast.config import config_from_dict
+    from osrt_fast.data import DataError, get_dataset
+    near = np.linalg.norm(scenes.sample_cameras(5, 4, zoom=2.0), axis=-1)
+    far = np.linalg.norm(scenes.sample_cameras(5, 4), axis=-1)
+    np.testing.assert_allclose(near * 2, far, rtol=1e-12)
+    covered = {}
+    for zoom in (1.0, 2.0):
+        root = str(tmp_path / f"zoom{zoom}")
+        scenes.generate_dataset(root, 3, 24, 24, num_views=2, seed=4, progress=False, zoom=zoom)
+        masks = [np.asarray(Image.open(os.path.join(root, "masks", f"masks_{s}_{v}.png")))
+                 for s in range(3) for v in range(2)]
+        covered[zoom] = np.mean([(m > 0).mean() for m in masks])
+        settings = scenes.read_settings(root)
+        assert ("zoom" in settings) == (zoom != 1.0)
+    assert covered[2.0] > 2 * covered[1.0], covered
+    data = {"dataset": "procedural", "path": str(tmp_path / "zoom2.0"), "num_points": 16,
+            "kwargs": {"num_scenes": 3, "height": 24, "width": 24, "num_views": 2, "seed": 4,
+                       "zoom": 1.0}}
+    with pytest.raises(DataError, match="zoom"):
+        get_dataset("train", config_from_dict({"data": data}).data)
+    data["kwargs"]["zoom"] = 2.0
+    assert len(get_dataset("train", config_from_dict({"data": data}).data)) > 0
+    with pytest.raises(DataError, match="zoom must be between"):
+        scenes.generate_dataset(str(tmp_path / "bad"), 3, 24, 24, zoom=9.0)

@@ -25,7 +25,7 @@ from .records import (BatchSpec, ViewPolicy, collate, make_batch, model_batch, r
 from .samplers import EVAL_SEED, FixedSampler, ResumableBatchSampler, item_seed
 
 GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min_objects=2,
-                          max_objects=6, seed=0, device="cpu")
+                          max_objects=6, seed=0, device="cpu", zoom=1.0)
 
 
 def _ensure_procedural(path: str, kwargs: dict) -> None:
@@ -38,8 +38,9 @@ def _ensure_procedural(path: str, kwargs: dict) -> None:
         old = scenes.read_settings(path)
         if old is not None:
             # Where the data was rendered does not change it.
-            differ = {k: (old[k], kwargs[k]) for k in kwargs
-                      if k in old and k != "device" and old[k] != kwargs[k]}
+            recorded = {k: old.get(k, d) for k, d in GENERATOR_DEFAULTS.items()}
+            differ = {k: (recorded[k], kwargs[k]) for k in kwargs
+                      if k in recorded and k != "device" and recorded[k] != kwargs[k]}
             if differ:
                 raise DataError(
                     f"'{path}' holds procedural data generated with other settings "
@@ -49,7 +50,8 @@ def _ensure_procedural(path: str, kwargs: dict) -> None:
     print(f"osrt_fast.data: '{path}' has no metadata.npz; generating the procedural dataset "
           f"there ({settings['num_scenes']} scenes, {settings['num_views']} views of "
           f"{settings['width']}x{settings['height']}, {settings['min_objects']}-"
-          f"{settings['max_objects']} objects, seed {settings['seed']}, device "
+          f"{settings['max_objects']} objects, seed {settings['seed']}"
+          f"{'' if settings['zoom'] == 1.0 else ', zoom ' + str(settings['zoom'])}, device "
           f"{settings['device']}). This runs once; later runs reuse it.", flush=True)
     scenes.generate_dataset(path, **settings)
 

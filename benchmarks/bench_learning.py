@@ -1,0 +1,165 @@
+"""Learning on the built-in scenes: validation PSNR, ARI and FG-ARI against steps, scenes seen
+and wall time, for one config, drawn as curves.
+
+    python benchmarks/bench_learning.py --config configs/demo.yaml --minutes 10 [--eval-every 100]
+        [--max-eval 64] [--name demo] [--out DIR] [--run-dir DIR] [--no-save] [--set peak_lr=3e-4 ...]
+
+It trains with train.py itself (its run directory, default benchmarks/results/learning/<name>/run,
+auto-resumes, so a long run can span several invocations: run the same command again, with a
+larger --minutes or --steps), evaluating every --eval-every steps on the first --max-eval
+validation scenes. After each invocation it writes, next to the run, `curves.json` (one point
+per evaluation: it, scenes seen, training seconds, wall seconds, val psnr / ari / fg_ari, and the
+device, torch version and commit) and `curves.png` (matplotlib, the `[bench]` extra), and
+appends a summary to benchmarks/results/learning.jsonl: steps and wall time to the first
+FG-ARI >= 0.5 and >= 0.9, the best values, the machine.
+
+Wall time is training time as train.py logs it (the steps, not evaluation); `wall_s` adds the
+evaluations and start-up of every invocation, as a user waits for them.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import append_result, environment  # noqa: E402
+
+THRESHOLDS = (0.5, 0.9)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
+    p.add_argument("--name", help="results folder name (default: the config's file name)")
+    p.add_argument("--out", help="results folder (default benchmarks/results/learning/<name>)")
+    p.add_argument("--run-dir", help="where the run lives (default <out>/run)")
+    p.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/learning.jsonl")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="stop after this much training time in all")
+    budget.add_argument("--steps", type=int, help="stop at this iteration")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--max-eval", type=int, default=64, help="validation scenes per evaluation")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="training options, YAML values (e.g. peak_lr=3e-4 batch_size=16)")
+    return p.parse_args(argv)
+
+
+def prepare_run(args, run_dir: str) -> str:
+    """The run's config.yaml: the given config with evaluation every --eval-every steps (the
+    data path made absolute, so the run directory may be anywhere)."""
+    with open(args.config) as f:
+        cfg = yaml.safe_load(f)
+    data = cfg.setdefault("data", {})
+    if data.get("path") and not os.path.isabs(data["path"]):
+        data["path"] = os.path.abspath(data["path"])
+    t = cfg.setdefault("training", {})
+    t.update(validate_every=args.eval_every, checkpoint_every=args.eval_every)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        t[key] = yaml.safe_load(value)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
+def read_log(run_dir: str) -> tuple:
+    """(training records, validation records) of log.jsonl."""
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    return [r for r in log if "loss" in r], [r for r in log if r.get("split") == "val"]
+
+
+def train_until(config: str, args, run_dir: str) -> None:
+    """Runs train.py in steps of --eval-every until the budget is spent (training seconds from
+    the log for --minutes, the iteration for --steps)."""
+    while True:
+        steps, _ = read_log(run_dir) if os.path.exists(os.path.join(run_dir, "log.jsonl")) else ([], [])
+        it, seconds = (steps[-1]["it"], steps[-1]["time"]) if steps else (0, 0.0)
+        if (args.steps is not None and it >= args.steps) or (
+                args.minutes is not None and seconds >= 60 * args.minutes):
+            return
+        target = it + args.eval_every if args.steps is None else min(args.steps, it + args.eval_every)
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), config, "--exit-after", str(target),
+               "--max-eval", str(args.max_eval)]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def curves(run_dir: str, batch_size: int) -> list:
+    steps, evals = read_log(run_dir)
+    seconds = {r["it"]: r["time"] for r in steps}
+    return [{"it": e["it"], "scenes_seen": e["it"] * batch_size, "train_s": seconds.get(e["it"]),
+             **{k: e[k] for k in ("psnr", "ari", "fg_ari", "mse") if k in e}} for e in evals]
+
+
+def first_reaching(points: list, threshold: float):
+    return next((p for p in points if p.get("fg_ari", 0.0) >= threshold), None)
+
+
+def draw(points: list, title: str, path: str) -> bool:
+    """curves.png: val PSNR and (FG-)ARI against steps; False (with a note) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: curves.png needs matplotlib: pip install 'osrt-fast[bench]'")
+        return False
+    its = [p["it"] for p in points]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(its, [p["psnr"] for p in points], marker=".")
+    a.set(xlabel="step", ylabel="val PSNR (dB)", title="reconstruction")
+    for key in ("fg_ari", "ari"):
+        b.plot(its, [p.get(key, float("nan")) for p in points], marker=".", label=key.upper().replace("_", "-"))
+    for threshold in THRESHOLDS:
+        b.axhline(threshold, color="grey", lw=0.5, ls="--")
+    b.set(xlabel="step", ylabel="val", ylim=(-0.05, 1.0), title="segmentation")
+    b.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    name = args.name or os.path.splitext(os.path.basename(args.config))[0]
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "learning", name)
+    run_dir = args.run_dir or os.path.join(out, "run")
+    config = prepare_run(args, run_dir)
+    start = time.perf_counter()
+    train_until(config, args, run_dir)
+    wall = time.perf_counter() - start
+    with open(config) as f:
+        batch_size = yaml.safe_load(f)["training"]["batch_size"]
+    points = curves(run_dir, batch_size)
+    env = environment()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "curves.json"), "w") as f:
+        json.dump({"config": os.path.relpath(os.path.abspath(args.config), ROOT), "set": args.set,
+                   "points": points, **env}, f, indent=1)
+    title = f"{name}: {os.path.relpath(os.path.abspath(args.config), ROOT)} {' '.join(args.set)} ({env.get('device', '?')}, {env.get('commit', '?')})"
+    draw(points, title, os.path.join(out, "curves.png"))
+    summary = {"bench": "learning", "name": name, "config": os.path.relpath(os.path.abspath(args.config), ROOT),
+               "set": args.set, "steps": points[-1]["it"] if points else 0,
+               "train_s": points[-1]["train_s"] if points else 0, "wall_s_this_invocation": wall,
+               "best_psnr": max((p["psnr"] for p in points), default=None),
+               "best_fg_ari": max((p.get("fg_ari", 0.0) for p in points), default=None),
+               "last": points[-1] if points else None, **env}
+    for threshold in THRESHOLDS:
+        hit = first_reaching(points, threshold)
+        summary[f"to_fg_ari_{threshold}"] = {"it": hit["it"], "train_s": hit["train_s"]} if hit else None
+    if not args.no_save:
+        append_result("learning", summary)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
