@@ -9,7 +9,8 @@ auto-resumes, so a long run can span several invocations: run the same command a
 larger --minutes or --steps), evaluating every --eval-every steps on the first --max-eval
 validation scenes. After each invocation it writes, next to the run, `curves.json` (one point
 per evaluation: it, scenes seen, training seconds, wall seconds, val psnr / ari / fg_ari, and the
-device, torch version and commit) and `curves.png` (matplotlib, the `[bench]` extra), and
+device, torch version and commit), `curves.png` (matplotlib, the `[bench]` extra) and the run's
+`config.yaml`, and
 appends a summary to benchmarks/results/learning.jsonl: steps and wall time to the first
 FG-ARI >= 0.5 and >= 0.9, the best values, the machine.
 
@@ -19,6 +20,7 @@ evaluations and start-up of every invocation, as a user waits for them.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -141,6 +143,7 @@ def main(argv=None) -> int:
     points = curves(run_dir, batch_size)
     env = environment()
     os.makedirs(out, exist_ok=True)
+    shutil.copyfile(config, os.path.join(out, "config.yaml"))      # what was trained, beside its curves
     with open(os.path.join(out, "curves.json"), "w") as f:
         json.dump({"config": os.path.relpath(os.path.abspath(args.config), ROOT), "set": args.set,
                    "points": points, **env}, f, indent=1)
