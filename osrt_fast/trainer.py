@@ -2,8 +2,10 @@
 
 `Trainer` runs it in named phases: set-up (data, model, optimizer; `__init__`), `resume` from
 the run directory's checkpoint, the loaders, then `run`, which repeats `step` (one optimizer
-step) and `after_step` (log, save, evaluate, visualise) and saves on Ctrl-C. `train` runs it on
-one process or on each of several started by torchrun; `main` is train.py's command line.
+step) and `after_step` (log, queue saves, evaluate, visualise), and saves at the end or on a stop
+request (Ctrl-C, SIGTERM, SIGUSR1). A checkpoint is written only once the weights it holds have
+had their loss measured (`step`, `final_save`; guards.py). `train` runs it on one process or on
+each of several started by torchrun; `main` is train.py's command line.
 'it' in a checkpoint counts completed training steps, as in the reference; the batch stream is
 a function of (training.seed, it) alone (`data/loaders.py`).
 """
@@ -177,16 +179,14 @@ class Trainer:
         refused and the last good model.pt stays."""
         if self.saved_it == self.it:
             return
-        try:
-            batch = make_batch(to_device(next(batches), self.device), self.train_set.spec)
-        except StopIteration:           # a finite stream: the non-finite check on save remains
-            self.checkpoint("model.pt")
-            return
-        with torch.no_grad(), parallel.autocast(self.device, self.t.precision):
-            mse, _ = compute_loss(self.model, batch)
-        why = self.guard.weights_are_sane(parallel.all_reduce_mean(mse.mean().float()))
-        if why is not None:
-            raise DivergenceError(f"not saving iteration {self.it}: the weights diverged ({why}).")
+        records = next(batches, None)    # None: a finite stream; the non-finite check on save remains
+        if records is not None:
+            batch = make_batch(to_device(records, self.device), self.train_set.spec)
+            with torch.no_grad(), parallel.autocast(self.device, self.t.precision):
+                mse, _ = compute_loss(self.model, batch)
+            why = self.guard.weights_are_sane(parallel.all_reduce_mean(mse.mean().float()))
+            if why is not None:
+                raise DivergenceError(f"not saving iteration {self.it}: the weights diverged ({why}).")
         self.pending.append("model.pt")
         self.save_checked()
 
