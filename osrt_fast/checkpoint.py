@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .files import explain_write_error
+from .files import explain_write_error, remove_files
 
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
@@ -37,13 +37,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def _all_finite(obj) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
-    if isinstance(obj, dict):
-        return all(_all_finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return all(_all_finite(v) for v in obj)
-    return True
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(obj) if t.is_floating_point())
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -184,16 +178,7 @@ def _raise_os_error(f) -> None:
 def remove_stale_temporaries(folder: str) -> int:
     """Deletes the temporary files that saves killed mid-write left in `folder` (call it only
     while holding the folder's lock, so no save is under way); returns the bytes freed."""
-    freed = 0
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        if name.startswith(TMP_PREFIX) and name.endswith(".pt"):
-            p = os.path.join(folder, name)
-            try:
-                freed += os.path.getsize(p)
-                os.remove(p)
-            except OSError:
-                pass
-    return freed
+    return remove_files(folder, lambda name: name.startswith(TMP_PREFIX) and name.endswith(".pt"))[1]
 
 
 def capture_rng_state() -> dict:

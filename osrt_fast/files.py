@@ -54,3 +54,20 @@ def explain_write_error(e: BaseException, path: str, needed: Optional[int] = Non
 def _looks_full(path: str, needed: Optional[int]) -> bool:
     free = _free_bytes(path)
     return free is not None and free < max(needed or 0, 1 << 20)
+
+
+def remove_files(folder: str, matches) -> tuple:
+    """Deletes the files in `folder` whose names `matches(name)` accepts (the temporaries of
+    writes a killed process left; call it only while holding the folder's lock, so no write is
+    under way). Returns (files removed, bytes freed)."""
+    count = freed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if matches(name):
+            path = os.path.join(folder, name)
+            try:
+                size = os.path.getsize(path)
+                os.remove(path)
+            except OSError:
+                continue
+            count, freed = count + 1, freed + size
+    return count, freed

@@ -37,6 +37,7 @@ import torch
 
 from osrt_fast import geometry
 from osrt_fast.data.errors import DataError
+from osrt_fast.files import remove_files
 from osrt_fast.locks import FolderLock, LockedError
 
 SPHERE, CUBE, CYLINDER = 1, 2, 3
@@ -450,16 +451,10 @@ def _remove_stale_temporaries(root: str) -> int:
     """Deletes the temporary files a killed generator left in `root` (also the fixed names
     '*.tmp.png' and 'metadata.tmp.npz' of earlier versions); returns how many. Call it only
     while holding the folder lock: a running generator's temporaries would go too."""
-    removed = 0
-    for folder in [root] + [os.path.join(root, sub) for sub in SUBFOLDERS]:
-        if not os.path.isdir(folder):
-            continue
-        for name in os.listdir(folder):
-            if (name.startswith(TMP_PREFIX) or name.endswith(".tmp.png")
-                    or name == "metadata.tmp.npz"):
-                os.remove(os.path.join(folder, name))
-                removed += 1
-    return removed
+    def stale(name):
+        return name.startswith(TMP_PREFIX) or name.endswith(".tmp.png") or name == "metadata.tmp.npz"
+    return sum(remove_files(folder, stale)[0]
+               for folder in [root] + [os.path.join(root, sub) for sub in SUBFOLDERS])
 
 
 SETTING_KEYS = ("num_scenes", "height", "width", "num_views", "min_objects", "max_objects",

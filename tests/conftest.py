@@ -18,6 +18,23 @@ def require_reference_vectors(name: str) -> str:
     return path
 
 
+def tiny_data_section(path):
+    """`data:` of the built-in scenes, tiny (40 scenes, 3 views of 16x16), at `path`."""
+    return {"dataset": "procedural", "path": path, "num_points": 64,
+            "kwargs": {"num_scenes": 40, "height": 16, "width": 16, "num_views": 3,
+                       "min_objects": 1, "max_objects": 3, "seed": 1}}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """tiny_data_section's scenes, generated once per test module."""
+    from osrt_fast.config import config_from_dict
+    from osrt_fast.data import get_dataset
+    path = str(tmp_path_factory.mktemp("data") / "procedural")
+    get_dataset("train", config_from_dict({"data": tiny_data_section(path)}).data)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

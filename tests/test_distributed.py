@@ -19,28 +19,16 @@ import torch
 import yaml
 
 import osrt_fast.trainer as trainer
-from conftest import tiny_model_config
+from conftest import tiny_data_section, tiny_model_config
 from osrt_fast import OSRT
 from osrt_fast.checkpoint import load_checkpoint
-from osrt_fast.config import config_from_dict
-from osrt_fast.data import ResumableBatchSampler, get_dataset
+from osrt_fast.data import ResumableBatchSampler
 
 pytestmark = pytest.mark.slow      # left out by the quick run (pytest -m "not slow"); CI runs it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 
 
-def data_section(path):
-    return {"dataset": "procedural", "path": path, "num_points": 64,
-            "kwargs": {"num_scenes": 40, "height": 16, "width": 16, "num_views": 3,
-                       "min_objects": 1, "max_objects": 3, "seed": 1}}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "procedural")
-    get_dataset("train", config_from_dict({"data": data_section(path)}).data)
-    return path
 
 
 def write_run(folder, data_dir, model=None, **training):
@@ -52,7 +40,7 @@ def write_run(folder, data_dir, model=None, **training):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "config.yaml")
     with open(path, "w") as f:
-        yaml.safe_dump({"data": data_section(data_dir), "model": model or tiny_model_config(),
+        yaml.safe_dump({"data": tiny_data_section(data_dir), "model": model or tiny_model_config(),
                         "training": opts}, f)
     return path
 

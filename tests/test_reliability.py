@@ -19,28 +19,16 @@ import yaml
 
 import osrt_fast.checkpoint as checkpoint
 import osrt_fast.trainer as trainer
-from conftest import tiny_model_config
+from conftest import tiny_data_section, tiny_model_config
 from osrt_fast import OSRT
 from osrt_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from osrt_fast.config import DivergenceConfig, config_from_dict
-from osrt_fast.data import get_dataset
+from osrt_fast.config import DivergenceConfig
 from osrt_fast.guards import DivergenceError, StepGuard
 from osrt_fast.signals import GracefulStop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def data_section(path):
-    return {"dataset": "procedural", "path": path, "num_points": 64,
-            "kwargs": {"num_scenes": 40, "height": 16, "width": 16, "num_views": 3,
-                       "min_objects": 1, "max_objects": 3, "seed": 1}}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "procedural")
-    get_dataset("train", config_from_dict({"data": data_section(path)}).data)
-    return path
 
 
 def write_run(folder, data_dir, **training):
@@ -51,7 +39,7 @@ def write_run(folder, data_dir, **training):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "config.yaml")
     with open(path, "w") as f:
-        yaml.safe_dump({"data": data_section(data_dir), "model": tiny_model_config(), "training": opts}, f)
+        yaml.safe_dump({"data": tiny_data_section(data_dir), "model": tiny_model_config(), "training": opts}, f)
     return path
 
 

@@ -15,25 +15,13 @@ from osrt_fast.data import ResumableBatchSampler, get_dataset, model_batch
 from osrt_fast.evaluate import compute_loss
 from osrt_fast.evaluate import main as evaluate_main
 from osrt_fast.schedule import LrSchedule
-from conftest import tiny_model_config
+from conftest import tiny_data_section, tiny_model_config
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "procedural")
-    cfg = config_from_dict({"data": data_section(path)})
-    get_dataset("train", cfg.data)        # generates it once for the module
-    return path
-
-
-def data_section(path):
-    return {"dataset": "procedural", "path": path, "num_points": 64,
-            "kwargs": {"num_scenes": 40, "height": 16, "width": 16, "num_views": 3,
-                       "min_objects": 1, "max_objects": 3, "seed": 1}}
 
 
 def write_config(tmp_path, data_dir, **training):
-    cfg = {"data": data_section(data_dir),
+    cfg = {"data": tiny_data_section(data_dir),
            "model": tiny_model_config(),
            "training": {"batch_size": 4, "num_workers": 0, "print_every": 1,
                         "visualize_every": 0, "validate_every": 0, "checkpoint_every": 3,
@@ -60,7 +48,7 @@ def test_lr_schedule_matches_the_reference():
 
 
 def test_loss_falls_on_a_fixed_batch(data_dir):
-    cfg = config_from_dict({"data": data_section(data_dir)})
+    cfg = config_from_dict({"data": tiny_data_section(data_dir)})
     ds = get_dataset("train", cfg.data)
     batch = model_batch([ds[(i, i)] for i in range(4)], ds.spec)
     model = OSRT(tiny_model_config())
