@@ -99,6 +99,27 @@ def test_signal_to_every_process_saves_and_the_run_resumes_exactly(tmp_path, dat
     assert_same_weights(tmp_path / "straight" / "model.pt", tmp_path / "signalled" / "model.pt")
 
 
+def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, data_dir):
+    """train.py saving every step, killed with SIGKILL at random moments (mid-step and, by
+    chance, mid-save) five times: each time model.pt loads whole, and the runs end where an
+    uninterrupted one does."""
+    import random
+    rng = random.Random(0)
+    run = write_run(tmp_path / "run", data_dir, max_it=30, checkpoint_every=1, num_workers=1)
+    for _ in range(5):
+        proc = start_train(run)
+        # Two new steps: the second writes the first's checkpoint (guards.py), so model.pt exists.
+        wait_for_steps(proc, tmp_path / "run", len(logged_its(tmp_path / "run")) + 2)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        it, _ = weights(tmp_path / "run" / "model.pt")       # loads whole, every time
+        assert 0 < it <= logged_its(tmp_path / "run")[-1]
+    assert trainer.main([run]) == 0
+    assert weights(tmp_path / "run" / "model.pt")[0] == 30
+    assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".tmp-")]
+
+
 @pytest.mark.parametrize("after_the_update", [False, True])
 def test_second_ctrl_c_during_the_optimizer_step_never_saves_half_a_step(
         tmp_path, data_dir, monkeypatch, after_the_update):
