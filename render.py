@@ -1,11 +1,15 @@
 """Render videos of scenes from a trained model, like the reference's render.py.
 
     python render.py runs/demo/config.yaml --sceneid 0 --motion rotate [--fade] [--num-frames 360]
+        [--slots slots.safetensors] [--hide K ...] [--solo K]
 
 The run directory is train.py's: a `config.yaml`'s folder (the reference's convention), else
 runs/<config name>; the model is read
 from <run>/model.pt (or model_<it>.pt with --it, or --checkpoint PATH) and frames and videos go to
 <run>/render/<name or motion>/<sceneid>/ (see osrt_fast/rendering.py for the layout).
+--slots renders the scenes of a slots file (`python -m osrt_fast.encode`) instead of encoding the
+dataset's; --hide / --solo edit the slots (the Slot Mixer mixes each pixel from the others /
+from that one alone; see osrt_fast/slots.py).
 """
 from __future__ import annotations
 
@@ -42,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--novideo", action="store_true",
                    help="Don't compile the rendered frames into videos.")
     p.add_argument("--fps", type=float, default=30, help="Video frame rate.")
+    p.add_argument("--slots", type=str, help="Render the scenes of this slots file (python -m "
+                                             "osrt_fast.encode) instead of the dataset's.")
+    p.add_argument("--hide", type=int, nargs="+", default=[], metavar="K",
+                   help="Slots to leave out of the mixing (object removal).")
+    p.add_argument("--solo", type=int, metavar="K", help="Render from this slot alone.")
     p.add_argument("--max-rays", type=int, default=16384,
                    help="Rays per decoder call (lower it if rendering runs out of memory).")
     return p
@@ -124,6 +133,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Loaded {ckpt_path}" + (f" (iteration {it})" if it is not None else "")
           + f" on {device}")
 
+    from osrt_fast.slots import SlotsError, check_model_matches, load_slots, visible_slots
+    try:
+        num_slots = model.encoder.slot_attention.num_slots if hasattr(
+            model.encoder, "slot_attention") else 0
+        visible = visible_slots(num_slots, args.hide, args.solo) \
+            if args.hide or args.solo is not None else None
+        slot_set = load_slots(args.slots) if args.slots else None
+        if slot_set is not None:
+            check_model_matches(slot_set, model, args.slots)
+            indices = [slot_set.index(i) for i in range(start, stop)]
+    except SlotsError as e:
+        return _fail(str(e))
+    if slot_set is not None:
+        for sceneid, i in zip(range(start, stop), indices):
+            item = {"input_images": slot_set.input_images[i].permute(0, 3, 1, 2).float() / 255,
+                    "input_camera_pos": slot_set.input_camera_pos[i]}
+            _render_one(args, model, item, run_dir, name, sceneid, device, slot_set.slots[i],
+                        visible)
+        return 0
+
     split = "train" if args.train else "val"
     dataset = get_dataset(split, cfg.data)
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
@@ -142,22 +171,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     for sceneid in range(start, stop):
         item = next(stream) if iterable else dataset[sceneid]
-        out_dir = os.path.join(run_dir, "render", name, str(sceneid))
-        if os.path.isdir(out_dir):
-            # A new rendering replaces the old one whole: no frames or videos of an earlier
-            # run (say, with more frames) are left beside the new ones.
-            print(f"note: replacing the earlier rendering in {out_dir}")
-            shutil.rmtree(out_dir)
-        result = render_scene_frames(
-            model, _batched_item(item, dataset.spec), out_dir, args.motion, args.num_frames,
-            height=args.height, width=args.width, fade=args.fade, device=device,
-            fps=args.fps, video=not args.novideo, max_rays=args.max_rays)
-        fps = result["num_frames"] / max(result["seconds"], 1e-9)
-        print(f"Scene {sceneid}: {result['num_frames']} frames ({fps:.1f} frames/s) written to "
-              f"{out_dir}")
-        if result["video"] is not None:
-            print(f"  videos: {result['renders_video']}, {result['video']}")
+        _render_one(args, model, _batched_item(item, dataset.spec), run_dir, name, sceneid,
+                    device, None, visible)
     return 0
+
+
+def _render_one(args, model, item: dict, run_dir: str, name: str, sceneid: int, device,
+                slots, visible) -> None:
+    out_dir = os.path.join(run_dir, "render", name, str(sceneid))
+    if os.path.isdir(out_dir):
+        # A new rendering replaces the old one whole: no frames or videos of an earlier
+        # run (say, with more frames) are left beside the new ones.
+        print(f"note: replacing the earlier rendering in {out_dir}")
+        shutil.rmtree(out_dir)
+    result = render_scene_frames(
+        model, item, out_dir, args.motion, args.num_frames,
+        height=args.height, width=args.width, fade=args.fade, device=device,
+        fps=args.fps, video=not args.novideo, max_rays=args.max_rays, slots=slots,
+        visible=visible)
+    fps = result["num_frames"] / max(result["seconds"], 1e-9)
+    print(f"Scene {sceneid}: {result['num_frames']} frames ({fps:.1f} frames/s) written to "
+          f"{out_dir}")
+    if result["video"] is not None:
+        print(f"  videos: {result['renders_video']}, {result['video']}")
 
 
 if __name__ == "__main__":

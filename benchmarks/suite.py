@@ -23,6 +23,8 @@ Sections, most needed first (when the budget runs short, the last ones are skipp
                frame from 32 slots: triton vs eager vs torch.compile(eager), fp32 and bf16
   data         make_batch at 256 x 8192 on the device; the training loader's scenes/s from raw and
                png shards of built-in scenes (8 and 16 workers), next to the fast step's
+  viewer       the live viewer's frames/s (benchmarks/bench_viewer.py): 128x128 from 32 slots of
+               the MSN-Hard model, eager and triton, fp32
 
 Every row is appended to <results-dir>/suite_<device>.jsonl as soon as it is measured (run id,
 section, device, commit, date, torch, triton, CUDA), so a run cut short keeps what it measured.
@@ -50,11 +52,12 @@ import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("correctness", "train_step", "reference", "kernels", "data")
+SECTIONS = ("correctness", "train_step", "reference", "kernels", "data", "viewer")
 # Seconds each section is expected to take on one H100 with cold compile caches; a section starts
 # only if this much of the budget is left. (Estimates: correct them from the recorded "seconds"
 # of a real run.)
-ESTIMATE_S = {"correctness": 120, "train_step": 200, "reference": 60, "kernels": 90, "data": 45}
+ESTIMATE_S = {"correctness": 120, "train_step": 200, "reference": 60, "kernels": 90, "data": 45,
+              "viewer": 30}
 TRAIN_PATHS = ("eager-fp32", "eager-bf16", "fast", "fast-ckpt")
 EQUAL_WORK_SCENES = 32
 PAPER_BATCH = 256
@@ -414,7 +417,23 @@ def section_data(ctx) -> None:
 
 # ----------------------------------------------------------------------------------------------
 
-SECTION_FUNCS = {"correctness": section_correctness, "train_step": section_train_step,
+# ----------------------------------------------------------------------------------------------
+# viewer
+
+def section_viewer(ctx) -> None:
+    from benchmarks import bench_viewer
+    size = ["--height", "16", "--width", "16", "--frames", "2"] if ctx.smoke else \
+        ["--height", "128", "--width", "128", "--frames", "30"]
+    model = [] if ctx.smoke else ["--msn-hard"]
+    for backend in ("eager", "triton"):
+        row = bench_viewer.main([*model, *size, "--backend", backend, "--device",
+                                 ctx.device.type, "--no-save"])
+        ctx.rec.add("viewer", {k: v for k, v in row.items()
+                               if k not in ("date", "commit", "torch", "python", "cuda", "triton")})
+
+
+SECTION_FUNCS = {"viewer": section_viewer,
+                 "correctness": section_correctness, "train_step": section_train_step,
                  "reference": section_reference, "kernels": section_kernels, "data": section_data}
 
 

@@ -149,6 +149,12 @@ def detail_tables(rows: list[dict]) -> str:
             note = r.get("skipped") or r.get("error")
             out.append(f"| loader, {r.get('path')} | {r.get('workers')} | "
                        f"{note or _fmt(r.get('scenes_per_s'), '.0f')} |")
+    out += ["", "### Viewer", "", "| model | slots | size | backend | frames/s |",
+            "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.get("bench") == "viewer":
+            out.append(f"| {r['model']} | {r['slots']} | {r['height']}x{r['width']} | "
+                       f"{r['backend']} | {_fmt(r.get('fps'), '.1f')} |")
     sections = [r for r in rows if r.get("bench") == "section"]
     out += ["", "### Sections", ""]
     out += [f"- {r['name']}: " + (f"skipped ({r['skipped']})" if r.get("skipped") else

@@ -49,7 +49,9 @@ _GENERATOR = {"num_scenes": (int, 1, "scenes generated"), "height": (int, 8, "im
               "min_objects": (int, 0, "fewest objects per scene"),
               "max_objects": (int, 1, "most objects per scene"), "seed": (int, None, "generator seed"),
               "device": (str, None, "where scenes are rendered: cpu, cuda, auto"),
-              "zoom": (float, 0.5, "cameras closer by this factor: larger objects")}
+              "zoom": (float, 0.5, "cameras closer by this factor: larger objects"),
+              "background": (str, None, "'ground' (ground plane and sky) or 'plain' (one colour)"),
+              "cameras": (str, None, "'random' (per scene) or 'fixed' (all scenes the same)")}
 _KUBRIC = {"downsample": _FOLDER["downsample"], "num_input_views": _FOLDER["num_input_views"],
            "shuffle_buffer": (int, 0, "training stream shuffle buffer, in records"),
            "skip": (int, 0, "records skipped at the start"), "seed": (int, None, "input-view seed")}

@@ -85,10 +85,10 @@ def _residual(block, x):
 
 
 def folded_slot_mixer(decoder, slots: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor,
-                      ops: dict):
+                      ops: dict, visible: Optional[torch.Tensor] = None):
     """model.SlotMixerDecoder's function (without the mixing block's LayerNorm), on folded
     matrices: slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3],
-    {'segmentation': [B, R, K]}).
+    {'segmentation': [B, R, K]}). visible: as in `model.SlotMixerDecoder.region`.
 
     What autograd keeps per ray: the 180-d residual stream at each block, the allocation MLP's
     input (its 3072-d hidden layer is recomputed in backward), the slot weights, and one
@@ -111,6 +111,9 @@ def folded_slot_mixer(decoder, slots: torch.Tensor, camera_pos: torch.Tensor, ra
             x = _residual(ff_block, x)
     mix, render = decoder.mixing_block, list(decoder.render_mlp.net)
     first, slot_dim = render[0], slots.shape[-1]
+    num_slots = slots.shape[1]
+    if visible is not None:
+        slots_c = slots_c[:, visible]
     mm = torch.einsum("ac,bka->bck", mix.to_q.weight.to(dtype), mix.to_k(slots_c).to(dtype)) * mix.scale
     g = F.linear(slots_c, first.weight[:, :slot_dim].to(dtype)).to(dtype)          # [B, K, F]
     h, weights = mix_render(x.to(dtype), queries, mm.to(dtype), g, first.weight[:, slot_dim:].to(dtype),
@@ -118,6 +121,9 @@ def folded_slot_mixer(decoder, slots: torch.Tensor, camera_pos: torch.Tensor, ra
     # The render MLP after its first layer: (Linear, LeakyReLU) pairs, then Linear, Sigmoid.
     for layer, act in zip(render[2:-2:2], render[3:-2:2]):
         h = F.leaky_relu(layer(h), act.negative_slope, inplace=True)
+    if visible is not None:
+        from .model import scatter_slots     # (model imports this module)
+        weights = scatter_slots(weights, visible, num_slots)
     return torch.sigmoid(render[-2](h)), {"segmentation": weights}
 
 
@@ -127,10 +133,10 @@ class FoldedSlotMixerDecoder:
 
     fast_ops: dict
 
-    def region(self, slot_latents, camera_pos, rays):
+    def region(self, slot_latents, camera_pos, rays, visible=None):
         if self.mixing_block.layer_norm:
-            return super().region(slot_latents, camera_pos, rays)
-        return folded_slot_mixer(self, slot_latents, camera_pos, rays, self.fast_ops)
+            return super().region(slot_latents, camera_pos, rays, visible)
+        return folded_slot_mixer(self, slot_latents, camera_pos, rays, self.fast_ops, visible)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Shapes: B scenes, V input views of H x W pixels, R query rays, K slots, N set-la
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from typing import Optional
@@ -433,7 +434,11 @@ class RayDecoder(nn.Module):
 
     ray_chunk = 0
 
-    def forward(self, latents, camera_pos, rays, max_rays: Optional[int] = None, **kwargs):
+    def forward(self, latents, camera_pos, rays, max_rays: Optional[int] = None,
+                visible: Optional[torch.Tensor] = None, **kwargs):
+        """`visible` (slot decoders only): indices [k] of the slots the pixels are mixed from
+        (see `SlotMixerDecoder.region`); None, all of them."""
+        region = self.region if visible is None else functools.partial(self.region, visible=visible)
         num_rays = rays.shape[1]
         step, checkpointed = num_rays, False
         if self.ray_chunk and torch.is_grad_enabled():
@@ -441,15 +446,22 @@ class RayDecoder(nn.Module):
         if max_rays:
             step = min(step, max(1, max_rays // rays.shape[0]))
         if step >= num_rays:
-            return run_checkpointed(self.region, checkpointed, latents, camera_pos, rays)
+            return run_checkpointed(region, checkpointed, latents, camera_pos, rays)
         pixels, extras = [], defaultdict(list)
         for i in range(0, num_rays, step):
-            p, e = run_checkpointed(self.region, checkpointed, latents, camera_pos[:, i:i + step],
+            p, e = run_checkpointed(region, checkpointed, latents, camera_pos[:, i:i + step],
                                     rays[:, i:i + step])
             pixels.append(p)
             for k, v in e.items():
                 extras[k].append(v)
         return torch.cat(pixels, 1), {k: torch.cat(v, 1) for k, v in extras.items()}
+
+
+def scatter_slots(weights: torch.Tensor, visible: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Per-ray weights [B, R, k] of the slots `visible` [k] -> [B, R, num_slots], 0 elsewhere."""
+    out = weights.new_zeros(*weights.shape[:-1], num_slots)
+    out[..., visible] = weights
+    return out
 
 
 class SlotMixerDecoder(RayDecoder):
@@ -465,10 +477,18 @@ class SlotMixerDecoder(RayDecoder):
                                         layer_norm=layer_norm)
         self.render_mlp = RenderMLP(slot_dim + QUERY_DIM, render_hidden_dim or slot_dim)
 
-    def region(self, slot_latents, camera_pos, rays):
-        """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]})."""
+    def region(self, slot_latents, camera_pos, rays, visible: Optional[torch.Tensor] = None):
+        """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]}).
+
+        visible: indices [k] of slots; the Slot Mixer then mixes each ray's pixel from those
+        slots alone (the others' weights are 0: object removal by slot editing), while the
+        allocation transformer still attends to all. None: all slots (OSRT's decoder)."""
         x, queries = self.allocation_transformer(slot_latents, camera_pos, rays)
-        mixed, weights = self.mixing_block(x, slot_latents)
+        if visible is None:
+            mixed, weights = self.mixing_block(x, slot_latents)
+        else:
+            mixed, some = self.mixing_block(x, slot_latents[:, visible])
+            weights = scatter_slots(some, visible, slot_latents.shape[1])
         pixels = self.render_mlp(torch.cat((mixed, queries), -1))
         return pixels, {"segmentation": weights}
 
@@ -500,8 +520,13 @@ class SpatialBroadcastDecoder(RayDecoder):
         self.query_encoder = RayEncoder(pos_start_octave)
         self.render_mlp = nn.Sequential(*render_mlp_layers(slot_dim + QUERY_DIM, hidden_dim, 4))
 
-    def region(self, slot_latents, camera_pos, rays):
-        """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]})."""
+    def region(self, slot_latents, camera_pos, rays, visible: Optional[torch.Tensor] = None):
+        """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]});
+        `visible` as in `SlotMixerDecoder.region` (the softmax runs over those slots)."""
+        if visible is not None:
+            pixels, weights = self.region(slot_latents[:, visible], camera_pos, rays)
+            return pixels, {"segmentation": scatter_slots(weights["segmentation"], visible,
+                                                          slot_latents.shape[1])}
         queries = self.query_encoder(camera_pos, rays)
         num_rays, num_slots = queries.shape[1], slot_latents.shape[1]
         x = torch.cat((queries.unsqueeze(2).expand(-1, -1, num_slots, -1),

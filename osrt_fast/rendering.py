@@ -14,6 +14,7 @@ Output layout of `render_scene_frames` (the reference's, under `<run>/render/<na
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -318,7 +319,9 @@ def _save_png(img: np.ndarray, path: str) -> None:
 def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames: int = 360,
                         height: Optional[int] = None, width: Optional[int] = None,
                         fade: bool = False, device=None, fps: float = 30, video: bool = True,
-                        max_rays: int = 16384, progress: bool = True) -> dict:
+                        max_rays: int = 16384, progress: bool = True,
+                        slots: Optional[torch.Tensor] = None,
+                        visible: Optional[torch.Tensor] = None) -> dict:
     """Renders one scene along a camera motion into `out_dir` (layout in the module docstring).
 
     Args:
@@ -335,6 +338,9 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
         fps: video frame rate.
         video: also write renders.mp4 and video.mp4.
         max_rays: rays per decoder call (see `render_image`).
+        slots: the scene's slots [K, D] (e.g. from a slots file): then the encoder is not run and
+            `item` needs no input_rays.
+        visible: indices of the slots to mix from (slot editing; see osrt_fast/slots.py).
     Returns:
         dict with 'dir', 'num_frames', 'seconds' (rendering only), 'segmentation' (bool) and the
         paths 'renders_video' / 'video' (None without videos).
@@ -352,12 +358,13 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
 
     images = _batched_tensor(item["input_images"], device, 5)        # [1, V, 3, H, W]
     camera_pos = _batched_tensor(item["input_camera_pos"], device, 3)  # [1, V, 3]
-    rays = _batched_tensor(item["input_rays"], device, 5)             # [1, V, H, W, 3]
+    rays = None if slots is not None else _batched_tensor(item["input_rays"], device, 5)
     transform = item.get("transform")
     if transform is not None:
         transform = _batched_tensor(transform, device, 3)[0]         # [4, 4]
-    height = int(height or rays.shape[2])
-    width = int(width or rays.shape[3])
+    height = int(height or images.shape[3])
+    width = int(width or images.shape[4])
+    decode_kwargs = {} if visible is None else {"visible": visible.to(device)}
 
     os.makedirs(out_dir, exist_ok=True)
     render_dir = os.path.join(out_dir, "renders")
@@ -390,7 +397,8 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
     start = time.perf_counter()
     pending = []
     with torch.no_grad(), ThreadPoolExecutor(max_workers=3) as pool:
-        latents = model.encoder(images, camera_pos, rays)
+        latents = model.encoder(images, camera_pos, rays) if slots is None \
+            else slots.to(device)[None]
         base_pos = camera_pos[:, 0]                                   # [1, 3]
         next_camera = pool.submit(camera, 0)
         bar = progress_bar(range(num_frames), enabled=progress, desc=f"render {motion}", unit="frame")
@@ -398,8 +406,8 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
             cur_pos, cur_rays = next_camera.result()
             if frame + 1 < num_frames:
                 next_camera = pool.submit(camera, frame + 1)
-            img, extras = render_image(model.decoder, latents, cur_pos.to(device),
-                                       cur_rays.to(device), max_rays)
+            img, extras = render_image(functools.partial(model.decoder, **decode_kwargs), latents,
+                                       cur_pos.to(device), cur_rays.to(device), max_rays)
             seg = extras.get("segmentation")
             labels, k = None, 0
             if seg is not None:

@@ -12,7 +12,7 @@ The tracer intersects every ray with every object analytically (float64), so ids
 are exact: the first hit wins, ids are 1-based in object order, 0 is the ground or the sky.
 
 CLI: python -m osrt_fast.scenes --out data/procedural --num-scenes N --height H --width W
-         --num-views V [--min-objects --max-objects --seed --device]
+         --num-views V [--min-objects --max-objects --seed --device --zoom --background --cameras]
 It checks every argument before writing anything, and holds the output folder's lock while
 it writes (a second generator on the folder, e.g. a training run generating the data on first
 use, is refused, naming the first); exit code 0 when done, 2 for invalid arguments or a folder
@@ -49,6 +49,15 @@ SCENE_RADIUS = 3.0            # object centres lie within this distance of the o
 SIZE_RANGE = (0.4, 1.0)
 GROUND_COLOR = (0.5, 0.5, 0.5)
 SKY_COLOR = (0.80, 0.84, 0.90)
+# Backgrounds: "ground" (a shaded grey ground plane with shadows, and sky) or "plain" (the ground
+# is invisible and every pixel without an object has PLAIN_COLOR: all of an image's variation is
+# then in its objects, the easier task for learning to segment).
+BACKGROUNDS = ("ground", "plain")
+PLAIN_COLOR = (0.2, 0.2, 0.2)
+# Cameras: "random" (every scene its own, see `sample_cameras`) or "fixed" (every scene seen from
+# scene 0's cameras: a much easier, nearly 2D task, for studying learning; novel views elsewhere
+# are then out of distribution).
+CAMERAS = ("random", "fixed")
 LIGHT_DIR = (-0.45, 0.35, 0.82)   # towards the light; normalised below
 AMBIENT, DIFFUSE = 0.3, 0.7
 # Offset of shadow-ray origins along the surface normal, so a surface does not shadow itself.
@@ -319,8 +328,10 @@ def trace(origins: torch.Tensor, dirs: torch.Tensor, objs: dict):
     return torch.minimum(t_best, t_ground), ids
 
 
-def _render_packed(objs: dict, camera_pos: torch.Tensor, height: int, width: int):
-    """Renders B packed scenes from cameras [B, V, 3]; returns rgb, ids, depth [B, V, H, W, ...]."""
+def _render_packed(objs: dict, camera_pos: torch.Tensor, height: int, width: int,
+                   background: str = "ground"):
+    """Renders B packed scenes from cameras [B, V, 3]; returns rgb, ids, depth [B, V, H, W, ...].
+    The ground is traced (depths, masks) for either `background`; "plain" only paints it."""
     b, v = camera_pos.shape[:2]
     device = camera_pos.device
     rays = geometry.camera_rays(camera_pos.cpu().numpy(), height, width)    # float32 [B,V,H,W,3]
@@ -348,27 +359,31 @@ def _render_packed(objs: dict, camera_pos: torch.Tensor, height: int, width: int
     rgb = (base * shade[..., None]).clamp(0, 1)
     sky = torch.tensor(SKY_COLOR, dtype=torch.float64, device=device)
     rgb = torch.where(hit_any[..., None], rgb, sky.expand_as(rgb))
+    if background == "plain":
+        plain = torch.tensor(PLAIN_COLOR, dtype=torch.float64, device=device)
+        rgb = torch.where((ids > 0)[..., None], rgb, plain.expand_as(rgb))
     depth = torch.where(hit_any, t, torch.full_like(t, MAX_DEPTH)).clamp_max(MAX_DEPTH)
     shape = (b, v, height, width)
     return rgb.float().reshape(*shape, 3), ids.reshape(shape), depth.float().reshape(shape)
 
 
-def render_views(scene: Scene, camera_pos, height: int, width: int, device="cpu") -> dict:
+def render_views(scene: Scene, camera_pos, height: int, width: int, device="cpu",
+                 background: str = "ground") -> dict:
     """Renders one scene from cameras `camera_pos` [V, 3].
 
     Returns numpy dict: rgb float32 [V, H, W, 3] in [0, 1], instances int64 [V, H, W]
     (0 = ground or sky, k = object k), depth float32 [V, H, W] (Euclidean distance along the
-    ray; MAX_DEPTH where nothing is hit, and clipped to it).
+    ray; MAX_DEPTH where nothing is hit, and clipped to it). `background`: one of BACKGROUNDS.
     """
     return {k: v[0] for k, v in render_batch([scene], np.asarray(camera_pos)[None],
-                                             height, width, device).items()}
+                                             height, width, device, background).items()}
 
 
 render_scene = render_views   # the name in docs/DESIGN.md
 
 
 def render_batch(scenes: Sequence[Scene], camera_pos, height: int, width: int,
-                 device="cpu") -> dict:
+                 device="cpu", background: str = "ground") -> dict:
     """Renders B scenes, each from its cameras `camera_pos` [B, V, 3], in one batched call.
 
     Returns the `render_views` dict with a leading batch axis [B, V, ...].
@@ -377,7 +392,7 @@ def render_batch(scenes: Sequence[Scene], camera_pos, height: int, width: int,
     objs = _pack_scenes(scenes, dev)
     cams = torch.as_tensor(np.asarray(camera_pos, np.float64), device=dev)
     with torch.no_grad():
-        rgb, ids, depth = _render_packed(objs, cams, height, width)
+        rgb, ids, depth = _render_packed(objs, cams, height, width, background)
     return dict(rgb=rgb.cpu().numpy(), instances=ids.cpu().numpy(), depth=depth.cpu().numpy())
 
 
@@ -461,12 +476,18 @@ SETTING_KEYS = ("num_scenes", "height", "width", "num_views", "min_objects", "ma
                 "seed")
 
 
-def _settings(*values, zoom: float = 1.0) -> dict:
-    """generator.json's content: the SETTING_KEYS with these values, as ints, and `zoom` where
-    it is not 1 (so folders written before it existed keep matching)."""
+def _settings(*values, zoom: float = 1.0, background: str = "ground",
+              cameras: str = "random") -> dict:
+    """generator.json's content: the SETTING_KEYS with these values, as ints, and `zoom`,
+    `background` and `cameras` where they are not the defaults (so folders written before they
+    existed keep matching)."""
     settings = {k: int(v) for k, v in zip(SETTING_KEYS, values)}
     if zoom != 1.0:
         settings["zoom"] = float(zoom)
+    if background != "ground":
+        settings["background"] = background
+    if cameras != "random":
+        settings["cameras"] = cameras
     return settings
 
 
@@ -484,7 +505,8 @@ def _device_problem(device) -> Optional[str]:
 
 def check_settings(num_scenes: int, height: int, width: int, num_views: int, min_objects: int,
                    max_objects: int, seed: int, device="cpu",
-                   batch_scenes: Optional[int] = None, zoom: float = 1.0) -> None:
+                   batch_scenes: Optional[int] = None, zoom: float = 1.0,
+                   background: str = "ground", cameras: str = "random") -> None:
     """DataError naming every invalid generator argument (before anything is written)."""
     problems = [f"{name} must be at least 1, got {value}" for name, value in
                 (("num_scenes", num_scenes), ("height", height), ("width", width),
@@ -499,6 +521,10 @@ def check_settings(num_scenes: int, height: int, width: int, num_views: int, min
         problems.append(f"seed must be 0 or more, got {seed}")
     if not 0.5 <= zoom <= 4.0:
         problems.append(f"zoom must be between 0.5 and 4, got {zoom}")
+    if background not in BACKGROUNDS:
+        problems.append(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
+    if cameras not in CAMERAS:
+        problems.append(f"cameras must be one of {', '.join(CAMERAS)}, got {cameras!r}")
     if batch_scenes is not None and batch_scenes < 1:
         problems.append(f"batch_scenes must be at least 1, got {batch_scenes}")
     device_problem = _device_problem(device)
@@ -563,7 +589,9 @@ def _sample_metadata(settings: dict) -> tuple:
         seed = scene_seed(settings["seed"], i)
         s = sample_scene(seed, settings["min_objects"], settings["max_objects"])
         k = s.num_objects
-        meta["camera_pos"][i] = sample_cameras(seed, v, settings.get("zoom", 1.0))
+        camera_seed = scene_seed(settings["seed"], 0) \
+            if settings.get("cameras", "random") == "fixed" else seed
+        meta["camera_pos"][i] = sample_cameras(camera_seed, v, settings.get("zoom", 1.0))
         meta["shape"][i, 1:k + 1] = s.shape
         meta["3d_coords"][i, 1:k + 1] = s.position
         meta["color"][i, 1:k + 1] = s.color
@@ -574,7 +602,8 @@ def _sample_metadata(settings: dict) -> tuple:
 
 
 def _render_scenes(root: str, todo: list, scenes: list, camera_pos: np.ndarray, height: int,
-                   width: int, device, progress: bool, batch_scenes: int) -> None:
+                   width: int, device, progress: bool, batch_scenes: int,
+                   background: str) -> None:
     """Renders scenes `todo` and writes their images, masks and depths."""
     num_views = camera_pos.shape[1]
     bar = None
@@ -586,7 +615,7 @@ def _render_scenes(root: str, todo: list, scenes: list, camera_pos: np.ndarray, 
         # Camera positions are rendered from the stored float32 values: the loader's rays
         # come from those, so images and rays agree exactly.
         out = render_batch([scenes[i] for i in chunk], camera_pos[chunk].astype(np.float64),
-                           height, width, device)
+                           height, width, device, background)
         for j, i in enumerate(chunk):
             for v in range(num_views):
                 img_p, mask_p, depth_p = scene_files(root, i, num_views)[3 * v:3 * v + 3]
@@ -602,8 +631,12 @@ def _render_scenes(root: str, todo: list, scenes: list, camera_pos: np.ndarray, 
 def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 64,
                      num_views: int = 4, min_objects: int = 2, max_objects: int = 6,
                      seed: int = 0, device="cpu", progress: bool = True,
-                     batch_scenes: Optional[int] = None, zoom: float = 1.0) -> str:
+                     batch_scenes: Optional[int] = None, zoom: float = 1.0,
+                     background: str = "ground", cameras: str = "random") -> str:
     """Writes `num_scenes` procedural scenes to `root` in the ObSuRF / CLEVR3D layout.
+
+    zoom: cameras closer by this factor (larger objects); background: one of BACKGROUNDS;
+    cameras: one of CAMERAS.
 
     metadata.npz: camera_pos float32 [N, V, 3]; shape int64 [N, O], 3d_coords float32 [N, O, 3],
     color float32 [N, O, 3], size float32 [N, O], rotation float32 [N, O], with O = max_objects
@@ -617,9 +650,9 @@ def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 
     marks a complete dataset. Returns `root`.
     """
     check_settings(num_scenes, height, width, num_views, min_objects, max_objects, seed, device,
-                   batch_scenes, zoom)
+                   batch_scenes, zoom, background, cameras)
     settings = _settings(num_scenes, height, width, num_views, min_objects, max_objects, seed,
-                         zoom=zoom)
+                         zoom=zoom, background=background, cameras=cameras)
     lock = FolderLock(root, what="dataset folder", hint=LOCK_HINT)
     try:
         lock.acquire()
@@ -634,7 +667,7 @@ def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 
             # About 64k rays per torch call: big enough to amortise overhead, small in memory.
             batch_scenes = max(1, 65536 // (height * width * num_views))
         _render_scenes(root, todo, scenes, meta["camera_pos"], height, width, device, progress,
-                       batch_scenes)
+                       batch_scenes, background)
         _write_atomic(os.path.join(root, "metadata.npz"), lambda f: np.savez(f, **meta))
     finally:
         lock.release()
@@ -657,11 +690,18 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
     p.add_argument("--zoom", type=float, default=1.0,
                    help="cameras closer by this factor (0.5-4): larger objects in the images")
+    p.add_argument("--background", default="ground", choices=BACKGROUNDS,
+                   help="'ground': a shaded ground plane and sky; 'plain': one flat colour "
+                        "behind the objects (easier to learn to segment)")
+    p.add_argument("--cameras", default="random", choices=CAMERAS,
+                   help="'random': each scene its own cameras; 'fixed': all scenes seen from the "
+                        "same cameras (a nearly 2D task, for studying learning)")
     a = p.parse_args(None if argv is None else list(argv))
     t0 = time.time()
     try:
         generate_dataset(a.out, a.num_scenes, a.height, a.width, a.num_views, a.min_objects,
-                         a.max_objects, a.seed, a.device, zoom=a.zoom)
+                         a.max_objects, a.seed, a.device, zoom=a.zoom,
+                         background=a.background, cameras=a.cameras)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -83,3 +83,12 @@ def train_tiny(tmp_path, data: dict, steps: int = 2, **training) -> list:
                                     "training": opts}))
     assert train_main([str(path), "--exit-after", str(steps)]) == 0
     return [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny run trained for 2 steps on the tiny built-in data: (config path, data section)."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    data = tiny_data_section(str(tmp / "data"))
+    train_tiny(tmp, data, steps=2)
+    return str(tmp / "run" / "config.yaml"), data

@@ -112,6 +112,11 @@ def test_triton_backend_matches_eager_forward_and_every_gradient():
     names = ["latents", "pixels", "segmentation"] + [n for n, _ in sorted(fast.named_parameters())]
     for name, e, f, r in zip(names, eager_values, fast_values, expected):
         assert f is not None, name
+        if r.abs().max() < 1e-15:
+            # An exactly-zero true gradient (that LayerNorm bias): both have fp32 rounding alone,
+            # whose size depends on the summation order (e.g. the number of threads).
+            assert f.abs().max() < 1e-9 and e.abs().max() < 1e-9, name
+            continue
         assert relative_error(f, r) <= 2 * relative_error(e, r) + 1e-6, name
 
 

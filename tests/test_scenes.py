@@ -230,3 +230,38 @@ def test_zoom_brings_the_cameras_closer_and_is_part_of_the_settings(tmp_path):
     assert len(get_dataset("train", config_from_dict({"data": data}).data)) > 0
     with pytest.raises(DataError, match="zoom must be between"):
         scenes.generate_dataset(str(tmp_path / "bad"), 3, 24, 24, zoom=9.0)
+
+
+def test_plain_background_paints_every_non_object_pixel_one_colour(tmp_path):
+    """background 'plain': object pixels are exactly those of the default rendering, every other
+    pixel is PLAIN_COLOR; masks and depths are unchanged (the ground is still traced). The
+    setting is recorded only when not the default, checked against the config, and validated."""
+    from osrt_fast.config import config_from_dict
+    from osrt_fast.data import DataError, get_dataset
+    scene = scenes.sample_scene(3, 3, 3)
+    cams = scenes.sample_cameras(3, 3, zoom=1.5)
+    ground = scenes.render_views(scene, cams, 20, 24)
+    plain = scenes.render_views(scene, cams, 20, 24, background="plain")
+    obj = ground["instances"] > 0
+    assert 0.02 < obj.mean() < 0.9
+    np.testing.assert_array_equal(plain["instances"], ground["instances"])
+    np.testing.assert_array_equal(plain["depth"], ground["depth"])
+    np.testing.assert_array_equal(plain["rgb"][obj], ground["rgb"][obj])
+    np.testing.assert_allclose(plain["rgb"][~obj], np.broadcast_to(scenes.PLAIN_COLOR,
+                                                                   plain["rgb"][~obj].shape),
+                               atol=1e-7)
+    assert np.ptp(ground["rgb"][~obj], axis=0).max() > 0.2     # ground, shadows and sky differ
+
+    root = str(tmp_path / "plain")
+    assert scenes.main(["--out", root, "--num-scenes", "2", "--height", "8", "--width", "8",
+                        "--num-views", "2", "--background", "plain"]) == 0
+    assert scenes.read_settings(root)["background"] == "plain"
+    data = {"dataset": "procedural", "path": root, "num_points": 16,
+            "kwargs": {"num_scenes": 2, "height": 8, "width": 8, "num_views": 2}}
+    data["kwargs"]["background"] = "ground"
+    with pytest.raises(DataError, match="background"):
+        get_dataset("train", config_from_dict({"data": data}).data)
+    data["kwargs"]["background"] = "plain"
+    assert len(get_dataset("train", config_from_dict({"data": data}).data)) > 0
+    with pytest.raises(DataError, match="background must be one of ground, plain"):
+        scenes.generate_dataset(str(tmp_path / "bad"), 3, 8, 8, background="sky")

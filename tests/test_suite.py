@@ -44,7 +44,7 @@ def test_smoke_runs_every_section_without_error(smoke):
     errors = [r for r in rows if r.get("error")]
     assert not errors, json.dumps(errors, indent=1)[:4000]
     sections = {r["name"] for r in rows_of(rows, bench="section") if r.get("seconds") is not None}
-    assert sections == {"correctness", "train_step", "reference", "kernels", "data"}
+    assert sections == {"correctness", "train_step", "reference", "kernels", "data", "viewer"}
     assert len({r["suite_run"] for r in rows}) == 1
     for r in rows:
         assert all(r.get(k) is not None for k in ENV_FIELDS if k != "triton"), r
@@ -173,3 +173,13 @@ def test_device_command_is_documented_and_fits_the_tool():
     from benchmarks.prepare_gpu import DEVICE_COMMAND
     assert len(DEVICE_COMMAND) <= 2000
     assert DEVICE_COMMAND in open(os.path.join(ROOT, "docs", "GPU.md")).read()
+
+
+@pytest.mark.slow
+def test_viewer_section_measures_both_backends(smoke):
+    rows, results, _ = smoke
+    viewer = rows_of(rows, bench="viewer")
+    assert {r["backend"] for r in viewer} == {"eager", "triton"}
+    assert all(r["fps"] > 0 and r["height"] == 16 for r in viewer)
+    summary = open(os.path.join(results, "suite_cpu.md")).read()
+    assert "### Viewer" in summary and "| demo | 5 | 16x16 | triton |" in summary

@@ -25,7 +25,8 @@ from .records import (BatchSpec, ViewPolicy, collate, make_batch, model_batch, r
 from .samplers import EVAL_SEED, FixedSampler, ResumableBatchSampler, item_seed
 
 GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min_objects=2,
-                          max_objects=6, seed=0, device="cpu", zoom=1.0)
+                          max_objects=6, seed=0, device="cpu", zoom=1.0, background="ground",
+                          cameras="random")
 
 
 def _ensure_procedural(path: str, kwargs: dict) -> None:
@@ -51,7 +52,10 @@ def _ensure_procedural(path: str, kwargs: dict) -> None:
           f"there ({settings['num_scenes']} scenes, {settings['num_views']} views of "
           f"{settings['width']}x{settings['height']}, {settings['min_objects']}-"
           f"{settings['max_objects']} objects, seed {settings['seed']}"
-          f"{'' if settings['zoom'] == 1.0 else ', zoom ' + str(settings['zoom'])}, device "
+          f"{'' if settings['zoom'] == 1.0 else ', zoom ' + str(settings['zoom'])}"
+          f"{'' if settings['background'] == 'ground' else ', background ' + settings['background']}"
+          f"{'' if settings['cameras'] == 'random' else ', cameras ' + settings['cameras']}"
+          f", device "
           f"{settings['device']}). This runs once; later runs reuse it.", flush=True)
     scenes.generate_dataset(path, **settings)
 

@@ -1,0 +1,75 @@
+"""Export the slots of scenes: python -m osrt_fast.encode CONFIG [--split val] [--scenes A:B]
+[--checkpoint P] [--out slots.safetensors] [--no-cuda]
+
+Encodes each scene's input views with the run's model and writes the slots, the input views'
+images and camera poses, the scene ids and the config to one safetensors file (layout in
+osrt_fast/slots.py). render.py and the viewer (`python -m osrt_fast.view --slots FILE`) render
+from it without the dataset. Exit code 0 when written, 2 for bad arguments, config, checkpoint
+or data.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataError, get_dataset
+from .runs import load_trained_model
+from .slots import SlotsError, encode_scenes, save_slots
+
+
+def parse_range(text: str) -> tuple:
+    """'A:B' -> (A, B), 'A' -> (A, A + 1); ValueError naming the form."""
+    try:
+        if ":" in text:
+            a, b = text.split(":")
+            start, stop = int(a or 0), int(b)
+        else:
+            start = int(text)
+            stop = start + 1
+    except ValueError:
+        raise ValueError(f"--scenes takes A:B (scenes A to B-1) or one scene id, got {text!r}") \
+            from None
+    if start < 0 or stop <= start:
+        raise ValueError(f"--scenes {text}: need 0 <= A < B")
+    return start, stop
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m osrt_fast.encode",
+                                description="Write scenes' slots to a safetensors file.")
+    p.add_argument("config", help="the run's config (its folder, or runs/<name>, holds model.pt)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--scenes", default="0:8", help="A:B, scenes A to B-1 of the split (default 0:8)")
+    p.add_argument("--checkpoint", help="checkpoint file (default <run dir>/model.pt)")
+    p.add_argument("--out", default="slots.safetensors")
+    p.add_argument("--no-cuda", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        start, stop = parse_range(args.scenes)
+        device = "cpu" if args.no_cuda or not torch.cuda.is_available() else "cuda"
+        cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint, device)
+        dataset = get_dataset(args.split, cfg.data)
+        if stop > len(dataset):
+            raise ValueError(f"--scenes {args.scenes}: the {args.split} split has {len(dataset)} "
+                             f"scenes (0-{len(dataset) - 1})")
+        t0 = time.perf_counter()
+        slot_set = encode_scenes(model, dataset, range(start, stop), cfg.to_dict(), device,
+                                 args.split, ckpt, state.get("it"))
+        save_slots(args.out, slot_set)
+    except (ValueError, ConfigError, CheckpointError, DataError, SlotsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    k, d = slot_set.slots.shape[1:]
+    print(f"wrote {len(slot_set)} scenes x {k} slots of width {d} ({args.split} {start}:{stop}, "
+          f"iteration {state.get('it')}) to {args.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

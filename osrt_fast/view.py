@@ -1,0 +1,386 @@
+"""A live browser viewer of what a trained OSRT sees: novel views, segmentations, slot editing.
+
+    python -m osrt_fast.view CONFIG [--checkpoint P] [--sceneid N] [--split val]
+        [--slots FILE] [--host 127.0.0.1] [--port 8080] [--height 128] [--no-cuda]
+
+It encodes the chosen scene once (or takes its slots from a file of `python -m osrt_fast.encode`,
+--slots) and serves a page (viser) at the printed URL. As the camera orbits, pans and zooms the
+model renders the view from the slots, at a quarter of the pixels while the camera moves and at
+full resolution once it stops. The input views stand in the scene as camera frustums with their
+images. The panel switches between the render, the segmentation (render.py's slot colours), the
+two blended and one slot's weight map; hides or solos slots (the Slot Mixer then mixes each
+pixel from the remaining slots: object removal, as in the paper's editing figures); picks the
+scene; sets the resolution; saves the current view as a PNG.
+
+`Viewer` (no server) holds the model and a scene's slots and renders images: the tested core.
+Exit codes: 0 after Ctrl-C, 2 for bad arguments, config, checkpoint, data or slots file, 3 when
+the viewer extra (viser) is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .slots import SlotSet, SlotsError, check_model_matches, encode_scenes, load_slots, render_view
+from .visualize import segmentation_colors
+
+MODES = ("render", "segmentation", "blend", "slot weight")
+HOME_BACK = 1.3     # the start view: input view 0's camera moved back by this factor
+INSTALL_HINT = "the viewer needs viser: pip install -e '.[viewer]' (or pip install viser)"
+
+
+@dataclass
+class ViewSettings:
+    """What the viewer shows. mode: one of MODES; hidden / solo: slot editing (see
+    slots.visible_slots); weight_slot: the slot whose weight map 'slot weight' shows."""
+    mode: str = "render"
+    hidden: frozenset = field(default_factory=frozenset)
+    solo: Optional[int] = None
+    weight_slot: int = 0
+
+
+def compose(rgb: torch.Tensor, weights: torch.Tensor, settings: ViewSettings) -> np.ndarray:
+    """A rendered view (rgb [H, W, 3] in [0, 1], slot weights [H, W, K]) -> the image shown,
+    uint8 [H, W, 3]."""
+    rgb = rgb.float().cpu().numpy()
+    if settings.mode == "render":
+        out = rgb
+    elif settings.mode == "slot weight":
+        k = settings.weight_slot
+        if not 0 <= k < weights.shape[-1]:
+            raise SlotsError(f"slot {k} does not exist: the model has {weights.shape[-1]} slots")
+        out = np.repeat(weights[..., k].float().cpu().numpy()[..., None], 3, -1)
+    else:
+        colors = segmentation_colors(weights.shape[-1]).astype(np.float32) / 255
+        seg = colors[weights.argmax(-1).cpu().numpy()]
+        out = seg if settings.mode == "segmentation" else 0.5 * rgb + 0.5 * seg
+    if settings.mode not in MODES:
+        raise ValueError(f"unknown mode {settings.mode!r}; one of {', '.join(MODES)}")
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+class Viewer:
+    """A trained model and the scenes it shows: encodes a scene on first view (or takes the
+    slots of a `SlotSet`) and renders it from any camera.
+
+    source: a dataset split (scenes encoded as they are picked) or a SlotSet."""
+
+    def __init__(self, model, source, config: Optional[dict] = None, max_rays: int = 16384):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.source, self.config, self.max_rays = source, config or {}, max_rays
+        self.lock = threading.Lock()
+        self.scene: Optional[SlotSet] = None
+        self.scene_id: Optional[int] = None
+        if isinstance(source, SlotSet):
+            check_model_matches(source, model)
+
+    def scene_ids(self) -> list:
+        if isinstance(self.source, SlotSet):
+            return self.source.scene_ids.tolist()
+        return list(range(len(self.source)))
+
+    def load_scene(self, scene_id: int) -> SlotSet:
+        """Makes `scene_id` the current scene (one scene's SlotSet, slots on the model's device)."""
+        with self.lock:
+            if isinstance(self.source, SlotSet):
+                i = self.source.index(scene_id)
+                one = SlotSet(**{k: getattr(self.source, k)[i:i + 1] for k in
+                                 ("slots", "scene_ids", "input_camera_pos", "input_camera_rot",
+                                  "input_fov", "input_images")}, info=self.source.info)
+            else:
+                if not 0 <= scene_id < len(self.source):
+                    raise SlotsError(f"scene {scene_id} is not in the split (0-"
+                                     f"{len(self.source) - 1})")
+                one = encode_scenes(self.model, self.source, [scene_id], self.config, self.device)
+            one.slots = one.slots.to(self.device)
+            self.scene, self.scene_id = one, int(scene_id)
+            return one
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.scene.slots.shape[1])
+
+    def home_camera(self, back: float = 1.0):
+        """(position [3], rotation [3, 3], vertical fov) of the scene's first input view, `back`
+        times as far from the origin."""
+        s = self.scene
+        return s.input_camera_pos[0, 0] * back, s.input_camera_rot[0, 0], float(s.input_fov[0, 0])
+
+    def render(self, position, rot, fov_y: float, height: int, width: int,
+               settings: Optional[ViewSettings] = None) -> np.ndarray:
+        """The current scene from a pinhole camera (see slots.render_view), as shown: uint8
+        [height, width, 3]."""
+        settings = settings or ViewSettings()
+        with self.lock:
+            rgb, weights = render_view(self.model, self.scene.slots[0], position, rot, fov_y,
+                                       height, width, hide=settings.hidden, solo=settings.solo,
+                                       max_rays=self.max_rays)
+        return compose(rgb, weights, settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# The browser front end (viser)
+
+def require_viser():
+    try:
+        import viser
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return viser
+
+
+class LiveView:
+    """Serves `viewer` with viser: GUI, input frustums, and a render loop that answers camera
+    moves (low resolution while moving, full once the camera rests for `settle_s`)."""
+
+    def __init__(self, viewer: Viewer, host: str = "127.0.0.1", port: int = 8080,
+                 height: int = 128, save_dir: str = ".", settle_s: float = 0.25,
+                 mode: str = "render"):
+        viser = require_viser()
+        self.viser, self.viewer = viser, viewer
+        self.height, self.save_dir, self.settle_s = height, save_dir, settle_s
+        self.settings = ViewSettings(mode=mode)
+        self.first_frame_reported: set = set()
+        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        self.server.scene.set_up_direction("+z")
+        self.cameras: dict = {}          # client id -> (position, rot, fov, aspect, time moved)
+        self.shown: dict = {}            # client id -> (camera, height) of the frame on screen
+        self.frames = 0
+        self.last_frame: Optional[np.ndarray] = None
+        self.wake = threading.Condition()
+        self.stopping = False
+        self._build_gui()
+        self._show_inputs()
+        self.server.on_client_connect(self._connect)
+        self.thread = threading.Thread(target=self._loop, name="osrt-view-render", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        host = self.server.get_host()
+        return f"http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:" \
+               f"{self.server.get_port()}"
+
+    # -- GUI
+    def _build_gui(self):
+        gui, v = self.server.gui, self.viewer
+        ids = v.scene_ids()
+        gui.add_markdown("**osrt-fast viewer**: orbit, pan and zoom; the model renders each view "
+                         "from the scene's slots.")
+        self.scene_box = gui.add_number("scene", v.scene_id, min=min(ids), max=max(ids), step=1)
+        self.mode_box = gui.add_dropdown("show", MODES, initial_value=self.settings.mode)
+        self.height_box = gui.add_slider("height (pixels)", min=16, max=512, step=16,
+                                         initial_value=self.height)
+        with gui.add_folder("slots"):
+            self.solo_box = gui.add_dropdown("solo", ("none",) + tuple(map(str, range(v.num_slots))),
+                                             initial_value="none")
+            self.weight_box = gui.add_dropdown("weight map of", tuple(map(str, range(v.num_slots))),
+                                               initial_value="0")
+            self.slot_boxes = [gui.add_checkbox(f"slot {k} visible", True)
+                               for k in range(v.num_slots)]
+        self.save_button = gui.add_button("save view as PNG")
+        self.home_button = gui.add_button("back to the start view")
+        self.status = gui.add_markdown("")
+        for box in [self.mode_box, self.solo_box, self.weight_box, *self.slot_boxes]:
+            box.on_update(lambda _: self._settings_changed())
+        self.height_box.on_update(lambda _: self._redraw())
+        self.scene_box.on_update(lambda _: self._scene_changed())
+        self.save_button.on_click(lambda event: self._save(event.client))
+        self.home_button.on_click(lambda event: self._home(event.client))
+
+    def _settings_changed(self):
+        hidden = frozenset(k for k, box in enumerate(self.slot_boxes) if not box.value)
+        solo = None if self.solo_box.value == "none" else int(self.solo_box.value)
+        if len(hidden) == len(self.slot_boxes) and solo is None:
+            self.status.content = "all slots hidden: showing the last view"
+            return
+        self.settings = ViewSettings(self.mode_box.value, hidden, solo, int(self.weight_box.value))
+        self.status.content = ""
+        self._redraw()
+
+    def _scene_changed(self):
+        try:
+            self.viewer.load_scene(int(self.scene_box.value))
+        except SlotsError as e:
+            self.status.content = str(e)
+            return
+        self._show_inputs()
+        for client in self.server.get_clients().values():
+            self._home(client)
+        self._redraw()
+
+    def _show_inputs(self):
+        v, so3 = self.viewer, self.viser.transforms.SO3
+        s = v.scene
+        for i in range(s.input_images.shape[1]):
+            images = s.input_images[0, i].numpy()
+            pos = s.input_camera_pos[0, i].numpy()
+            self.server.scene.add_camera_frustum(
+                f"/inputs/view_{i}", fov=float(s.input_fov[0, i]),
+                aspect=images.shape[1] / images.shape[0], scale=0.08 * float(np.linalg.norm(pos)),
+                image=images, wxyz=so3.from_matrix(s.input_camera_rot[0, i].numpy()).wxyz,
+                position=pos)
+
+    def _home(self, client):
+        # Behind input view 0 (looking at the scene's centre), so that its frustum is in view.
+        pos, _, fov = self.viewer.home_camera(back=HOME_BACK)
+        client.camera.up_direction = (0.0, 0.0, 1.0)
+        client.camera.position = tuple(float(x) for x in pos)
+        client.camera.look_at = (0.0, 0.0, 0.0)
+        client.camera.fov = fov
+
+    def _save(self, client):
+        camera = self.cameras.get(client.client_id)
+        if camera is None:
+            return
+        from PIL import Image
+        pos, rot, fov, aspect, _ = camera
+        img = self.viewer.render(pos, rot, fov, self.height_box.value,
+                                 max(1, round(self.height_box.value * aspect)), self.settings)
+        os.makedirs(self.save_dir, exist_ok=True)
+        path = os.path.join(self.save_dir, f"view_scene{self.viewer.scene_id}_"
+                                           f"{time.strftime('%Y%m%d-%H%M%S')}.png")
+        Image.fromarray(img).save(path)
+        self.status.content = f"saved {path}"
+        print(f"osrt_fast.view: saved {path}", flush=True)
+
+    # -- cameras and the render loop
+    def _connect(self, client):
+        self._home(client)
+
+        @client.camera.on_update
+        def _(camera):
+            rot = self.viser.transforms.SO3(np.asarray(camera.wxyz)).as_matrix()
+            with self.wake:
+                self.cameras[client.client_id] = (np.asarray(camera.position, np.float32),
+                                                  rot.astype(np.float32), float(camera.fov),
+                                                  float(camera.aspect), time.monotonic())
+                self.wake.notify()
+
+    def _redraw(self):
+        with self.wake:
+            self.shown.clear()
+            self.wake.notify()
+
+    def _loop(self):
+        while not self.stopping:
+            with self.wake:
+                todo = self._next_job()
+                if todo is None:
+                    self.wake.wait(timeout=self.settle_s)
+                    continue
+            client_id, camera, height = todo
+            client = self.server.get_clients().get(client_id)
+            if client is None:
+                with self.wake:
+                    self.cameras.pop(client_id, None)
+                continue
+            pos, rot, fov, aspect, _ = camera
+            try:
+                img = self.viewer.render(pos, rot, fov, height, max(1, round(height * aspect)),
+                                         self.settings)
+            except SlotsError as e:
+                self.status.content = str(e)
+                with self.wake:
+                    self.shown[client_id] = (camera, height)
+                continue
+            client.scene.set_background_image(img, format="png")
+            self.last_frame, self.frames = img, self.frames + 1
+            if height == int(self.height_box.value) and client_id not in self.first_frame_reported:
+                self.first_frame_reported.add(client_id)
+                print(f"osrt_fast.view: client {client_id}: first full frame, {img.shape[1]}x"
+                      f"{img.shape[0]}", flush=True)
+            with self.wake:
+                self.shown[client_id] = (camera, height)
+
+    def _next_job(self):
+        """(client id, camera, height) of the next frame to render, or None: a moved camera gets
+        a quick frame, a resting one (settle_s without a move) its full-resolution frame."""
+        full = int(self.height_box.value)
+        now = time.monotonic()
+        for client_id, camera in self.cameras.items():
+            shown = self.shown.get(client_id)
+            resting = now - camera[4] >= self.settle_s
+            want = full if resting else max(16, full // 2)
+            if shown is None or shown[0] is not camera or (resting and shown[1] != full):
+                return client_id, camera, want
+        return None
+
+    def stop(self):
+        self.stopping = True
+        with self.wake:
+            self.wake.notify()
+        self.server.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m osrt_fast.view",
+                                description="Live browser viewer of a trained OSRT.")
+    p.add_argument("config", help="the run's config (its folder, or runs/<name>, holds model.pt)")
+    p.add_argument("--checkpoint", help="checkpoint file (default <run dir>/model.pt)")
+    p.add_argument("--sceneid", type=int, help="first scene shown (default: the first)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--slots", help="show the scenes of this slots file (python -m "
+                                   "osrt_fast.encode) instead of encoding the split's")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--height", type=int, default=128, help="full-resolution image height")
+    p.add_argument("--save-dir", default=".", help="where 'save view as PNG' writes")
+    p.add_argument("--mode", default="render", choices=MODES, help="what is shown at first")
+    p.add_argument("--no-cuda", action="store_true")
+    return p
+
+
+def open_viewer(args) -> Viewer:
+    """The Viewer of parsed CLI arguments, its first scene loaded."""
+    from .data import get_dataset
+    from .runs import load_trained_model
+    device = "cpu" if args.no_cuda or not torch.cuda.is_available() else "cuda"
+    cfg, model, _, _ = load_trained_model(args.config, args.checkpoint, device)
+    source = load_slots(args.slots) if args.slots else get_dataset(args.split, cfg.data)
+    viewer = Viewer(model, source, cfg.to_dict())
+    ids = viewer.scene_ids()
+    first = ids[0] if args.sceneid is None else args.sceneid
+    viewer.load_scene(first)
+    return viewer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    try:
+        require_viser()
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    try:
+        viewer = open_viewer(args)
+        live = LiveView(viewer, args.host, args.port, args.height, args.save_dir, mode=args.mode)
+    except (ConfigError, CheckpointError, DataError, SlotsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"osrt_fast.view: scene {viewer.scene_id}, {viewer.num_slots} slots, on "
+          f"{viewer.device}; open {live.url} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        live.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
