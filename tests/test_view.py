@@ -112,3 +112,11 @@ def test_the_viewer_shows_its_render_in_a_real_browser(tiny_run, tmp_path):
     assert near.mean() > 0.2, (main_color, near.mean())
     # Not the page's own background: that is not the rendered colour.
     assert np.abs(main_color - 255).max() > 12
+
+
+def test_without_viser_the_viewer_names_the_extra(tiny_run, monkeypatch, capsys):
+    import sys
+    config, _ = tiny_run
+    monkeypatch.setitem(sys.modules, "viser", None)
+    assert view_main([config, "--no-cuda"]) == 3
+    assert "pip install -e '.[viewer]'" in capsys.readouterr().err
