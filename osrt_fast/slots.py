@@ -38,7 +38,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 FORMAT = "osrt_fast.slots/1"

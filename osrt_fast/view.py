@@ -288,8 +288,11 @@ class LiveView:
             try:
                 img = self.viewer.render(pos, rot, fov, height, max(1, round(height * aspect)),
                                          self.settings)
-            except SlotsError as e:
-                self.status.content = str(e)
+            except Exception as e:      # shown in the panel; the loop (and the page) live on
+                self.status.content = f"cannot render this view: {e}"
+                if not isinstance(e, SlotsError):
+                    print(f"osrt_fast.view: rendering failed: {type(e).__name__}: {e}",
+                          file=sys.stderr, flush=True)
                 with self.wake:
                     self.shown[client_id] = (camera, height)
                 continue

@@ -11,7 +11,7 @@ from PIL import Image
 from kernels._triton import poisoned_outputs
 from osrt_fast import OSRT, geometry
 from osrt_fast.slots import (SlotsError, check_model_matches, load_slots, look_at_rotation,
-                             pinhole_rays, pose_from_rays, render_view, save_slots, swap_slots,
+                             pinhole_rays, pose_from_rays, render_view, swap_slots,
                              visible_slots)
 from osrt_fast.visualize import segmentation_colors
 from conftest import tiny_model_config
