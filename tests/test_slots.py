@@ -107,20 +107,30 @@ def test_hiding_a_slot_changes_only_the_pixels_where_it_had_weight(backend):
 
 def test_the_fast_path_hides_slots_as_the_eager_one():
     """The folded Slot Mixer (its kernels' eager twins, fp64) with a slot hidden equals the eager
-    decoder with it hidden."""
+    decoder with it hidden: pixels, weights, and the gradients of every parameter and of the
+    slots (odd shapes: 2 scenes, 9 x 11 rays, 4 slots, slot 1 hidden)."""
     from test_backend import TWINS
     eager = sharp_model().double()
     folded = sharp_model().set_backend("triton", ops=TWINS).double()
-    slots = torch.randn(1, 4, 32, dtype=torch.float64)
+    slots = torch.randn(2, 4, 32, dtype=torch.float64)
     pos = torch.tensor([4.0, 6.0, 5.0])
-    rays = pinhole_rays(look_at_rotation(pos), 2.4, 9, 11).double().reshape(1, -1, 3)
+    rays = pinhole_rays(look_at_rotation(pos), 2.4, 9, 11).double().reshape(1, -1, 3).expand(2, -1, -1)
     visible = torch.tensor([0, 2, 3])
-    with torch.no_grad():
-        e = eager.decoder(slots, pos.double().expand(1, 99, 3), rays, visible=visible)
-        f = folded.decoder(slots, pos.double().expand(1, 99, 3), rays, visible=visible)
-    assert (e[1]["segmentation"][..., 1] == 0).all()
-    torch.testing.assert_close(f[0], e[0], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(f[1]["segmentation"], e[1]["segmentation"], rtol=1e-9, atol=1e-12)
+
+    def run(model):
+        model.zero_grad()
+        z = slots.clone().requires_grad_(True)
+        pixels, extras = model.decoder(z, pos.double().expand(2, 99, 3), rays, visible=visible)
+        ((pixels - 0.5).square().mean() + 0.1 * extras["segmentation"][..., 2].mean()).backward()
+        grads = [p.grad for _, p in sorted(model.decoder.named_parameters())]
+        return [pixels.detach(), extras["segmentation"].detach(), z.grad] + grads
+
+    e, f = run(eager), run(folded)
+    assert (e[1][..., 1] == 0).all() and (f[1][..., 1] == 0).all()
+    names = ["pixels", "segmentation", "slots.grad"] + [n for n, _ in sorted(eager.decoder.named_parameters())]
+    for name, a, b in zip(names, e, f):
+        assert a is not None and b is not None, name
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def test_encode_writes_the_slots_file_and_it_renders_as_the_model_does(tiny_run, tmp_path):
