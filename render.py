@@ -135,10 +135,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from osrt_fast.slots import SlotsError, check_model_matches, load_slots, visible_slots
     try:
-        num_slots = model.encoder.slot_attention.num_slots if hasattr(
-            model.encoder, "slot_attention") else 0
-        visible = visible_slots(num_slots, args.hide, args.solo) \
-            if args.hide or args.solo is not None else None
+        visible = None
+        if args.hide or args.solo is not None:
+            if not hasattr(model.encoder, "slot_attention"):
+                raise SlotsError("--hide / --solo edit slots, and this model has none (encoder "
+                                 f"{cfg.model.encoder!r})")
+            visible = visible_slots(model.encoder.slot_attention.num_slots, args.hide, args.solo)
         slot_set = load_slots(args.slots) if args.slots else None
         if slot_set is not None:
             check_model_matches(slot_set, model, args.slots)
