@@ -165,3 +165,18 @@ def test_bench_learning_records_curves_and_resumes(tmp_path):
         assert (tmp_path / "out" / "curves.png").stat().st_size > 0
     except ImportError:
         pass
+
+
+def test_bench_slot_usage_records_the_slot_shares(tiny_run):
+    """bench_slot_usage trains the tiny config from scratch: one point per --every steps and the
+    last, each slot's share of the weight (sorted, summing to 1)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_slot_usage
+    config, _ = tiny_run
+    rows = bench_slot_usage.main(["--config", config, "--steps", "3", "--every", "2", "--warmup",
+                                  "2", "--set", "decoder_kwargs.layer_norm=true", "--no-save"])
+    assert [r["it"] for r in rows] == [0, 2]
+    for r in rows:
+        shares = r["slot_shares"]
+        assert len(shares) == 3 and shares == sorted(shares, reverse=True)
+        assert abs(sum(shares) - 1) < 1e-3 and 1 / 3 - 1e-6 <= r["max_weight"] <= 1
