@@ -406,3 +406,23 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"the optimizer state in '{path}' does not fit: {e}") from None
     return {k: v for k, v in state.items() if k not in ("encoder", "decoder", "optimizer")}
+
+
+def load_trained_model(config_path: str, checkpoint: Optional[str] = None, device=None,
+                       run_dir: Optional[str] = None):
+    """(cfg, model in eval mode on `device`, checkpoint path, checkpoint entries) of a run:
+    the config's model with `checkpoint` (default <run dir>/model.pt) loaded. ConfigError or
+    CheckpointError naming the problem and the fix."""
+    from .config import load_config
+    from .model import OSRT
+    from .runs import run_dir_for
+    cfg = load_config(config_path)
+    path = checkpoint or os.path.join(run_dir_for(config_path, run_dir), "model.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: train first (python train.py "
+                              f"{config_path}) or pass --checkpoint PATH")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = OSRT(cfg.model).to(device)
+    model.check_device(device)
+    state = load_checkpoint(path, model, map_location=device)
+    return cfg, model.eval(), path, state

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError, get_dataset
-from .runs import load_trained_model
+from .checkpoint import load_trained_model
 from .slots import SlotsError, encode_scenes, save_slots
 
 

@@ -84,6 +84,13 @@ def _residual(block, x):
     return block(x) + x
 
 
+def scatter_slots(weights: torch.Tensor, visible: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Per-ray weights [B, R, k] of the slots `visible` [k] -> [B, R, num_slots], 0 elsewhere."""
+    out = weights.new_zeros(*weights.shape[:-1], num_slots)
+    out[..., visible] = weights
+    return out
+
+
 def folded_slot_mixer(decoder, slots: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor,
                       ops: dict, visible: Optional[torch.Tensor] = None):
     """model.SlotMixerDecoder's function (without the mixing block's LayerNorm), on folded
@@ -122,7 +129,6 @@ def folded_slot_mixer(decoder, slots: torch.Tensor, camera_pos: torch.Tensor, ra
     for layer, act in zip(render[2:-2:2], render[3:-2:2]):
         h = F.leaky_relu(layer(h), act.negative_slope, inplace=True)
     if visible is not None:
-        from .model import scatter_slots     # (model imports this module)
         weights = scatter_slots(weights, visible, num_slots)
     return torch.sigmoid(render[-2](h)), {"segmentation": weights}
 

@@ -457,13 +457,6 @@ class RayDecoder(nn.Module):
         return torch.cat(pixels, 1), {k: torch.cat(v, 1) for k, v in extras.items()}
 
 
-def scatter_slots(weights: torch.Tensor, visible: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Per-ray weights [B, R, k] of the slots `visible` [k] -> [B, R, num_slots], 0 elsewhere."""
-    out = weights.new_zeros(*weights.shape[:-1], num_slots)
-    out[..., visible] = weights
-    return out
-
-
 class SlotMixerDecoder(RayDecoder):
     """OSRT's Slot Mixer decoder: slots + query rays -> pixels and per-ray slot weights."""
 
@@ -488,7 +481,7 @@ class SlotMixerDecoder(RayDecoder):
             mixed, weights = self.mixing_block(x, slot_latents)
         else:
             mixed, some = self.mixing_block(x, slot_latents[:, visible])
-            weights = scatter_slots(some, visible, slot_latents.shape[1])
+            weights = fast.scatter_slots(some, visible, slot_latents.shape[1])
         pixels = self.render_mlp(torch.cat((mixed, queries), -1))
         return pixels, {"segmentation": weights}
 
@@ -525,7 +518,7 @@ class SpatialBroadcastDecoder(RayDecoder):
         `visible` as in `SlotMixerDecoder.region` (the softmax runs over those slots)."""
         if visible is not None:
             pixels, weights = self.region(slot_latents[:, visible], camera_pos, rays)
-            return pixels, {"segmentation": scatter_slots(weights["segmentation"], visible,
+            return pixels, {"segmentation": fast.scatter_slots(weights["segmentation"], visible,
                                                           slot_latents.shape[1])}
         queries = self.query_encoder(camera_pos, rays)
         num_rays, num_slots = queries.shape[1], slot_latents.shape[1]

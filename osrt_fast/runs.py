@@ -95,23 +95,3 @@ def require_wandb() -> None:
         raise ConfigError("--wandb needs the wandb package, which is not installed: "
                           "pip install 'osrt-fast[wandb]', or leave --wandb out")
 
-
-def load_trained_model(config_path: str, checkpoint: Optional[str] = None, device=None,
-                       run_dir: Optional[str] = None):
-    """(cfg, model in eval mode on `device`, checkpoint path, checkpoint entries) of a run:
-    the config's model with `checkpoint` (default <run dir>/model.pt) loaded. ConfigError or
-    CheckpointError naming the problem and the fix."""
-    import torch
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .config import load_config
-    from .model import OSRT
-    cfg = load_config(config_path)
-    path = checkpoint or os.path.join(run_dir_for(config_path, run_dir), "model.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: train first (python train.py "
-                              f"{config_path}) or pass --checkpoint PATH")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = OSRT(cfg.model).to(device)
-    model.check_device(device)
-    state = load_checkpoint(path, model, map_location=device)
-    return cfg, model.eval(), path, state

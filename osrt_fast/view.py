@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 def open_viewer(args) -> Viewer:
     """The Viewer of parsed CLI arguments, its first scene loaded."""
     from .data import get_dataset
-    from .runs import load_trained_model
+    from .checkpoint import load_trained_model
     device = "cpu" if args.no_cuda or not torch.cuda.is_available() else "cuda"
     cfg, model, _, _ = load_trained_model(args.config, args.checkpoint, device)
     source = load_slots(args.slots) if args.slots else get_dataset(args.split, cfg.data)

@@ -11,8 +11,8 @@ LAYERS = {
         "runs", "progress", "files", "locks"],
     1: ["data", "scenes"],           # data: the package and all its modules
     2: ["model", "fast"],
-    3: ["parallel", "checkpoint", "throughput", "evaluate", "rendering"],
-    4: ["trainer"],
+    3: ["parallel", "checkpoint", "throughput", "evaluate", "rendering", "slots"],
+    4: ["trainer", "encode", "view"],
 }
 ENTRY_POINTS = ("train.py", "render.py")
 

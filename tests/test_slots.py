@@ -140,7 +140,7 @@ def test_encode_writes_the_slots_file_and_it_renders_as_the_model_does(tiny_run,
     from osrt_fast.config import load_config
     from osrt_fast.data import get_dataset, model_batch
     from osrt_fast.encode import main
-    from osrt_fast.runs import load_trained_model
+    from osrt_fast.checkpoint import load_trained_model
     config, _ = tiny_run
     out = str(tmp_path / "slots.safetensors")
     assert main([config, "--split", "val", "--scenes", "1:4", "--out", out, "--no-cuda"]) == 0

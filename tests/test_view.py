@@ -39,7 +39,7 @@ def test_viewer_renders_what_render_view_gives_from_a_split_or_a_slots_file(tiny
     from osrt_fast.config import load_config
     from osrt_fast.data import get_dataset
     from osrt_fast.encode import main as encode_main
-    from osrt_fast.runs import load_trained_model
+    from osrt_fast.checkpoint import load_trained_model
     from osrt_fast.slots import load_slots
     config, _ = tiny_run
     cfg, model, _, _ = load_trained_model(config, device="cpu")
