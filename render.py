@@ -115,20 +115,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda" if use_cuda else "cpu")
 
     # Imported here so that argument and config errors come back fast.
-    from osrt_fast.checkpoint import CheckpointError, load_checkpoint
+    from osrt_fast.checkpoint import CheckpointError, load_trained_model
     from osrt_fast.data import get_dataset
-    from osrt_fast.model import OSRT
 
     try:
-        model = OSRT(cfg.model).to(device)
-        model.check_device(device)
+        _, model, _, state = load_trained_model(args.config, ckpt_path, device)
     except ConfigError as e:
         return _fail(f"{args.config}: {e}")
-    try:
-        state = load_checkpoint(ckpt_path, model, map_location=device)
     except CheckpointError as e:
         return _fail(str(e))
-    model.eval()
     it = state.get("it") if isinstance(state, dict) else None
     print(f"Loaded {ckpt_path}" + (f" (iteration {it})" if it is not None else "")
           + f" on {device}")

@@ -411,17 +411,19 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
 def load_trained_model(config_path: str, checkpoint: Optional[str] = None, device=None,
                        run_dir: Optional[str] = None):
     """(cfg, model in eval mode on `device`, checkpoint path, checkpoint entries) of a run:
-    the config's model with `checkpoint` (default <run dir>/model.pt) loaded. ConfigError or
-    CheckpointError naming the problem and the fix."""
+    the config's model with `checkpoint` (default <run dir>/model.pt) loaded; `device` defaults
+    to the config's training.device. ConfigError or CheckpointError naming the problem and the
+    fix."""
     from .config import load_config
     from .model import OSRT
+    from .parallel import resolve_device
     from .runs import run_dir_for
     cfg = load_config(config_path)
     path = checkpoint or os.path.join(run_dir_for(config_path, run_dir), "model.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: train first (python train.py "
                               f"{config_path}) or pass --checkpoint PATH")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else resolve_device(cfg.training.device)
     model = OSRT(cfg.model).to(device)
     model.check_device(device)
     state = load_checkpoint(path, model, map_location=device)

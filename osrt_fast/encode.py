@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Optional, Sequence
 
-import torch
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -52,8 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         start, stop = parse_range(args.scenes)
-        device = "cpu" if args.no_cuda or not torch.cuda.is_available() else "cuda"
-        cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint, device)
+        cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint,
+                                                     "cpu" if args.no_cuda else None)
+        device = next(model.parameters()).device
         dataset = get_dataset(args.split, cfg.data)
         if stop > len(dataset):
             raise ValueError(f"--scenes {args.scenes}: the {args.split} split has {len(dataset)} "

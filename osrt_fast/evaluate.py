@@ -17,11 +17,10 @@ from typing import Optional
 import torch
 
 from . import parallel
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import ConfigError, load_config
+from .checkpoint import CheckpointError, load_trained_model
+from .config import ConfigError
 from .data import DataError, get_dataset, make_batch, record_loader, to_device
 from .metrics import adjusted_rand_index, fg_ari, psnr
-from .model import OSRT
 from .progress import progress_bar
 from .runs import run_dir_for
 
@@ -109,18 +108,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-cuda", action="store_true")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config)
         run_dir = run_dir_for(args.config, args.run_dir)
-        ckpt = args.checkpoint or os.path.join(run_dir, "model.pt")
-        if not os.path.exists(ckpt):
-            raise CheckpointError(f"no checkpoint at '{ckpt}': train first (python train.py "
-                                  f"{args.config}) or pass --checkpoint PATH")
-        device = torch.device("cpu") if args.no_cuda else parallel.resolve_device(cfg.training.device)
+        cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint,
+                                                     "cpu" if args.no_cuda else None, run_dir)
+        device = next(model.parameters()).device
         split = "test" if args.test else "val"
         dataset = get_dataset(split, cfg.data, max_len=args.max_eval, full_scale=args.full_scale)
-        model = OSRT(cfg.model).to(device)
-        model.check_device(device)
-        state = load_checkpoint(ckpt, model, map_location=device)
         bs = args.batch_size or cfg.training.eval_batch_size or max(1, cfg.training.batch_size // 8)
         loader = record_loader(dataset, bs, {"num_workers": min(cfg.training.num_workers, 4)},
                                train=False)

@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=128, help="full-resolution image height")
     p.add_argument("--save-dir", default=".", help="where 'save view as PNG' writes")
     p.add_argument("--mode", default="render", choices=MODES, help="what is shown at first")
-    p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--no-cuda", action="store_true", help="run on the CPU (default: the config's "
+                                                           "training.device)")
     return p
 
 
@@ -347,8 +348,8 @@ def open_viewer(args) -> Viewer:
     """The Viewer of parsed CLI arguments, its first scene loaded."""
     from .data import get_dataset
     from .checkpoint import load_trained_model
-    device = "cpu" if args.no_cuda or not torch.cuda.is_available() else "cuda"
-    cfg, model, _, _ = load_trained_model(args.config, args.checkpoint, device)
+    cfg, model, _, _ = load_trained_model(args.config, args.checkpoint,
+                                          "cpu" if args.no_cuda else None)
     source = load_slots(args.slots) if args.slots else get_dataset(args.split, cfg.data)
     viewer = Viewer(model, source, cfg.to_dict())
     ids = viewer.scene_ids()
