@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # Imported here so that argument and config errors come back fast.
     from osrt_fast.checkpoint import CheckpointError, load_trained_model
-    from osrt_fast.data import get_dataset
+    from osrt_fast.data import get_dataset, is_stream, scene_records
 
     try:
         _, model, _, state = load_trained_model(args.config, ckpt_path, device)
@@ -152,22 +152,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     split = "train" if args.train else "val"
     dataset = get_dataset(split, cfg.data)
-    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-    if not iterable and stop > len(dataset):
+    if not is_stream(dataset) and stop > len(dataset):
         return _fail(f"scene ids [{start}, {stop}) out of range: the {split} set has "
                      f"{len(dataset)} scenes")
-    if iterable:
-        # Streams can't be indexed; skip to the first scene, as the reference does (the
-        # Kubric reader skips whole records without decoding them).
-        if hasattr(dataset, "skipping"):
-            stream = iter(dataset.skipping(start))
-        else:
-            stream = iter(dataset)
-            for _ in range(start):
-                next(stream)
-
-    for sceneid in range(start, stop):
-        item = next(stream) if iterable else dataset[sceneid]
+    # A stream can't be indexed: it is skipped to the first scene, as the reference does (the
+    # Kubric reader skips whole records without decoding them).
+    for sceneid, item in zip(range(start, stop), scene_records(dataset, range(start, stop))):
         _render_one(args, model, _batched_item(item, dataset.spec), run_dir, name, sceneid,
                     device, None, visible)
     return 0

@@ -1,10 +1,16 @@
 """Writing files: what to tell a user when the disk is full, read-only or not theirs."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import shutil
+import tempfile
 from typing import Optional
+
+# Prefix of the temporary files `write_atomic` writes beside their targets.
+TMP_PREFIX = ".tmp-"
 
 
 class WriteError(RuntimeError):
@@ -71,3 +77,30 @@ def remove_files(folder: str, matches) -> tuple:
                 continue
             count, freed = count + 1, freed + size
     return count, freed
+
+
+@functools.lru_cache(maxsize=None)
+def file_mode() -> int:
+    """Permissions of a new file under this process's umask. mkstemp creates 0600 files, but the
+    files we write should be as readable as any other. (The umask can only be read by setting
+    it, so it is read once.)"""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: str, write) -> None:
+    """Calls write(f) on a new temporary file beside `path`, then renames it to `path`, so an
+    existing file is always a complete one. The temporary name, "<TMP_PREFIX><name>.<random>",
+    is unique (mkstemp), so concurrent writers never share one."""
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}.", dir=folder or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

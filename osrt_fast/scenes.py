@@ -21,13 +21,10 @@ in use.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
@@ -37,7 +34,8 @@ import torch
 
 from osrt_fast import geometry
 from osrt_fast.data.errors import DataError
-from osrt_fast.files import remove_files
+from osrt_fast.files import TMP_PREFIX, remove_files
+from osrt_fast.files import write_atomic as _write_atomic
 from osrt_fast.locks import FolderLock, LockedError
 
 SPHERE, CUBE, CYLINDER = 1, 2, 3
@@ -422,39 +420,12 @@ def decode_depth(value: np.ndarray) -> np.ndarray:
 
 SUBFOLDERS = ("images", "masks", "depths")
 SETTINGS_FILE = "generator.json"
-# Temporary files are "<TMP_PREFIX><final name>.<random>", beside the file they become.
-TMP_PREFIX = ".tmp-"
+# Temporary files are "<TMP_PREFIX><final name>.<random>", beside the file they become
+# (files.write_atomic).
 # Instance masks are 8-bit PNGs holding object ids 1 .. MAX_OBJECTS (0 is the background).
 MAX_OBJECTS = 255
 LOCK_HINT = (" (the built-in data is generated once, by `python -m osrt_fast.scenes` or by the "
              "first training run that needs it; once that has finished, later runs reuse it)")
-
-
-@functools.lru_cache(maxsize=None)
-def _file_mode() -> int:
-    """Permissions of a new file under this process's umask. mkstemp creates 0600 files, but the
-    dataset's files should be as readable as any other. (The umask can only be read by setting
-    it, so it is read once.)"""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _write_atomic(path: str, write) -> None:
-    """Calls write(f) on a new temporary file beside `path`, then renames it to `path`, so an
-    existing file is always a complete one (resume relies on it). The temporary name is unique
-    (mkstemp), so concurrent writers never share one."""
-    folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}.", dir=folder or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _file_mode())
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _write_png(path: str, array: np.ndarray) -> None:

@@ -40,6 +40,8 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from .files import write_atomic
+
 FORMAT = "osrt_fast.slots/1"
 TENSORS = ("slots", "scene_ids", "input_camera_pos", "input_camera_rot", "input_fov",
            "input_images")
@@ -203,24 +205,9 @@ class SlotSet:
     def model_config(self) -> dict:
         return json.loads(self.info["config"])["model"]
 
-
-def scene_records(dataset, scene_ids: Sequence[int]):
-    """The dataset's records `scene_ids` in order; a stream (MSN-Hard's TFDS reader) is read
-    once, skipping to each, so its ids must increase."""
-    ids = [int(i) for i in scene_ids]
-    if not isinstance(dataset, torch.utils.data.IterableDataset):
-        for i in ids:
-            yield dataset[i]
-        return
-    if ids != sorted(set(ids)):
-        raise SlotsError("a streamed dataset is read in order: give increasing scene ids")
-    stream = iter(dataset.skipping(ids[0]) if hasattr(dataset, "skipping") else dataset)
-    pos = ids[0] if hasattr(dataset, "skipping") else 0
-    for i in ids:
-        for _ in range(i - pos):
-            next(stream)
-        yield next(stream)
-        pos = i + 1
+    def select(self, i: int) -> "SlotSet":
+        """The set of the one scene at position `i`."""
+        return SlotSet(**{k: getattr(self, k)[i:i + 1] for k in TENSORS}, info=self.info)
 
 
 @torch.no_grad()
@@ -231,7 +218,7 @@ def encode_scenes(model, dataset, scene_ids: Sequence[int], config: dict, device
     device = torch.device(device or next(model.parameters()).device)
     model.eval()
     out = {k: [] for k in TENSORS}
-    from .data import model_batch
+    from .data import model_batch, scene_records
     for sid, record in zip(scene_ids, scene_records(dataset, scene_ids)):
         item = model_batch(record, dataset.spec)
         images = item["input_images"].to(device)
@@ -255,17 +242,11 @@ def encode_scenes(model, dataset, scene_ids: Sequence[int], config: dict, device
 def save_slots(path: str, slot_set: SlotSet) -> None:
     """Writes `slot_set` to `path` (safetensors) atomically: an existing file is replaced only by
     a complete one."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     tensors = {k: getattr(slot_set, k).contiguous() for k in TENSORS}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in slot_set.info.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data = save(tensors, metadata={k: str(v) for k, v in slot_set.info.items()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda f: f.write(data))
 
 
 def load_slots(path: str) -> SlotSet:

@@ -92,10 +92,7 @@ class Viewer:
         """Makes `scene_id` the current scene (one scene's SlotSet, slots on the model's device)."""
         with self.lock:
             if isinstance(self.source, SlotSet):
-                i = self.source.index(scene_id)
-                one = SlotSet(**{k: getattr(self.source, k)[i:i + 1] for k in
-                                 ("slots", "scene_ids", "input_camera_pos", "input_camera_rot",
-                                  "input_fov", "input_images")}, info=self.source.info)
+                one = self.source.select(self.source.index(scene_id))
             else:
                 if not 0 <= scene_id < len(self.source):
                     raise SlotsError(f"scene {scene_id} is not in the split (0-"

@@ -19,7 +19,7 @@ from .errors import CorruptFile, DataError, DataWarning, SkipCounter
 from .obsurf import (ENCODER_MULTIPLE, GENERATE_HINT, KINDS, SPLIT_RANGES, ObSuRFDataset,
                      downsample, procedural_split_range)
 from .loaders import (first_records, is_stream, loader_kwargs, loader_options, record_loader,
-                      training_loaders, worker_init, worker_init_fn)
+                      scene_records, training_loaders, worker_init, worker_init_fn)
 from .records import (BatchSpec, ViewPolicy, collate, make_batch, model_batch, ray_directions,
                       sample_pixels, to_device)
 from .samplers import EVAL_SEED, FixedSampler, ResumableBatchSampler, item_seed

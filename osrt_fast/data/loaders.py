@@ -67,6 +67,26 @@ def is_stream(dataset) -> bool:
     return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
+def scene_records(dataset, scene_ids):
+    """The dataset's records `scene_ids`, in order. A stream (MSN-Hard's TFDS reader) is read once,
+    skipping to the first (whole records, undecoded, where it can), so its ids must increase."""
+    ids = [int(i) for i in scene_ids]
+    if not is_stream(dataset):
+        for i in ids:
+            yield dataset[i]
+        return
+    if ids != sorted(set(ids)):
+        raise ValueError("a streamed dataset is read in order: give increasing scene ids")
+    skips = bool(ids) and hasattr(dataset, "skipping")
+    stream = iter(dataset.skipping(ids[0]) if skips else dataset)
+    pos = ids[0] if skips else 0
+    for i in ids:
+        for _ in range(i - pos):
+            next(stream)
+        yield next(stream)
+        pos = i + 1
+
+
 def record_loader(dataset, batch_size: int, loader_kw: dict, train: bool, seed: int = 0,
                   start_it: int = 0, rank: int = 0, world_size: int = 1, accum: int = 1) -> DataLoader:
     """DataLoader of collated scene records for this process: resumable (index, seed)
