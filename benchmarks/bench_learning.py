@@ -4,10 +4,10 @@ and wall time, for one config, drawn as curves.
     python benchmarks/bench_learning.py --config configs/demo.yaml --minutes 10 [--eval-every 100]
         [--max-eval 64] [--name demo] [--out DIR] [--run-dir DIR] [--no-save] [--set peak_lr=3e-4 ...]
 
-It trains with train.py itself (its run directory, default benchmarks/results/learning/<name>/run,
-auto-resumes, so a long run can span several invocations: run the same command again, with a
-larger --minutes or --steps), evaluating every --eval-every steps on the first --max-eval
-validation scenes. After each invocation it writes, next to the run, `curves.json` (one point
+It trains with train.py itself, once per invocation (its run directory, default
+benchmarks/results/learning/<name>/run, auto-resumes, so a long run can span several
+invocations: run the same command again, with a larger --minutes or --steps), evaluating every
+--eval-every steps on the first --max-eval validation scenes. After each invocation it writes, next to the run, `curves.json` (one point
 per evaluation: it, scenes seen, training seconds, wall seconds, val psnr / ari / fg_ari, and the
 device, torch version and commit), `curves.png` (matplotlib, the `[bench]` extra) and the run's
 `config.yaml`, and
@@ -78,18 +78,13 @@ def read_log(run_dir: str) -> tuple:
 
 
 def train_until(config: str, args, run_dir: str) -> None:
-    """Runs train.py in steps of --eval-every until the budget is spent (training seconds from
-    the log for --minutes, the iteration for --steps)."""
-    while True:
-        steps, _ = read_log(run_dir) if os.path.exists(os.path.join(run_dir, "log.jsonl")) else ([], [])
-        it, seconds = (steps[-1]["it"], steps[-1]["time"]) if steps else (0, 0.0)
-        if (args.steps is not None and it >= args.steps) or (
-                args.minutes is not None and seconds >= 60 * args.minutes):
-            return
-        target = it + args.eval_every if args.steps is None else min(args.steps, it + args.eval_every)
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), config, "--exit-after", str(target),
-               "--max-eval", str(args.max_eval)]
-        subprocess.run(cmd, cwd=ROOT, check=True)
+    """Runs train.py once to the budget: --steps as --exit-after, --minutes as --max-minutes
+    (training time summed over the run's resumes); it evaluates every --eval-every steps
+    itself. A run already past the budget only loads and exits."""
+    budget = (["--exit-after", str(args.steps)] if args.steps is not None
+              else ["--max-minutes", str(args.minutes)] if args.minutes is not None else [])
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), config, *budget, "--max-eval", str(args.max_eval)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def curves(run_dir: str, batch_size: int) -> list:

@@ -141,6 +141,12 @@ class TrainingConfig:
     precision: str = option("fp32", "bf16: the forward pass under bf16 autocast, fp32 weights and "
                                     "Adam state", choices=PRECISIONS)
     grad_clip: float = option(0.0, "clip the global gradient norm to this (0 = off)", min=0.0)
+    slot_balance: float = option(0.0, "weight of the slot-importance loss (the squared coefficient "
+                                      "of variation of each scene's slot shares; Shazeer et al. "
+                                      "2017) added to the MSE against the one-slot collapse of "
+                                      "the Slot Mixer (0 = off, the reference)", min=0.0)
+    slot_balance_until: int = option(0, "steps over which slot_balance falls linearly to 0 "
+                                        "(0 = it stays at slot_balance)", min=0)
     grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
     activation_checkpointing: CheckpointingConfig = option(
         default_factory=CheckpointingConfig,

@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import parallel
 from .checkpoint import CheckpointError, load_trained_model
@@ -25,8 +26,11 @@ from .progress import progress_bar
 from .runs import run_dir_for
 
 
-def compute_loss(model, batch: dict, max_rays: Optional[int] = None):
-    """Per-scene MSE [B] and metric terms ([B] each: mse, and ari / fg_ari for slot decoders).
+def compute_loss(model, batch: dict, max_rays: Optional[int] = None, slot_balance: float = 0.0):
+    """Per-scene MSE [B] and metric terms ([B] each): mse; for slot models also the slot usage
+    (`slot_usage`) and, with masks, ari / fg_ari. With `slot_balance` > 0 (training), terms
+    also holds 'aux_loss' [B], with its graph: `slot_balance` times `slot_importance_cv2`, to be
+    added to the loss.
 
     Runs `model(...)` (encoder and decoder), so that a sharded model's root hooks run. Under an
     autocast context the model computes in its dtype; the loss and the metrics are fp32.
@@ -35,12 +39,42 @@ def compute_loss(model, batch: dict, max_rays: Optional[int] = None):
                            batch["target_camera_pos"], batch["target_rays"], max_rays=max_rays)
     mse = (pixels.float() - batch["target_pixels"]).square().mean((1, 2))
     terms = {"mse": mse.detach()}
-    if "segmentation" in extras and "target_masks" in batch:
+    if slot_balance > 0 and "segmentation" in extras:
+        terms["aux_loss"] = slot_balance * slot_importance_cv2(extras["segmentation"].float())
+    if "segmentation" in extras:
         with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
-            seg, masks = extras["segmentation"].float(), batch["target_masks"].float()
-            terms["ari"] = adjusted_rand_index(masks, seg).float()
-            terms["fg_ari"] = fg_ari(masks, seg).float()
+            seg = extras["segmentation"].float()
+            terms.update(slot_usage(seg, extras.get("slots")))
+            if "target_masks" in batch:
+                masks = batch["target_masks"].float()
+                terms["ari"] = adjusted_rand_index(masks, seg).float()
+                terms["fg_ari"] = fg_ari(masks, seg).float()
     return mse, terms
+
+
+def slot_importance_cv2(weights: torch.Tensor) -> torch.Tensor:
+    """The squared coefficient of variation of the slots' importance in each scene [B]: with
+    p_k the share of all ray weights [B, R, K] that slot k holds, K * sum_k p_k^2 - 1 (0 when the
+    slots share the rays evenly, K - 1 when one slot takes them all). Shazeer et al. (2017,
+    "Outrageously large neural networks", the importance loss) add it to a mixture-of-experts
+    router's loss against rich-get-richer collapse; here per scene, on the Slot Mixer's weights."""
+    shares = weights.mean(1)
+    return weights.shape[-1] * shares.square().sum(-1) - 1.0
+
+
+def slot_usage(weights: torch.Tensor, slots: Optional[torch.Tensor] = None) -> dict:
+    """How a scene's rays share the slots, [B] each: `slot_max_share`, the largest slot's share
+    of all the scene's ray weights (1 / K when all are used alike, 1 when one slot explains every
+    ray: the collapse that keeps FG-ARI at 0), and, given the slots [B, K, D],
+    `slot_similarity`, the mean cosine similarity of distinct slots (1: all slots alike).
+    weights [B, R, K]."""
+    out = {"slot_max_share": weights.mean(1).max(-1).values}
+    if slots is not None and slots.shape[1] > 1:
+        unit = F.normalize(slots.float(), dim=-1)
+        cos = unit @ unit.transpose(1, 2)
+        k = cos.shape[-1]
+        out["slot_similarity"] = (cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / (k * (k - 1))
+    return out
 
 
 @torch.no_grad()

@@ -92,3 +92,24 @@ class StepGuard:
         if not math.isfinite(value):
             return f"their loss is {value}"
         return self.spike(value, None)
+
+
+class CollapseWatch:
+    """Watches the slot usage of a slot model's evaluations for the one-slot collapse: one slot
+    explaining (nearly) every ray, so the segmentation is a single region and FG-ARI stays near 0.
+    `update` returns a warning once the largest slot's share has been at least `share` in
+    `times` evaluations in a row (and again after the collapse ended and came back)."""
+
+    def __init__(self, share: float = 0.95, times: int = 3):
+        self.share, self.times, self.in_a_row = share, times, 0
+
+    def update(self, top_share: Optional[float], it: int) -> Optional[str]:
+        if top_share is None:
+            return None
+        self.in_a_row = self.in_a_row + 1 if top_share >= self.share else 0
+        if self.in_a_row != self.times:
+            return None
+        return (f"warning: slot collapse: at iteration {it} one slot explains {top_share:.1%} of the "
+                f"rays' slot weights, and at least {self.share:.0%} in the last {self.times} "
+                f"evaluations; the segmentation is then one region (FG-ARI near 0). The README's "
+                f"Learning section lists what prevents it (e.g. training.slot_balance).")

@@ -90,29 +90,64 @@ def sinusoidal_encoding(x: torch.Tensor, start_octave: float, num_octaves: int =
     return torch.cat((torch.sin(scaled), torch.cos(scaled)), -1)
 
 
-def ray_encoding(camera_pos: torch.Tensor, rays: torch.Tensor, pos_start_octave: float = 0.0):
-    """The 180 query features of rays: encoding of the camera position, then of the direction.
+def ray_encoding(camera_pos: torch.Tensor, rays: torch.Tensor, pos_start_octave: float = 0.0,
+                 pos_octaves: int = NUM_OCTAVES, ray_start_octave: float = 0.0,
+                 ray_octaves: int = NUM_OCTAVES):
+    """The query features of rays: encoding of the camera position, then of the direction.
 
-    camera_pos [..., 3] and rays [..., 3] -> [..., 180].
+    camera_pos [..., 3] and rays [..., 3] -> [..., 6 * (pos_octaves + ray_octaves)]; with the
+    defaults (the reference's) 180 features, direction octaves 0-14.
     """
-    pos = sinusoidal_encoding(camera_pos, pos_start_octave)
-    direction = sinusoidal_encoding(rays, 0.0)
-    return torch.cat((pos.expand(direction.shape), direction), -1)
+    pos = sinusoidal_encoding(camera_pos, pos_start_octave, pos_octaves)
+    direction = sinusoidal_encoding(rays, ray_start_octave, ray_octaves)
+    return torch.cat((pos.expand(*direction.shape[:-1], pos.shape[-1]), direction), -1)
+
+
+RAY_PARAMS = ("camera", "plucker")
 
 
 class RayEncoder(nn.Module):
-    """Holds the octave setting; no parameters (as the reference, nothing in the state dict)."""
+    """Holds the encoding's settings; no parameters (as the reference, nothing in the state dict).
 
-    def __init__(self, pos_start_octave: float = 0.0):
+    The reference encodes the camera position (15 octaves from `pos_start_octave`) and the ray
+    direction (15 octaves from 0). Options, each defaulting to the reference:
+    - `ray_param` 'plucker': encode the ray's moment, camera position x direction, in place of
+      the camera position: with the direction, the Pluecker coordinates of the ray's line
+      (Sitzmann et al. 2021, "Light field networks"; the ray maps of large reconstruction
+      models). It is the same for every point of the line, and a point p lies on the line
+      exactly when p x direction = moment: given p, a linear relation in what is encoded, where
+      the camera position leaves the whole of each ray's geometry to be learned.
+    - `pos_octaves`, `ray_start_octave`, `ray_octaves`: the bands, and so the feature count
+      `dim`. Octaves far above the image's resolution alias (at 32x32 pixels, octave 5 and up
+      of the direction change by more than a radian from one pixel to the next): a per-pixel
+      hash a small model memorises its training scenes by.
+    """
+
+    def __init__(self, pos_start_octave: float = 0.0, pos_octaves: int = NUM_OCTAVES,
+                 ray_start_octave: float = 0.0, ray_octaves: int = NUM_OCTAVES,
+                 ray_param: str = "camera"):
         super().__init__()
-        self.pos_start_octave = pos_start_octave
+        if pos_octaves < 1 or ray_octaves < 1:
+            raise ConfigError(f"pos_octaves and ray_octaves must be at least 1, got {pos_octaves} "
+                              f"and {ray_octaves}")
+        if ray_param not in RAY_PARAMS:
+            raise ConfigError(f"ray_param must be one of {', '.join(RAY_PARAMS)}, got {ray_param!r}")
+        self.pos_start_octave, self.pos_octaves = pos_start_octave, int(pos_octaves)
+        self.ray_start_octave, self.ray_octaves = ray_start_octave, int(ray_octaves)
+        self.ray_param = ray_param
+        self.dim = 6 * (self.pos_octaves + self.ray_octaves)
+
+    def encode(self, camera_pos: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
+        if self.ray_param == "plucker":
+            camera_pos = torch.linalg.cross(camera_pos.expand(rays.shape), rays)
+        return ray_encoding(camera_pos, rays, self.pos_start_octave, self.pos_octaves,
+                            self.ray_start_octave, self.ray_octaves)
 
     def forward(self, camera_pos: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
-        """camera_pos [B, 3], rays [B, H, W, 3] -> [B, 180, H, W]; or [B, R, 3] each -> [B, R, 180]."""
+        """camera_pos [B, 3], rays [B, H, W, 3] -> [B, dim, H, W]; or [B, R, 3] each -> [B, R, dim]."""
         if rays.dim() == 4:
-            enc = ray_encoding(camera_pos[:, None, None, :], rays, self.pos_start_octave)
-            return enc.permute(0, 3, 1, 2)
-        return ray_encoding(camera_pos, rays, self.pos_start_octave)
+            return self.encode(camera_pos[:, None, None, :], rays).permute(0, 3, 1, 2)
+        return self.encode(camera_pos, rays)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +272,25 @@ class SRTConvBlock(nn.Module):
         return self.layers(x)
 
 
+CONV_INITS = ("default", "he")
+
+
+def init_conv_stem(blocks: nn.Module, kind: str) -> None:
+    """'default': PyTorch's (the reference's); 'he': He-normal (fan-in, ReLU gain; He et al. 2015).
+
+    PyTorch's default conv init scales each ReLU conv's output by about 1/sqrt(6), so after the
+    six convs of three blocks the patch tokens are ~1e-3 of the per-patch linear's bias: every
+    token alike and the image nearly invisible to the decoder at the start of training. He init
+    keeps the signal's scale through the stem.
+    """
+    if kind not in CONV_INITS:
+        raise ConfigError(f"conv_init must be one of {', '.join(CONV_INITS)}, got {kind!r}")
+    if kind == "he":
+        for module in blocks.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+
+
 class ImprovedSRTEncoder(nn.Module):
     """SRT encoder with OSRT's improvements (appendix A.4): images + rays -> set-latents.
 
@@ -245,11 +299,15 @@ class ImprovedSRTEncoder(nn.Module):
 
     def __init__(self, num_conv_blocks: int = 3, num_att_blocks: int = 5, pos_start_octave: float = 0,
                  conv_dim: int = 96, latent_dim: int = 768, num_heads: int = 12,
-                 head_dim: int = 64, mlp_dim: int = 1536):
+                 head_dim: int = 64, mlp_dim: int = 1536, pos_octaves: int = NUM_OCTAVES,
+                 ray_start_octave: float = 0.0, ray_octaves: int = NUM_OCTAVES,
+                 ray_param: str = "camera", image_mean: float = 0.0, image_std: float = 1.0,
+                 conv_init: str = "default"):
         super().__init__()
-        self.ray_encoder = RayEncoder(pos_start_octave)
+        self.ray_encoder = RayEncoder(pos_start_octave, pos_octaves, ray_start_octave, ray_octaves,
+                                      ray_param)
         self.downsample = 2 ** num_conv_blocks
-        blocks, width = [SRTConvBlock(3 + QUERY_DIM, conv_dim, 2 * conv_dim)], 2 * conv_dim
+        blocks, width = [SRTConvBlock(3 + self.ray_encoder.dim, conv_dim, 2 * conv_dim)], 2 * conv_dim
         for _ in range(1, num_conv_blocks):
             blocks.append(SRTConvBlock(width, width, 2 * width))
             width *= 2
@@ -258,6 +316,12 @@ class ImprovedSRTEncoder(nn.Module):
         self.transformer = Transformer(latent_dim, num_att_blocks, num_heads, head_dim, mlp_dim)
         self.latent_dim = latent_dim
         self.stem_checkpointed = False
+        if image_std <= 0:
+            raise ConfigError(f"image_std must be positive, got {image_std}")
+        # Images enter as (x - image_mean) / image_std (the reference: [0, 1] as they are). Beside
+        # 180 ray-encoding channels of unit scale, raw pixels are a small part of the stem's input.
+        self.image_mean, self.image_std = float(image_mean), float(image_std)
+        init_conv_stem(self.conv_blocks, conv_init)
 
     def forward(self, images: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor):
         """images [B, V, 3, H, W], camera_pos [B, V, 3], rays [B, V, H, W, 3] -> [B, V*h*w, latent]."""
@@ -267,6 +331,8 @@ class ImprovedSRTEncoder(nn.Module):
     def stem_region(self, images: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor):
         """Ray encoding, the conv blocks and the per-patch linear: -> tokens [B, V*h*w, latent]."""
         batch = images.shape[0]
+        if self.image_mean != 0.0 or self.image_std != 1.0:
+            images = (images - self.image_mean) / self.image_std
         x = torch.cat((images.flatten(0, 1),
                        self.ray_encoder(camera_pos.flatten(0, 1), rays.flatten(0, 1))), 1)
         x = self.per_patch_linear(self.conv_blocks(x))           # [B*V, latent, h, w]
@@ -364,16 +430,18 @@ class RayPredictor(nn.Module):
     """
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, z_dim: int = 1536,
-                 num_heads: int = 12):
+                 num_heads: int = 12, **octaves):
         super().__init__()
-        self.input_mlp = nn.Sequential(linear(QUERY_DIM, 2 * QUERY_DIM, init_decoder_linear), nn.ReLU(),
-                                       linear(2 * QUERY_DIM, QUERY_DIM, init_decoder_linear))
-        self.query_encoder = RayEncoder(pos_start_octave)
-        self.transformer = Transformer(QUERY_DIM, num_att_blocks, num_heads, z_dim // num_heads,
+        self.query_encoder = RayEncoder(pos_start_octave, **octaves)
+        c = self.query_dim = self.query_encoder.dim
+        self.input_mlp = nn.Sequential(linear(c, 2 * c, init_decoder_linear), nn.ReLU(),
+                                       linear(2 * c, c, init_decoder_linear))
+        self.transformer = Transformer(c, num_att_blocks, num_heads, z_dim // num_heads,
                                        2 * z_dim, selfatt=False, kv_dim=z_dim)
 
     def forward(self, z, camera_pos, rays):
-        """z [B, N, z_dim], camera_pos and rays [B, R, 3] -> (features [B, R, 180], queries [B, R, 180])."""
+        """z [B, N, z_dim], camera_pos and rays [B, R, 3] -> (features [B, R, C], queries [B, R, C]),
+        C = query_dim (180 with the reference's octaves)."""
         queries = self.input_mlp(self.query_encoder(camera_pos, rays))
         return self.transformer(queries, z), queries
 
@@ -462,13 +530,18 @@ class SlotMixerDecoder(RayDecoder):
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, layer_norm: bool = False,
                  slot_dim: int = 1536, att_dim: Optional[int] = None,
-                 render_hidden_dim: Optional[int] = None, num_heads: int = 12):
+                 render_hidden_dim: Optional[int] = None, num_heads: int = 12,
+                 pos_octaves: int = NUM_OCTAVES, ray_start_octave: float = 0.0,
+                 ray_octaves: int = NUM_OCTAVES, ray_param: str = "camera"):
         super().__init__()
         self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=slot_dim,
-                                                   num_heads=num_heads)
-        self.mixing_block = MixingBlock(slot_dim=slot_dim, att_dim=att_dim or slot_dim,
+                                                   num_heads=num_heads, pos_octaves=pos_octaves,
+                                                   ray_start_octave=ray_start_octave,
+                                                   ray_octaves=ray_octaves, ray_param=ray_param)
+        c = self.allocation_transformer.query_dim
+        self.mixing_block = MixingBlock(input_dim=c, slot_dim=slot_dim, att_dim=att_dim or slot_dim,
                                         layer_norm=layer_norm)
-        self.render_mlp = RenderMLP(slot_dim + QUERY_DIM, render_hidden_dim or slot_dim)
+        self.render_mlp = RenderMLP(slot_dim + c, render_hidden_dim or slot_dim)
 
     def region(self, slot_latents, camera_pos, rays, visible: Optional[torch.Tensor] = None):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]}).
@@ -490,11 +563,15 @@ class ImprovedSRTDecoder(RayDecoder):
     """The improved SRT decoder: allocation transformer over set-latents, then the render MLP."""
 
     def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, latent_dim: int = 768,
-                 render_hidden_dim: int = 1536, num_heads: int = 12):
+                 render_hidden_dim: int = 1536, num_heads: int = 12, pos_octaves: int = NUM_OCTAVES,
+                 ray_start_octave: float = 0.0, ray_octaves: int = NUM_OCTAVES,
+                 ray_param: str = "camera"):
         super().__init__()
         self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=latent_dim,
-                                                   num_heads=num_heads)
-        self.render_mlp = RenderMLP(QUERY_DIM, render_hidden_dim)
+                                                   num_heads=num_heads, pos_octaves=pos_octaves,
+                                                   ray_start_octave=ray_start_octave,
+                                                   ray_octaves=ray_octaves, ray_param=ray_param)
+        self.render_mlp = RenderMLP(self.allocation_transformer.query_dim, render_hidden_dim)
 
     def region(self, set_latents, camera_pos, rays):
         """set_latents [B, N, latent], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {})."""
@@ -508,10 +585,14 @@ class SpatialBroadcastDecoder(RayDecoder):
     Inherently [B, R, K, ...]: about 23x Slot Mixer's decoder cost at K = 32.
     """
 
-    def __init__(self, pos_start_octave: float = 0, slot_dim: int = 1536, hidden_dim: int = 1536):
+    def __init__(self, pos_start_octave: float = 0, slot_dim: int = 1536, hidden_dim: int = 1536,
+                 pos_octaves: int = NUM_OCTAVES, ray_start_octave: float = 0.0,
+                 ray_octaves: int = NUM_OCTAVES, ray_param: str = "camera"):
         super().__init__()
-        self.query_encoder = RayEncoder(pos_start_octave)
-        self.render_mlp = nn.Sequential(*render_mlp_layers(slot_dim + QUERY_DIM, hidden_dim, 4))
+        self.query_encoder = RayEncoder(pos_start_octave, pos_octaves, ray_start_octave, ray_octaves,
+                                        ray_param)
+        self.render_mlp = nn.Sequential(*render_mlp_layers(slot_dim + self.query_encoder.dim,
+                                                           hidden_dim, 4))
 
     def region(self, slot_latents, camera_pos, rays, visible: Optional[torch.Tensor] = None):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]});
@@ -618,7 +699,7 @@ class OSRT(nn.Module):
         dec = self.decoder
         expected = (dec.allocation_transformer.transformer.layers[0][0].fn.to_kv.in_features
                     if hasattr(dec, "allocation_transformer")
-                    else dec.render_mlp[0].in_features - QUERY_DIM)
+                    else dec.render_mlp[0].in_features - dec.query_encoder.dim)
         if latent != expected:
             raise ConfigError(f"the encoder outputs {latent}-d latents but the decoder expects "
                               f"{expected}-d; set the decoder's slot_dim/latent_dim to {latent}")
@@ -633,8 +714,12 @@ class OSRT(nn.Module):
 
     def forward(self, images, camera_pos, rays, target_camera_pos, target_rays,
                 max_rays: Optional[int] = None):
-        """Encoder then decoder: -> (pixels [B, R, 3], extras). `max_rays` bounds the rays decoded
+        """Encoder then decoder: -> (pixels [B, R, 3], extras; for slot decoders also the slots
+        [B, K, D] as extras['slots']). `max_rays` bounds the rays decoded
         at once (all scenes together). Training and evaluation call the model this way, so
         that under FSDP the root module's hooks run."""
         latents = self.encoder(images, camera_pos, rays)
-        return self.decoder(latents, target_camera_pos, target_rays, max_rays=max_rays)
+        pixels, extras = self.decoder(latents, target_camera_pos, target_rays, max_rays=max_rays)
+        if "segmentation" in extras:
+            extras = {**extras, "slots": latents}
+        return pixels, extras

@@ -74,6 +74,9 @@ def parse_train_args(argv=None):
     p = argparse.ArgumentParser(description="Train OSRT (the reference's train.py flags).")
     p.add_argument("config", help="Path to a config file (configs/*.yaml or a run's config.yaml).")
     p.add_argument("--exit-after", type=int, help="Exit after this many training iterations.")
+    p.add_argument("--max-minutes", type=float,
+                   help="Stop (saving model.pt) once the run's training time, summed over all its "
+                        "resumes as the log's 'time', reaches this many minutes.")
     p.add_argument("--test", action="store_true", help="Evaluate on the test split instead of val.")
     p.add_argument("--evalnow", action="store_true", help="Run evaluation on startup.")
     p.add_argument("--visnow", action="store_true", help="Run visualisation on startup.")

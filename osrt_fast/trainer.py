@@ -28,7 +28,7 @@ from .data import (DataError, first_records, get_dataset, is_stream, make_batch,
                    training_loaders)
 from .evaluate import compute_loss, evaluate
 from .files import WriteError
-from .guards import DivergenceError, NonFiniteLossError, StepGuard
+from .guards import CollapseWatch, DivergenceError, NonFiniteLossError, StepGuard
 from .locks import FolderLock, LockedError
 from .metrics import psnr
 from .model import OSRT
@@ -198,6 +198,9 @@ class Trainer:
                           max_rays=self.max_rays, precision=t.precision)
         self.say(f"Evaluation at it={self.it}: " + ", ".join(
             f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in result.items()))
+        collapse = self.collapse.update(result.get("slot_max_share"), self.it)
+        if collapse:
+            self.say(collapse)
         if self.info.is_main:
             append_log(self.run_dir, {"it": self.it, "split": self.eval_split, **result})
         if self.wandb:
@@ -231,16 +234,18 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         losses, terms_sum = [], defaultdict(list)
+        balance = slot_balance_at(t, self.it)
         for m in range(t.grad_accum):
             batch = make_batch(to_device(next(batches), self.device), self.train_set.spec)
             self.rates.count_flops(self.cfg.model, batch)
             with parallel.gradient_sync(self.model, m == t.grad_accum - 1):
                 with parallel.autocast(self.device, t.precision):
-                    mse, terms = compute_loss(self.model, batch)
+                    mse, terms = compute_loss(self.model, batch, slot_balance=balance)
                 loss = mse.mean()
-                (loss / t.grad_accum).backward()
+                aux = terms.pop("aux_loss", None)
+                ((loss if aux is None else loss + aux.mean()) / t.grad_accum).backward()
             losses.append(loss.detach().float())
-            for k in ("ari", "fg_ari"):
+            for k in TERMS_LOGGED:
                 if k in terms:
                     terms_sum[k].append(terms[k].mean())
         # One host sync per step for both checks: a finite loss can still overflow in the
@@ -272,6 +277,11 @@ class Trainer:
             rec.update(zip(names, means.tolist()))
         postfix = dict(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}",
                        scenes_s=f"{rec['scenes_per_s']:.1f}", rays_s=f"{rec['rays_per_s']:.3g}")
+        # The largest slot's share of the rays and the slots' mean cosine similarity: both near
+        # 1 is the one-slot collapse (guards.CollapseWatch).
+        for key, name in (("slot_max_share", "top_slot"), ("slot_similarity", "slot_sim")):
+            if key in rec:
+                postfix[name] = f"{rec[key]:.2f}"
         if "mfu" in rec:
             postfix["mfu"] = f"{rec['mfu']:.1%}"
         elif "tflops_per_s" in rec:
@@ -300,6 +310,10 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
 
+    def out_of_time(self) -> bool:
+        """--max-minutes: the run's training time (over all its resumes) has reached it."""
+        return self.args.max_minutes is not None and self.elapsed >= 60 * self.args.max_minutes
+
     def run(self) -> int:
         """Resumes, then trains to `max_it` (or --exit-after). Returns a process exit code."""
         self.resume()
@@ -311,6 +325,7 @@ class Trainer:
         self.build_loaders()
         self.bar = progress_bar(total=max_it, initial=self.it, desc="training", enabled=self.info.is_main)
         self.guard = StepGuard(self.t.max_nonfinite_steps, self.t.divergence)
+        self.collapse = CollapseWatch()
         self.rates = Throughput(self.it, self.t.batch_size, self.cfg.data.num_points,
                                 peak_flops(self.device, self.t.peak_tflops), self.info.world_size)
         self.model.train()
@@ -322,7 +337,7 @@ class Trainer:
                     self.evaluate()
                 if self.args.visnow:
                     self.visualize()
-                while self.it < max_it:
+                while self.it < max_it and not self.out_of_time():
                     # Checked between steps, so a stop request saves a consistent, resumable
                     # state; with several processes, all stop at the same step when any was asked.
                     requested = bool(stop.requested)
@@ -356,7 +371,9 @@ class Trainer:
         if code:
             self.say("Saved. Run the same command to resume.")
             return code
-        self.say(f"Reached iteration {self.it}; saved {os.path.join(self.run_dir, 'model.pt')}.")
+        reached = (f"the time budget ({self.elapsed / 60:.1f} of --max-minutes {self.args.max_minutes:g} "
+                   f"min of training) at iteration {self.it}" if self.out_of_time() else f"iteration {self.it}")
+        self.say(f"Reached {reached}; saved {os.path.join(self.run_dir, 'model.pt')}.")
         return 0
 
 
@@ -390,6 +407,17 @@ def train(cfg: Config, run_dir: str, args) -> int:
 
 
 ERRORS = (ConfigError, DataError, CheckpointError, LockedError, WriteError)
+
+# Metric terms of the training batches that go to the log (means over the step's scenes).
+TERMS_LOGGED = ("ari", "fg_ari", "slot_max_share", "slot_similarity")
+
+
+def slot_balance_at(t, it: int) -> float:
+    """training.slot_balance at iteration `it`: falling linearly to 0 over slot_balance_until
+    steps, where that is set."""
+    if t.slot_balance_until <= 0:
+        return t.slot_balance
+    return t.slot_balance * max(0.0, 1.0 - it / t.slot_balance_until)
 
 
 def claim_run_dir(run_dir: str) -> FolderLock:
