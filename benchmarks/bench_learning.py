@@ -7,10 +7,12 @@ and wall time, for one config, drawn as curves.
 It trains with train.py itself, once per invocation (its run directory, default
 benchmarks/results/learning/<name>/run, auto-resumes, so a long run can span several
 invocations: run the same command again, with a larger --minutes or --steps), evaluating every
---eval-every steps on the first --max-eval validation scenes. After each invocation it writes, next to the run, `curves.json` (one point
-per evaluation: it, scenes seen, training seconds, wall seconds, val psnr / ari / fg_ari, and the
-device, torch version and commit), `curves.png` (matplotlib, the `[bench]` extra) and the run's
-`config.yaml`, and
+--eval-every steps on the first --max-eval validation scenes. After each invocation it writes,
+next to the run, `curves.json` (one point per evaluation: it, scenes seen, training seconds, val
+psnr / ari / fg_ari and the slot usage (the largest slot's share, the slots' similarity); the
+mean-image PSNR, the baseline a model must beat; the device, threads, torch version and commit),
+`curves.png` (matplotlib, the `[bench]` extra) and the run's `config.yaml` (its data path
+relative to the repository), and
 appends a summary to benchmarks/results/learning.jsonl: steps and wall time to the first
 FG-ARI >= 0.5 and >= 0.9, the best values, the machine.
 
@@ -20,7 +22,6 @@ evaluations and start-up of every invocation, as a user waits for them.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -47,8 +48,21 @@ def parse(argv=None):
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-eval", type=int, default=64, help="validation scenes per evaluation")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="training options, YAML values (e.g. peak_lr=3e-4 batch_size=16)")
+                   help="options, YAML values: training keys (peak_lr=3e-4 batch_size=16) or "
+                        "dotted paths (model.encoder_kwargs.conv_init=he)")
     return p.parse_args(argv)
+
+
+def set_option(cfg: dict, key: str, value) -> None:
+    """--set KEY=VALUE: a training key (`peak_lr`), or a dotted path from a section
+    (`model.encoder_kwargs.ray_param`, `data.kwargs.num_input_views`)."""
+    path = key.split(".")
+    if path[0] not in ("data", "model", "training"):
+        path = ["training"] + path
+    node = cfg
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
 
 
 def prepare_run(args, run_dir: str) -> str:
@@ -63,7 +77,7 @@ def prepare_run(args, run_dir: str) -> str:
     t.update(validate_every=args.eval_every, checkpoint_every=args.eval_every)
     for item in args.set:
         key, _, value = item.partition("=")
-        t[key] = yaml.safe_load(value)
+        set_option(cfg, key, yaml.safe_load(value))
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
     with open(path, "w") as f:
@@ -87,19 +101,45 @@ def train_until(config: str, args, run_dir: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+CURVE_KEYS = ("psnr", "ari", "fg_ari", "mse", "slot_max_share", "slot_similarity")
+
+
 def curves(run_dir: str, batch_size: int) -> list:
     steps, evals = read_log(run_dir)
     seconds = {r["it"]: r["time"] for r in steps}
     return [{"it": e["it"], "scenes_seen": e["it"] * batch_size, "train_s": seconds.get(e["it"]),
-             **{k: e[k] for k in ("psnr", "ari", "fg_ari", "mse") if k in e}} for e in evals]
+             **{k: e[k] for k in CURVE_KEYS if k in e}} for e in evals]
+
+
+def mean_image_psnr(config: str, max_eval: int, max_train: int = 2000) -> float:
+    """The baseline a model must beat: the PSNR of predicting every pixel as its mean over the
+    training split's images (up to `max_train` scenes), as val PSNR is computed (per scene, over
+    the target views, averaged over the first `max_eval` validation scenes)."""
+    import numpy as np
+
+    from osrt_fast.config import load_config
+    from osrt_fast.data import get_dataset, scene_records
+
+    cfg = load_config(config).data
+    train, val = get_dataset("train", cfg), get_dataset("val", cfg, max_len=max_eval)
+    total, count = 0.0, 0
+    for record in scene_records(train, range(min(max_train, train.num_scenes))):
+        total, count = total + record["images"].astype(np.float64).sum(0), count + len(record["images"])
+    mean = total / count / 255
+    psnrs = []
+    for record in scene_records(val, range(len(val))):
+        views = record["images"][record["target_views"]].astype(np.float64) / 255
+        psnrs.append(-10 * np.log10(np.mean((views - mean) ** 2)))
+    return float(np.mean(psnrs))
 
 
 def first_reaching(points: list, threshold: float):
     return next((p for p in points if p.get("fg_ari", 0.0) >= threshold), None)
 
 
-def draw(points: list, title: str, path: str) -> bool:
-    """curves.png: val PSNR and (FG-)ARI against steps; False (with a note) without matplotlib."""
+def draw(points: list, title: str, path: str, baseline=None) -> bool:
+    """curves.png: val PSNR (and the mean image's, `baseline`), (FG-)ARI and the largest slot's
+    share against steps; False (with a note) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -110,18 +150,41 @@ def draw(points: list, title: str, path: str) -> bool:
     its = [p["it"] for p in points]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(its, [p["psnr"] for p in points], marker=".")
+    if baseline is not None:
+        a.axhline(baseline, color="grey", lw=0.8, ls="--", label=f"mean image {baseline:.1f}")
+        a.legend()
     a.set(xlabel="step", ylabel="val PSNR (dB)", title="reconstruction")
-    for key in ("fg_ari", "ari"):
-        b.plot(its, [p.get(key, float("nan")) for p in points], marker=".", label=key.upper().replace("_", "-"))
+    for key, label in (("fg_ari", "FG-ARI"), ("ari", "ARI"), ("slot_max_share", "top slot's share")):
+        if any(key in p for p in points):
+            b.plot(its, [p.get(key, float("nan")) for p in points], marker=".", label=label,
+                   ls=":" if key == "slot_max_share" else "-")
     for threshold in THRESHOLDS:
         b.axhline(threshold, color="grey", lw=0.5, ls="--")
-    b.set(xlabel="step", ylabel="val", ylim=(-0.05, 1.0), title="segmentation")
+    b.set(xlabel="step", ylabel="val", ylim=(-0.05, 1.05), title="segmentation")
     b.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def torch_threads() -> int:
+    """The intra-op threads train.py ran with (OMP_NUM_THREADS where set, else torch's default)."""
+    import torch
+    return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+
+
+def save_config_copy(config: str, path: str) -> None:
+    """The run's config beside its curves, with a data path inside the repository written
+    relative to it (the run's own copy has it absolute), so the committed copy works anywhere."""
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    data_path = cfg.get("data", {}).get("path")
+    if data_path and os.path.isabs(data_path) and data_path.startswith(ROOT + os.sep):
+        cfg["data"]["path"] = os.path.relpath(data_path, ROOT)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
 
 
 def main(argv=None) -> int:
@@ -136,18 +199,20 @@ def main(argv=None) -> int:
     with open(config) as f:
         batch_size = yaml.safe_load(f)["training"]["batch_size"]
     points = curves(run_dir, batch_size)
-    env = environment()
+    env = {**environment(), "threads": torch_threads()}
+    baseline = mean_image_psnr(config, args.max_eval)
     os.makedirs(out, exist_ok=True)
-    shutil.copyfile(config, os.path.join(out, "config.yaml"))      # what was trained, beside its curves
+    save_config_copy(config, os.path.join(out, "config.yaml"))      # what was trained, beside its curves
     with open(os.path.join(out, "curves.json"), "w") as f:
         json.dump({"config": os.path.relpath(os.path.abspath(args.config), ROOT), "set": args.set,
-                   "points": points, **env}, f, indent=1)
+                   "mean_image_psnr": baseline, "points": points, **env}, f, indent=1)
     title = f"{name}: {os.path.relpath(os.path.abspath(args.config), ROOT)} {' '.join(args.set)} ({env.get('device', '?')}, {env.get('commit', '?')})"
-    draw(points, title, os.path.join(out, "curves.png"))
+    draw(points, title, os.path.join(out, "curves.png"), baseline)
     summary = {"bench": "learning", "name": name, "config": os.path.relpath(os.path.abspath(args.config), ROOT),
                "set": args.set, "steps": points[-1]["it"] if points else 0,
                "train_s": points[-1]["train_s"] if points else 0, "wall_s_this_invocation": wall,
                "best_psnr": max((p["psnr"] for p in points), default=None),
+               "mean_image_psnr": baseline,
                "best_fg_ari": max((p.get("fg_ari", 0.0) for p in points), default=None),
                "last": points[-1] if points else None, **env}
     for threshold in THRESHOLDS:

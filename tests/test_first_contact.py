@@ -1,5 +1,5 @@
 """The README's first command as a user types it: train.py on configs/demo.yaml, from a fresh
-folder (the demo's 1000 built-in scenes are generated on first use), stopped after two steps."""
+folder (the demo's 5000 built-in scenes are generated on first use), stopped after two steps."""
 import os
 import subprocess
 import sys
@@ -21,5 +21,5 @@ def test_readme_demo_command_trains(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "demo"
     assert (run / "model.pt").is_file() and (run / "config.yaml").is_file()
-    assert (tmp_path / "data" / "procedural_demo" / "metadata.npz").is_file()
+    assert (tmp_path / "data" / "demo_scenes" / "metadata.npz").is_file()
     assert "Reached iteration 2" in proc.stdout and "\r" not in proc.stdout + proc.stderr

@@ -1,0 +1,153 @@
+"""The learning study: every variant tried on the way to configs/demo.yaml, each a learning-benchmark
+run (benchmarks/bench_learning.py) with its config and curves in benchmarks/results/learning/<name>/
+and a summary line in benchmarks/results/learning.jsonl.
+
+    python benchmarks/learning_study.py [--only NAME ...] [--list] [--steps N] [--threads T]
+
+Variants are the demo config with a few options changed (`SET`), so each differs from the recipe
+in what its name says; the ladder runs the slot-free SRT (encoder and decoder `srt`) on the same
+data, from pure autoencoding (every view an input and a target) through fixed cameras to the
+random cameras of the real task. They run one after another (a run resumes where it stopped);
+with --threads 1, two studies can share the 2-core CPU, e.g. `--only` halves in two shells.
+The README's Learning section tabulates the results (`python benchmarks/learning_study.py --table`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "learning")
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+
+# The slot-free SRT at the demo's widths: the recipe's ray encoding, normalisation and init; two
+# conv blocks (8x8 tokens per view: its decoder attends to every token, so 16x16 would cost 4x).
+SRT_ENCODER = ("model.encoder_kwargs={pos_start_octave: -5, pos_octaves: 5, ray_start_octave: -1, "
+               "ray_octaves: 5, ray_param: plucker, image_mean: 0.22, image_std: 0.12, conv_init: he, "
+               "num_conv_blocks: 2, num_att_blocks: 0, conv_dim: 16, latent_dim: 64, num_heads: 4, "
+               "head_dim: 16, mlp_dim: 128}")
+SRT_DECODER = ("model.decoder_kwargs={pos_start_octave: -5, pos_octaves: 5, ray_start_octave: -1, "
+               "ray_octaves: 5, ray_param: plucker, latent_dim: 64, num_att_blocks: 2, num_heads: 4, "
+               "render_hidden_dim: 64}")
+# The same SRT with every option at the reference's default (exp_c's model without slots).
+SRT_ENCODER_REFERENCE = ("model.encoder_kwargs={pos_start_octave: -5, conv_dim: 16, latent_dim: 64, "
+                         "num_att_blocks: 2, num_heads: 4, head_dim: 16, mlp_dim: 128}")
+SRT_DECODER_REFERENCE = ("model.decoder_kwargs={pos_start_octave: -5, latent_dim: 64, num_att_blocks: 2, "
+                         "num_heads: 4, render_hidden_dim: 64}")
+SRT = ["model.encoder=srt", "model.decoder=srt", "slot_balance=0", "model_selection_metric=psnr"]
+AUTOENCODE = ["data.kwargs.num_input_views=4"]
+FIXED = ["data.kwargs.cameras=fixed", "data.path=data/demo_scenes_fixed"]
+REFERENCE_RAYS = ["model.encoder_kwargs.ray_param=camera", "model.decoder_kwargs.ray_param=camera"]
+
+# name: (what it tests, --set options)
+VARIANTS = {
+    "ladder_a_autoencode_reference": (
+        "slot-free SRT, every option the reference's, autoencoding 4 views",
+        SRT + AUTOENCODE + [SRT_ENCODER_REFERENCE, SRT_DECODER_REFERENCE]),
+    "ladder_a_autoencode": ("slot-free SRT, recipe options, autoencoding 4 views",
+                            SRT + AUTOENCODE + [SRT_ENCODER, SRT_DECODER]),
+    "ladder_b_fixed_cameras": ("slot-free SRT, recipe options, novel views, fixed cameras",
+                               SRT + FIXED + [SRT_ENCODER, SRT_DECODER]),
+    "ladder_c_random_cameras": ("slot-free SRT, recipe options, novel views, random cameras",
+                                SRT + [SRT_ENCODER, SRT_DECODER]),
+    "ladder_c_random_cameras_reference": (
+        "slot-free SRT, every option the reference's, random cameras",
+        SRT + [SRT_ENCODER_REFERENCE, SRT_DECODER_REFERENCE]),
+    "recipe_fixed_cameras": ("the recipe on fixed cameras (a nearly 2D task)", FIXED),
+    "no_plucker": ("camera position and direction (the reference's rays) instead of Pluecker",
+                   REFERENCE_RAYS),
+    "full_octaves": ("15 octaves each, direction from 0 (the reference's bands), Pluecker rays",
+                     [f"model.{m}_kwargs.{k}={v}" for m in ("encoder", "decoder")
+                      for k, v in (("pos_octaves", 15), ("ray_start_octave", 0), ("ray_octaves", 15))]),
+    "no_image_norm": ("images in [0, 1] as the reference feeds them",
+                      ["model.encoder_kwargs.image_mean=0.0", "model.encoder_kwargs.image_std=1.0"]),
+    "no_he_init": ("PyTorch's default conv init (the reference's)", ["model.encoder_kwargs.conv_init=default"]),
+    "no_slot_balance": ("without the slot-importance loss", ["slot_balance=0"]),
+    "encoder_transformer": ("2 transformer blocks in the encoder (global mixing before slot attention)",
+                            ["model.encoder_kwargs.num_att_blocks=2"]),
+    "patches_8px": ("three conv blocks: 4x4 tokens of 8x8 pixels per view (the reference's stem)",
+                    ["model.encoder_kwargs.num_conv_blocks=3"]),
+    "spatial_broadcast": ("the spatial broadcast decoder instead of the Slot Mixer",
+                          ["model.decoder=spatial_broadcast",
+                           "model.decoder_kwargs={pos_start_octave: -5, pos_octaves: 5, ray_start_octave: -1, "
+                           "ray_octaves: 5, ray_param: plucker, slot_dim: 64, hidden_dim: 64}"]),
+    "reference_options": ("every model option the reference's, no slot balance (the recipe's data, "
+                          "widths and schedule)",
+                          REFERENCE_RAYS + ["slot_balance=0"] +
+                          [f"model.{m}_kwargs.{k}={v}" for m in ("encoder", "decoder")
+                           for k, v in (("pos_octaves", 15), ("ray_start_octave", 0), ("ray_octaves", 15))] +
+                          ["model.encoder_kwargs.image_mean=0.0", "model.encoder_kwargs.image_std=1.0",
+                           "model.encoder_kwargs.conv_init=default", "model.encoder_kwargs.num_conv_blocks=3",
+                           "model.encoder_kwargs.num_att_blocks=2"]),
+}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="*", help="run these variants (default: all)")
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    p.add_argument("--table", action="store_true", help="print the results as a Markdown table")
+    p.add_argument("--steps", type=int, default=3000, help="steps per variant")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs")
+    return p.parse_args(argv)
+
+
+def run(name: str, steps: int, eval_every: int, threads) -> None:
+    _, sets = VARIANTS[name]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_learning.py"), "--config", DEMO,
+           "--name", name, "--steps", str(steps), "--eval-every", str(eval_every), "--max-eval", "64",
+           "--set", *sets]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def table_rows(names) -> list:
+    """Markdown rows: name, what it tests, steps, best and last val PSNR over the mean image's,
+    best and last FG-ARI, the top slot's share at the end."""
+    rows = []
+    for name in names:
+        path = os.path.join(RESULTS, name, "curves.json")
+        if not os.path.exists(path):
+            continue
+        c = json.load(open(path))
+        pts = c["points"]
+        if not pts:
+            continue
+        last, base = pts[-1], c.get("mean_image_psnr")
+        best_psnr = max(p["psnr"] for p in pts)
+        fg = [p.get("fg_ari") for p in pts if p.get("fg_ari") is not None]
+        rows.append(f"| [`{name}`](benchmarks/results/learning/{name}/curves.png) | {VARIANTS.get(name, ('',))[0]} | "
+                    f"{last['it']} | {best_psnr:.2f} / {last['psnr']:.2f} ({base:.2f}) | "
+                    + (f"{max(fg):.2f} / {fg[-1]:.2f} | {last.get('slot_max_share', float('nan')):.2f} |"
+                       if fg else "- | - |"))
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    names = args.only or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if args.list:
+        for n in names:
+            print(f"{n}: {VARIANTS[n][0]}")
+        return 0
+    if args.table:
+        print("| run | what differs from the recipe | steps | val PSNR best / last (mean image) | "
+              "val FG-ARI best / last | top slot's share |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n".join(table_rows(names)))
+        return 0
+    for n in names:
+        run(n, args.steps, args.eval_every, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
