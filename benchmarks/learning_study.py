@@ -44,6 +44,8 @@ REFERENCE_RAYS = ["model.encoder_kwargs.ray_param=camera", "model.decoder_kwargs
 
 # name: (what it tests, --set options)
 VARIANTS = {
+    "recipe": ("nothing: configs/demo.yaml as it is (the study's baseline, at the study's threads "
+               "and steps)", []),
     "ladder_a_autoencode_reference": (
         "slot-free SRT, every option the reference's, autoencoding 4 views",
         SRT + AUTOENCODE + [SRT_ENCODER_REFERENCE, SRT_DECODER_REFERENCE]),

@@ -6,7 +6,8 @@ matrices (docs/PERFORMANCE.md, "exact rewrites"); the caller folds them once per
 - `slot_cross_attention`: one allocation-transformer attention sub-block,
       y = x + softmax_per_head(LayerNorm(x) @ mq) @ mv + out_bias
   with mq [B, C, H*K] = per head W_q,h^T k_h^T * scale and mv [B, H*K, C] = per head v_h W_o,h^T
-  (C = 180 ray features, H heads, K slots; columns h*K..h*K+K-1 belong to head h).
+  (C ray features: 180 with the reference's octaves, fewer with narrower bands; H heads, K slots;
+  columns h*K..h*K+K-1 belong to head h).
 - `slot_mix_render`: the mixing block and the render MLP's first layer,
       weights = softmax(x @ mm),  h = leaky_relu(weights @ g + q0 @ w1b^T + b1)
   with mm [B, C, K] = W_q^T k^T * scale and g [B, K, F] = slots W_1a^T (the first layer's

@@ -97,9 +97,10 @@ def folded_slot_mixer(decoder, slots: torch.Tensor, camera_pos: torch.Tensor, ra
     matrices: slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3],
     {'segmentation': [B, R, K]}). visible: as in `model.SlotMixerDecoder.region`.
 
-    What autograd keeps per ray: the 180-d residual stream at each block, the allocation MLP's
-    input (its 3072-d hidden layer is recomputed in backward), the slot weights, and one
-    activation per render layer (LeakyReLU in place; its gradient needs only the output's sign).
+    What autograd keeps per ray: the residual stream of C ray features (180 by default) at each
+    block, the allocation MLP's input (its 3072-d hidden layer is recomputed in backward), the
+    slot weights, and one activation per render layer (LeakyReLU in place; its gradient needs
+    only the output's sign).
     """
     cross_attention, mix_render = op("cross_attention", ops["cross_attention"]), op("mix_render", ops["mix_render"])
     dtype = compute_dtype(slots)

@@ -9,6 +9,7 @@ Output layout of `render_scene_frames` (the reference's, under `<run>/render/<na
     input_{i}.png             every input view
     renders/{frame}.png       rendered RGB
     segmentations/{frame}.png colourised argmax over slots (slot decoders only)
+    strip.png                 input 0, then 8 frames along the motion, segmentations below (ours)
     renders.mp4               the renders as a video
     video.mp4                 side by side: input 0 (scaled to the render height) | render | seg
 """
@@ -343,7 +344,8 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
         visible: indices of the slots to mix from (slot editing; see osrt_fast/slots.py).
     Returns:
         dict with 'dir', 'num_frames', 'seconds' (rendering only), 'segmentation' (bool) and the
-        paths 'renders_video' / 'video' (None without videos).
+        paths 'strip' (strip.png, `write_strip`) and 'renders_video' / 'video' (None without
+        videos).
     """
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; valid motions are: {', '.join(MOTIONS)}")
@@ -425,7 +427,8 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
     seconds = time.perf_counter() - start
 
     result = {"dir": out_dir, "num_frames": num_frames, "seconds": seconds,
-              "segmentation": has_seg, "renders_video": None, "video": None}
+              "segmentation": has_seg, "renders_video": None, "video": None,
+              "strip": write_strip(out_dir, num_frames, inputs_np[0], has_seg)}
     if not video:
         return result
 
@@ -447,6 +450,29 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
     result["video"] = os.path.join(out_dir, "video.mp4")
     write_video(side_by_side(), result["video"], fps)
     return result
+
+
+def write_strip(out_dir: str, num_frames: int, input_view: np.ndarray, segmentation: bool,
+                frames: int = 8) -> str:
+    """`out_dir`/strip.png: input view 0, then up to `frames` evenly spaced frames of the motion,
+    renders above their segmentations (when there are any): the motion at a glance."""
+    picks = sorted({round(i * num_frames / frames) for i in range(frames)} - {num_frames})
+    rows = [[_read_png(os.path.join(out_dir, "renders", f"{f}.png")) for f in picks]]
+    if segmentation:
+        rows.append([_read_png(os.path.join(out_dir, "segmentations", f"{f}.png")) for f in picks])
+    height = rows[0][0].shape[0]
+    first = [_resize_to_height(input_view, height)]
+    first.append(np.zeros_like(first[0]) if segmentation else None)
+    gap = np.full((height, 2, 3), 255, np.uint8)
+    lines = []
+    for lead, row in zip(first, rows):
+        parts = [lead]
+        for frame in row:
+            parts += [gap, frame]
+        lines.append(np.concatenate(parts, 1))
+    path = os.path.join(out_dir, "strip.png")
+    _save_png(np.concatenate(lines, 0), path)
+    return path
 
 
 @torch.no_grad()

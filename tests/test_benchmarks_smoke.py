@@ -180,3 +180,72 @@ def test_bench_slot_usage_records_the_slot_shares(tiny_run):
         shares = r["slot_shares"]
         assert len(shares) == 3 and shares == sorted(shares, reverse=True)
         assert abs(sum(shares) - 1) < 1e-3 and 1 / 3 - 1e-6 <= r["max_weight"] <= 1
+
+
+# benchmarks/learning_study.py and bench_init_signal.py
+
+def test_every_study_variant_is_a_valid_config(tmp_path):
+    """Each variant's --set options, applied to configs/demo.yaml as bench_learning applies them,
+    give a config that loads and a model that builds (on the meta device), differing from the
+    recipe where the variant says (the baseline, 'recipe', nowhere)."""
+    import types
+
+    import torch
+    import yaml
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_learning, learning_study
+    from osrt_fast import OSRT
+    from osrt_fast.config import load_config
+    recipe = load_config(learning_study.DEMO)
+
+    def comparable(cfg) -> dict:
+        """What a variant may change: not the evaluation cadence or the data path's spelling
+        (bench_learning sets both)."""
+        d = cfg.to_dict()
+        for key in ("validate_every", "checkpoint_every"):
+            d["training"].pop(key)
+        d["data"]["path"] = os.path.relpath(d["data"]["path"], ROOT) if os.path.isabs(d["data"]["path"]) else d["data"]["path"]
+        return d
+
+    assert learning_study.main(["--list"]) == 0
+    for name, (_, sets) in learning_study.VARIANTS.items():
+        args = types.SimpleNamespace(config=learning_study.DEMO, eval_every=250, set=sets)
+        cfg = load_config(bench_learning.prepare_run(args, str(tmp_path / name)))
+        with torch.device("meta"):
+            OSRT(cfg.model)
+        assert (comparable(cfg) != comparable(recipe)) == (name != "recipe"), name
+    cfg = yaml.safe_load(open(tmp_path / "no_plucker" / "config.yaml"))
+    assert cfg["model"]["encoder_kwargs"]["ray_param"] == cfg["model"]["decoder_kwargs"]["ray_param"] == "camera"
+    assert cfg["training"]["validate_every"] == 250
+    assert learning_study.main(["--only", "nonsense"]) == 2
+
+
+def test_bench_init_signal_measures_the_stem(tiny_run):
+    """The reference's conv init leaves the stem's tokens nearly alike; He init does not."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_init_signal
+    config, _ = tiny_run
+    default = bench_init_signal.main(["--config", config, "--scenes", "2", "--seeds", "1", "--no-save"])
+    he = bench_init_signal.main(["--config", config, "--scenes", "2", "--seeds", "1", "--no-save",
+                                 "--set", "encoder_kwargs.conv_init=he"])
+    assert set(default) == {"token_spread", "image_share", "slot_scene_share", "slot_similarity",
+                            "top_slot_share"}
+    assert he["token_spread"] > 10 * default["token_spread"]
+    assert 0 < default["image_share"] and 0 < he["image_share"]
+
+
+def test_study_table_reads_the_curves(tmp_path, monkeypatch, capsys):
+    import json
+    sys.path.insert(0, ROOT)
+    from benchmarks import learning_study
+    monkeypatch.setattr(learning_study, "RESULTS", str(tmp_path))
+    (tmp_path / "no_plucker").mkdir()
+    (tmp_path / "no_plucker" / "curves.json").write_text(json.dumps({
+        "mean_image_psnr": 19.0, "points": [
+            {"it": 250, "psnr": 19.5, "fg_ari": 0.1, "slot_max_share": 0.3},
+            {"it": 500, "psnr": 19.25, "fg_ari": 0.4, "slot_max_share": 0.5}]}))
+    assert learning_study.main(["--table", "--only", "no_plucker", "no_slot_balance"]) == 0
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| [")]
+    assert rows == ["| [`no_plucker`](benchmarks/results/learning/no_plucker/curves.png) | camera position "
+                    "and direction (the reference's rays) instead of Pluecker | 500 | 19.50 / 19.25 "
+                    "(19.00) | 0.40 / 0.40 | 0.50 |"]

@@ -215,9 +215,9 @@ def scaled_loss(monkeypatch, factor_at):
     real = trainer.compute_loss
     calls = []
 
-    def scaled(model, batch, max_rays=None):
+    def scaled(model, batch, max_rays=None, **kwargs):
         calls.append(1)
-        mse, terms = real(model, batch, max_rays)
+        mse, terms = real(model, batch, max_rays, **kwargs)
         return mse * factor_at(len(calls)), terms
     monkeypatch.setattr(trainer, "compute_loss", scaled)
 

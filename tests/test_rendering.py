@@ -240,6 +240,15 @@ def test_render_scene_frames_layout(tmp_path):
             assert im.size == (14, 9)
         with Image.open(os.path.join(out, "segmentations", f"{f}.png")) as im:
             assert im.size == (14, 9)
+    # strip.png: input 0 (16x16 scaled to 9 rows: 9 wide), then the 4 frames with 2-pixel gaps;
+    # renders above their segmentations, the second row led by black.
+    strip = np.asarray(Image.open(res["strip"]))
+    assert strip.shape == (18, 9 + 4 * (2 + 14), 3)
+    frame_2 = np.asarray(Image.open(os.path.join(out, "renders", "2.png")))
+    np.testing.assert_array_equal(strip[:9, 9 + 2 * 16 + 2:9 + 3 * 16], frame_2)
+    seg_3 = np.asarray(Image.open(os.path.join(out, "segmentations", "3.png")))
+    np.testing.assert_array_equal(strip[9:, 9 + 3 * 16 + 2:], seg_3)
+    assert strip[9:, :9].max() == 0
     if not have_ffmpeg:
         assert res["video"] is None
         return

@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import suite_report  # noqa: E402
+from osrt_fast.config import load_config  # noqa: E402
 
 STANDIN = os.path.join(ROOT, "tests", "fixtures", "reference_standin")
 ENV_FIELDS = ("device", "commit", "date", "torch", "triton", "suite_run", "section")
@@ -182,4 +183,5 @@ def test_viewer_section_measures_both_backends(smoke):
     assert {r["backend"] for r in viewer} == {"eager", "triton"}
     assert all(r["fps"] > 0 and r["height"] == 16 for r in viewer)
     summary = open(os.path.join(results, "suite_cpu.md")).read()
-    assert "### Viewer" in summary and "| demo | 5 | 16x16 | triton |" in summary
+    slots = load_config(os.path.join(ROOT, "configs", "demo.yaml")).model.encoder_kwargs["num_slots"]
+    assert "### Viewer" in summary and f"| demo | {slots} | 16x16 | triton |" in summary

@@ -61,7 +61,8 @@ def test_loss_falls_on_a_fixed_batch(data_dir):
         opt.step()
         losses.append(mse.mean().item())
     assert losses[-1] < 0.5 * losses[0], losses
-    assert set(terms) == {"mse", "ari", "fg_ari"}
+    # the slot-usage terms come with a slot decoder (the tiny model's Slot Mixer)
+    assert set(terms) == {"mse", "ari", "fg_ari", "slot_max_share", "slot_similarity"}
 
 
 def test_batch_stream_depends_only_on_seed_and_iteration():
@@ -96,8 +97,8 @@ def test_non_finite_losses_stop_without_touching_the_checkpoint(tmp_path, data_d
     before = open(ckpt, "rb").read()
     real = trainer.compute_loss
 
-    def nan_loss(model, batch, max_rays=None):
-        mse, terms = real(model, batch, max_rays)
+    def nan_loss(model, batch, max_rays=None, **kwargs):
+        mse, terms = real(model, batch, max_rays, **kwargs)
         return mse * float("nan"), terms
     monkeypatch.setattr(trainer, "compute_loss", nan_loss)
     with pytest.warns(UserWarning, match="non-finite loss"):
@@ -109,11 +110,11 @@ def test_ctrl_c_saves_the_model(tmp_path, data_dir, monkeypatch):
     config = write_config(tmp_path, data_dir, checkpoint_every=100)
     real, calls = trainer.compute_loss, []
 
-    def interrupt_on_third(model, batch, max_rays=None):
+    def interrupt_on_third(model, batch, max_rays=None, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(model, batch, max_rays)
+        return real(model, batch, max_rays, **kwargs)
     monkeypatch.setattr(trainer, "compute_loss", interrupt_on_third)
     assert trainer.main([config]) == 130
     state = load_checkpoint(os.path.join(os.path.dirname(config), "model.pt"), OSRT(tiny_model_config()))
@@ -185,11 +186,11 @@ def test_real_ctrl_c_finishes_the_step_and_resumes_exactly(tmp_path, data_dir, m
     config = write_config(tmp_path / "b", data_dir, checkpoint_every=100)
     real, calls = trainer.compute_loss, []
 
-    def ctrl_c_during_third_step(model, batch, max_rays=None):
+    def ctrl_c_during_third_step(model, batch, max_rays=None, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)     # the handler defers it to the step's end
-        return real(model, batch, max_rays)
+        return real(model, batch, max_rays, **kwargs)
     monkeypatch.setattr(trainer, "compute_loss", ctrl_c_during_third_step)
     assert trainer.main([config, "--exit-after", "5"]) == 130
     ckpt = os.path.join(os.path.dirname(config), "model.pt")
@@ -219,8 +220,8 @@ def test_non_finite_gradients_are_skipped_and_training_goes_on(tmp_path, data_di
     config = write_config(tmp_path, data_dir, print_every=0)
     real, calls = trainer.compute_loss, []
 
-    def nan_grad_on_second(model, batch, max_rays=None):
-        mse, terms = real(model, batch, max_rays)
+    def nan_grad_on_second(model, batch, max_rays=None, **kwargs):
+        mse, terms = real(model, batch, max_rays, **kwargs)
         calls.append(1)
         if len(calls) == 2:     # finite loss, NaN gradient: 0 * d sqrt(x)/dx at x = 0
             p = next(model.parameters())
