@@ -2,11 +2,14 @@
 and wall time, for one config, drawn as curves.
 
     python benchmarks/bench_learning.py --config configs/demo.yaml --minutes 10 [--eval-every 100]
-        [--max-eval 64] [--name demo] [--out DIR] [--run-dir DIR] [--no-save] [--set peak_lr=3e-4 ...]
+        [--max-eval 64] [--name demo] [--out DIR] [--run-dir DIR] [--no-save] [--resume-from CKPT]
+        [--set peak_lr=3e-4 ...]
 
 It trains with train.py itself, once per invocation (its run directory, default
 benchmarks/results/learning/<name>/run, auto-resumes, so a long run can span several
-invocations: run the same command again, with a larger --minutes or --steps), evaluating every
+invocations: run the same command again, with a larger --minutes or --steps; on another machine,
+--resume-from the run's last checkpoint: the demo's run commits its log.jsonl, and its last
+checkpoint is configs/demo.pt), evaluating every
 --eval-every steps on the first --max-eval validation scenes. After each invocation it writes,
 next to the run, `curves.json` (one point per evaluation: it, scenes seen, training seconds, val
 psnr / ari / fg_ari and the slot usage (the largest slot's share, the slots' similarity); the
@@ -22,6 +25,7 @@ evaluations and start-up of every invocation, as a user waits for them.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,8 +35,11 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import append_result, environment  # noqa: E402
+from osrt_fast.signals import STOP_SIGNALS  # noqa: E402
 
 THRESHOLDS = (0.5, 0.9)
+# train.py's exit codes after a stop signal (it saved): 128 + the signal, as a shell reports them
+INTERRUPTED = tuple(128 + int(s) for s in STOP_SIGNALS)
 
 
 def parse(argv=None):
@@ -47,6 +54,9 @@ def parse(argv=None):
     budget.add_argument("--steps", type=int, help="stop at this iteration")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-eval", type=int, default=64, help="validation scenes per evaluation")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="a run without a model.pt starts from this checkpoint of the same config "
+                        "(e.g. configs/demo.pt on a fresh clone, with the run's committed log)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="options, YAML values: training keys (peak_lr=3e-4 batch_size=16) or "
                         "dotted paths (model.encoder_kwargs.conv_init=he)")
@@ -91,14 +101,18 @@ def read_log(run_dir: str) -> tuple:
     return [r for r in log if "loss" in r], [r for r in log if r.get("split") == "val"]
 
 
-def train_until(config: str, args, run_dir: str) -> None:
+def train_until(config: str, args, run_dir: str) -> int:
     """Runs train.py once to the budget: --steps as --exit-after, --minutes as --max-minutes
     (training time summed over the run's resumes); it evaluates every --eval-every steps
-    itself. A run already past the budget only loads and exits."""
+    itself. A run already past the budget only loads and exits. Returns train.py's exit code:
+    0, or one of INTERRUPTED after Ctrl-C or another stop signal (train.py saved; the curves are still written)."""
     budget = (["--exit-after", str(args.steps)] if args.steps is not None
               else ["--max-minutes", str(args.minutes)] if args.minutes is not None else [])
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), config, *budget, "--max-eval", str(args.max_eval)]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code != 0 and code not in INTERRUPTED:
+        raise SystemExit(f"train.py failed (exit {code}); its output is above")
+    return code
 
 
 CURVE_KEYS = ("psnr", "ari", "fg_ari", "mse", "slot_max_share", "slot_similarity")
@@ -111,17 +125,17 @@ def curves(run_dir: str, batch_size: int) -> list:
              **{k: e[k] for k in CURVE_KEYS if k in e}} for e in evals]
 
 
-def mean_image_psnr(config: str, max_eval: int, max_train: int = 2000) -> float:
+def mean_image_psnr(config: str, max_eval, max_train: int = 2000, split: str = "val") -> float:
     """The baseline a model must beat: the PSNR of predicting every pixel as its mean over the
     training split's images (up to `max_train` scenes), as val PSNR is computed (per scene, over
-    the target views, averaged over the first `max_eval` validation scenes)."""
+    the target views, averaged over the first `max_eval` scenes of `split`; None: all)."""
     import numpy as np
 
     from osrt_fast.config import load_config
     from osrt_fast.data import get_dataset, scene_records
 
     cfg = load_config(config).data
-    train, val = get_dataset("train", cfg), get_dataset("val", cfg, max_len=max_eval)
+    train, val = get_dataset("train", cfg), get_dataset(split, cfg, max_len=max_eval)
     total, count = 0.0, 0
     for record in scene_records(train, range(min(max_train, train.num_scenes))):
         total, count = total + record["images"].astype(np.float64).sum(0), count + len(record["images"])
@@ -193,8 +207,13 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(ROOT, "benchmarks", "results", "learning", name)
     run_dir = args.run_dir or os.path.join(out, "run")
     config = prepare_run(args, run_dir)
+    if args.resume_from and not os.path.exists(os.path.join(run_dir, "model.pt")):
+        if not os.path.isfile(args.resume_from):
+            raise SystemExit(f"--resume-from {args.resume_from}: no such checkpoint")
+        shutil.copy2(args.resume_from, os.path.join(run_dir, "model.pt"))
+        print(f"starting from {args.resume_from}")
     start = time.perf_counter()
-    train_until(config, args, run_dir)
+    code = train_until(config, args, run_dir)
     wall = time.perf_counter() - start
     with open(config) as f:
         batch_size = yaml.safe_load(f)["training"]["batch_size"]
@@ -221,7 +240,9 @@ def main(argv=None) -> int:
     if not args.no_save:
         append_result("learning", summary)
     print(json.dumps(summary, indent=1))
-    return 0
+    if code in INTERRUPTED:
+        print("interrupted: the curves so far are written; run the same command to resume")
+    return code
 
 
 if __name__ == "__main__":

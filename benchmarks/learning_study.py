@@ -7,8 +7,10 @@ and a summary line in benchmarks/results/learning.jsonl.
 Variants are the demo config with a few options changed (`SET`), so each differs from the recipe
 in what its name says; the ladder runs the slot-free SRT (encoder and decoder `srt`) on the same
 data, from pure autoencoding (every view an input and a target) through fixed cameras to the
-random cameras of the real task. They run one after another (a run resumes where it stopped);
-with --threads 1, two studies can share the 2-core CPU, e.g. `--only` halves in two shells.
+random cameras of the real task; the last few measure what more compute per step buys. They run
+one after another (a run resumes where it stopped; a variant that fails, e.g. because another
+study process is running it, is reported at the end and the others go on); with --threads 1,
+two studies can share the 2-core CPU, e.g. `--only` halves in two shells.
 The README's Learning section tabulates the results (`python benchmarks/learning_study.py --table`).
 """
 from __future__ import annotations
@@ -68,6 +70,9 @@ VARIANTS = {
                       ["model.encoder_kwargs.image_mean=0.0", "model.encoder_kwargs.image_std=1.0"]),
     "no_he_init": ("PyTorch's default conv init (the reference's)", ["model.encoder_kwargs.conv_init=default"]),
     "no_slot_balance": ("without the slot-importance loss", ["slot_balance=0"]),
+    "mixer_layer_norm": ("LayerNorm in the Slot Mixer's mixing block (the reference's `layer_norm` "
+                         "option, as VideoSAUR's Slot Mixer configs use it)",
+                         ["model.decoder_kwargs.layer_norm=true"]),
     "encoder_transformer": ("2 transformer blocks in the encoder (global mixing before slot attention)",
                             ["model.encoder_kwargs.num_att_blocks=2"]),
     "patches_8px": ("three conv blocks: 4x4 tokens of 8x8 pixels per view (the reference's stem)",
@@ -76,6 +81,16 @@ VARIANTS = {
                           ["model.decoder=spatial_broadcast",
                            "model.decoder_kwargs={pos_start_octave: -5, pos_octaves: 5, ray_start_octave: -1, "
                            "ray_octaves: 5, ray_param: plucker, slot_dim: 64, hidden_dim: 64}"]),
+    # What more compute buys (the shipped checkpoint's gap): per step, and per second
+    "batch_32": ("32 scenes per step instead of 16 (2x the compute per step)", ["batch_size=32"]),
+    "rays_1024": ("1024 target rays per scene instead of 512", ["data.num_points=1024"]),
+    "width_128": ("widths 128 instead of 64 (slots, tokens, MLPs and the render MLP)",
+                  [f"model.encoder_kwargs.{k}={v}" for k, v in
+                   (("slot_dim", 128), ("latent_dim", 128), ("conv_dim", 32), ("mlp_dim", 256),
+                    ("head_dim", 32))] +
+                  [f"model.decoder_kwargs.{k}={v}" for k, v in
+                   (("slot_dim", 128), ("render_hidden_dim", 128))]),
+    "lr_3e-4": ("peak learning rate 3e-4 instead of 1e-3", ["peak_lr=3e-4"]),
     "reference_options": ("every model option the reference's, no slot balance (the recipe's data, "
                           "widths and schedule)",
                           REFERENCE_RAYS + ["slot_balance=0"] +
@@ -98,13 +113,14 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def run(name: str, steps: int, eval_every: int, threads) -> None:
+def run(name: str, steps: int, eval_every: int, threads) -> int:
+    """Runs (or resumes) one variant; train.py's exit code."""
     _, sets = VARIANTS[name]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_learning.py"), "--config", DEMO,
            "--name", name, "--steps", str(steps), "--eval-every", str(eval_every), "--max-eval", "64",
            "--set", *sets]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
 def table_rows(names) -> list:
@@ -146,8 +162,10 @@ def main(argv=None) -> int:
         print("| --- | --- | --- | --- | --- | --- |")
         print("\n".join(table_rows(names)))
         return 0
-    for n in names:
-        run(n, args.steps, args.eval_every, args.threads)
+    failed = [n for n in names if run(n, args.steps, args.eval_every, args.threads) != 0]
+    if failed:      # e.g. a variant another study process is running (its run folder is locked)
+        print(f"the study went on past these failed variants: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

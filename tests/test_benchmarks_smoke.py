@@ -165,6 +165,39 @@ def test_bench_learning_records_curves_and_resumes(tmp_path):
         assert (tmp_path / "out" / "curves.png").stat().st_size > 0
     except ImportError:
         pass
+    # another machine: a fresh run folder continues from the run's last checkpoint
+    moved = ["--config", str(config), "--eval-every", "1", "--max-eval", "4", "--out",
+             str(tmp_path / "moved"), "--no-save", "--resume-from", str(tmp_path / "out" / "run" / "model.pt")]
+    assert "starting from" in run_script("benchmarks/bench_learning.py", "--steps", "4", *moved)
+    curves = json.load(open(tmp_path / "moved" / "curves.json"))
+    assert [p["it"] for p in curves["points"]] == [4] and curves["points"][0]["scenes_seen"] == 8
+
+
+def test_bench_learning_writes_the_curves_of_an_interrupted_run(tmp_path, monkeypatch):
+    """train.py stopped by a signal (it saved, exit 130): the curves so far are still written and
+    the exit code passed on; any other failure stops with its code named."""
+    import subprocess as sp
+    import types
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_learning
+    args = types.SimpleNamespace(steps=5, minutes=None, max_eval=4)
+    monkeypatch.setattr(sp, "run", lambda *a, **k: types.SimpleNamespace(returncode=130))
+    assert bench_learning.train_until("c.yaml", args, str(tmp_path)) == 130
+    monkeypatch.setattr(sp, "run", lambda *a, **k: types.SimpleNamespace(returncode=1))
+    with pytest.raises(SystemExit, match="exit 1"):
+        bench_learning.train_until("c.yaml", args, str(tmp_path))
+
+
+def test_bench_pretrained_evaluates_a_checkpoint(tiny_run, tmp_path):
+    """bench_pretrained: the evaluation of a checkpoint on a split, beside the mean image."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_pretrained
+    config, _ = tiny_run
+    checkpoint = os.path.join(os.path.dirname(config), "model.pt")
+    row = bench_pretrained.main(["--config", config, "--checkpoint", checkpoint, "--split", "val",
+                                 "--max-eval", "3", "--no-save"])
+    assert row["scenes"] == 3 and row["it"] == 2 and len(row["sha256"]) == 12
+    assert 0 < row["psnr"] < 60 and 0 < row["mean_image_psnr"] < 60 and -1 <= row["fg_ari"] <= 1
 
 
 def test_bench_slot_usage_records_the_slot_shares(tiny_run):

@@ -10,9 +10,10 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "configs", "demo.pt")
-# Measured on these 16 scenes (demo.pt of commit in the README): PSNR and FG-ARI well above the
-# floors; the mean image is about 19 dB on the demo's validation split.
-PSNR_FLOOR, FG_ARI_FLOOR = 21.5, 0.6
+# Measured on these 16 scenes with demo.pt at step 24129 (sha256 36c5ca533658): PSNR 23.75,
+# FG-ARI 0.78. The floors leave room for other CPUs' rounding, and stay far above what an
+# untrained or collapsed model gives (the mean image is about 19 dB; one slot, FG-ARI 0).
+PSNR_FLOOR, FG_ARI_FLOOR = 22.5, 0.65
 
 
 @pytest.fixture(scope="module")
