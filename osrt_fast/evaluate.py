@@ -130,7 +130,8 @@ def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Evaluate an OSRT checkpoint (PSNR, ARI, FG-ARI).")
+    p = argparse.ArgumentParser(prog="python -m osrt_fast.evaluate",
+                                description="Evaluate an OSRT checkpoint (PSNR, ARI, FG-ARI).")
     p.add_argument("config")
     p.add_argument("--checkpoint", help="Checkpoint file (default: <run dir>/model.pt).")
     p.add_argument("--run-dir", help="Run directory (default as train.py).")

@@ -73,7 +73,9 @@ def parse_train_args(argv=None):
     import argparse
     p = argparse.ArgumentParser(description="Train OSRT (the reference's train.py flags).")
     p.add_argument("config", help="Path to a config file (configs/*.yaml or a run's config.yaml).")
-    p.add_argument("--exit-after", type=int, help="Exit after this many training iterations.")
+    p.add_argument("--exit-after", type=int, metavar="N",
+                   help="Stop (saving model.pt) at iteration N, counted from the run's start: a run "
+                        "resumed at 1000 with --exit-after 1500 trains 500 more steps.")
     p.add_argument("--max-minutes", type=float,
                    help="Stop (saving model.pt) once the run's training time, summed over all its "
                         "resumes as the log's 'time', reaches this many minutes.")

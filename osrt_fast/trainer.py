@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -29,7 +30,7 @@ from .data import (DataError, first_records, get_dataset, is_stream, make_batch,
 from .evaluate import compute_loss, evaluate
 from .files import WriteError
 from .guards import CollapseWatch, DivergenceError, NonFiniteLossError, StepGuard
-from .locks import FolderLock, LockedError
+from .locks import LOCK_FILE, FolderLock, LockedError
 from .metrics import psnr
 from .model import OSRT
 from .rendering import visualize
@@ -380,8 +381,11 @@ class Trainer:
 def check_before_work(cfg: Config, args) -> None:
     """What can be refused before any data is read or a run directory made: the model's keys
     (built on the meta device: no memory, no time) and a missing optional extra."""
-    with torch.device("meta"):
-        OSRT(cfg.model)
+    try:
+        with torch.device("meta"):
+            OSRT(cfg.model)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
     if args.wandb:
         require_wandb()
 
@@ -441,19 +445,35 @@ def claim_run_dir(run_dir: str) -> FolderLock:
 def main(argv=None) -> int:
     from .config import load_config
     args = parse_train_args(argv)
-    lock = None
+    lock, made, failed = None, None, True
     try:
         cfg = load_config(args.config)
         check_before_work(cfg, args)
         run_dir = run_dir_for(args.config, args.run_dir)
         if int(os.environ.get("RANK", 0)) == 0:      # under torchrun, the first process
+            made = None if os.path.exists(run_dir) else run_dir
             lock = claim_run_dir(run_dir)
             copy_config(args.config, run_dir)
             print(f"Run directory: {run_dir}")
-        return train(cfg, run_dir, args)
+        code = train(cfg, run_dir, args)
+        failed = False
+        return code
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         if lock is not None:
             lock.release()
+        if failed and made:
+            remove_unstarted_run(made)
+
+
+def remove_unstarted_run(run_dir: str) -> None:
+    """A run folder this invocation made, left by a failure at start-up: removed while it holds
+    only the copied config and the lock file (nothing trained), else left with a note."""
+    left = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if set(left) <= {"config.yaml", LOCK_FILE}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        print(f"note: the run folder {run_dir} keeps what the failed run wrote: {', '.join(left)}",
+              file=sys.stderr)

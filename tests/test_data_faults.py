@@ -289,8 +289,19 @@ def test_check_lists_every_problem(proc, tmp_path, capsys):
 
     os.remove(os.path.join(root, "metadata.npz"))              # not generated: not generated
     assert check.main([cfg, "--split", "test"]) == 1
-    assert "no generated procedural data" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no generated procedural data" in out and "could not be opened" in out
+    assert "Damaged" not in out                                 # nothing was damaged
     assert not os.path.exists(os.path.join(root, "metadata.npz"))
+
+
+def test_check_names_a_missing_data_folder_and_how_to_make_it(tmp_path, capsys):
+    cfg = write_config(tmp_path, str(tmp_path / "nowhere"))
+    assert check.main([cfg]) == 1
+    captured = capsys.readouterr()
+    assert f"the data folder '{tmp_path / 'nowhere'}' does not exist" in captured.err
+    assert "python train.py" in captured.err and "python -m osrt_fast.scenes --out" in captured.err
+    assert "Damaged" not in captured.out + captured.err and not (tmp_path / "nowhere").exists()
 
 
 def test_check_config_errors_exit_2(tmp_path):

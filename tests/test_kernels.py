@@ -16,10 +16,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def cases():
-    for device in DEVICES:
-        for dtype in ([torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]):
-            yield pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}")
+def cases() -> list:
+    """(device, dtype) params; a list, as parametrize needs (pytest 9 deprecates generators)."""
+    return [pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}") for device in DEVICES
+            for dtype in ([torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16])]
 
 
 # Many blocks of rays and a ragged last one: 8191 rays on a GPU; 1031 in the CPU interpreter,
@@ -28,13 +28,15 @@ def cases():
 LONG_RAYS = {"cpu": 1031, "cuda": 8191}
 
 
-def ray_cases(shapes):
+def ray_cases(shapes) -> list:
     """(device, dtype, *shape) for every case of `cases()` and shape; R = None is LONG_RAYS."""
+    params = []
     for case in cases():
         device, dtype = case.values
         for shape in shapes:
             shape = tuple(LONG_RAYS[device] if v is None else v for v in shape)
-            yield pytest.param(device, dtype, *shape, id=f"{case.id}-{'-'.join(map(str, shape))}")
+            params.append(pytest.param(device, dtype, *shape, id=f"{case.id}-{'-'.join(map(str, shape))}"))
+    return params
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

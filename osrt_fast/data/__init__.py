@@ -48,6 +48,10 @@ def _ensure_procedural(path: str, kwargs: dict) -> None:
                     f"(existing vs config: {differ}). Delete the folder to re-generate, or set "
                     f"data.path to another folder.")
         return
+    # the size the dataset will refuse, refused before minutes of generating it
+    from .obsurf import check_input_size
+    check_input_size(settings["height"], settings["width"], kwargs.get("downsample"),
+                     "data.kwargs height and width, such as 32, 64 or 128")
     print(f"osrt_fast.data: '{path}' has no metadata.npz; generating the procedural dataset "
           f"there ({settings['num_scenes']} scenes, {settings['num_views']} views of "
           f"{settings['width']}x{settings['height']}, {settings['min_objects']}-"

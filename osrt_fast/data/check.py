@@ -104,26 +104,38 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     if a.max_scenes is not None and a.max_scenes < 1:
         p.error(f"--max-scenes must be at least 1, got {a.max_scenes}")
     splits = SPLITS if a.split == "all" else (a.split,)
-    problems, scenes_read = 0, 0
+    problems, unopened, scenes_read = 0, 0, 0
     try:
         cfg = load_config(a.config)
+        path = cfg.data.resolved_path()
+        if not os.path.exists(path):
+            make = (f"the first training run generates it (python train.py {a.config}), or "
+                    f"`python -m osrt_fast.scenes --out {path}` with the config's settings"
+                    if cfg.data.dataset == "procedural" else
+                    "download or convert the dataset there (README, Datasets)")
+            print(f"error: the data folder '{path}' does not exist: {make}; or set data.path "
+                  f"in {a.config} to where the data is", file=sys.stderr)
+            return 1
         for split in splits:
             try:
                 ds = _open_split(split, cfg.data)
             except DataError as e:
-                problems += 1
+                unopened += 1
                 print(f"{split}: cannot open the split: {e}")
                 continue
             print(f"checking {split}: {ds.num_scenes} scenes of {cfg.data.dataset} at "
-                  f"'{cfg.data.resolved_path()}'", flush=True)
+                  f"'{path}'", flush=True)
             problems += len(check_split(ds, split, a.max_scenes))
             scenes_read += min(ds.num_scenes, a.max_scenes or ds.num_scenes)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if unopened:
+        print(f"{unopened} split(s) of {', '.join(splits)} could not be opened; see above.")
     if problems:
         print(f"{problems} problem(s) found in {', '.join(splits)}; see above. Damaged "
               f"scenes are skipped in training (with a warning); replace the files to use them.")
+    if unopened or problems:
         return 1
     print(f"all {scenes_read} scenes of {', '.join(splits)} read without problems")
     return 0

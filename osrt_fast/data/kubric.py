@@ -654,7 +654,8 @@ def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
 
 def main(argv=None) -> None:
     import argparse
-    p = argparse.ArgumentParser(description="Write a small dataset in MSN-Hard's exact TFDS "
+    p = argparse.ArgumentParser(prog="python -m osrt_fast.data.kubric",
+                                description="Write a small dataset in MSN-Hard's exact TFDS "
                                             "format from the built-in scene generator.")
     p.add_argument("--out", required=True, help=f"folder; the data goes to "
                                                 f"<out>/{FOLDER}/{VERSION}/")

@@ -353,7 +353,8 @@ def write_fixture(root: str, categories=("02691156", "04256520"),
 
 def main(argv=None) -> None:
     import argparse
-    p = argparse.ArgumentParser(description="Write a tiny dataset in NMR's exact format "
+    p = argparse.ArgumentParser(prog="python -m osrt_fast.data.nmr",
+                                description="Write a tiny dataset in NMR's exact format "
                                             "(metadata.yaml, softras_*.lst, 24 PNGs and "
                                             "cameras.npz per object).")
     p.add_argument("--out", required=True, help="dataset folder to write")
