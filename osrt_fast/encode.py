@@ -1,15 +1,16 @@
 """Export the slots of scenes: python -m osrt_fast.encode CONFIG [--split val] [--scenes A:B]
-[--checkpoint P] [--out slots.safetensors] [--no-cuda]
+[--checkpoint P] [--out FILE] [--no-cuda]
 
 Encodes each scene's input views with the run's model and writes the slots, the input views'
 images and camera poses, the scene ids and the config to one safetensors file (layout in
-osrt_fast/slots.py). render.py and the viewer (`python -m osrt_fast.view --slots FILE`) render
+osrt_fast/slots.py), by default the run folder's slots.safetensors. render.py and the viewer (`python -m osrt_fast.view --slots FILE`) render
 from it without the dataset. Exit code 0 when written, 2 for bad arguments, config, checkpoint
 or data.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -19,6 +20,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError, get_dataset
 from .checkpoint import load_trained_model
+from .runs import run_dir_for
 from .slots import SlotsError, encode_scenes, save_slots
 
 
@@ -46,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--scenes", default="0:8", help="A:B, scenes A to B-1 of the split (default 0:8)")
     p.add_argument("--checkpoint", help="checkpoint file (default <run dir>/model.pt)")
-    p.add_argument("--out", default="slots.safetensors")
+    p.add_argument("--out", help="the slots file (default <run dir>/slots.safetensors, "
+                                 "e.g. runs/demo/slots.safetensors)")
     p.add_argument("--no-cuda", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -61,13 +64,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         slot_set = encode_scenes(model, dataset, range(start, stop), cfg.to_dict(), device,
                                  args.split, ckpt, state.get("it"))
-        save_slots(args.out, slot_set)
+        out = args.out or os.path.join(run_dir_for(args.config), "slots.safetensors")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_slots(out, slot_set)
     except (ValueError, ConfigError, CheckpointError, DataError, SlotsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     k, d = slot_set.slots.shape[1:]
     print(f"wrote {len(slot_set)} scenes x {k} slots of width {d} ({args.split} {start}:{stop}, "
-          f"iteration {state.get('it')}) to {args.out} in {time.perf_counter() - t0:.1f} s")
+          f"iteration {state.get('it')}) to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .runs import run_dir_for
 from .slots import SlotSet, SlotsError, check_model_matches, encode_scenes, load_slots, render_view
 from .visualize import segmentation_colors
 
@@ -334,11 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--height", type=int, default=128, help="full-resolution image height")
-    p.add_argument("--save-dir", default=".", help="where 'save view as PNG' writes")
+    p.add_argument("--save-dir", help="where 'save view as PNG' writes (default <run dir>/views, "
+                                      "e.g. runs/demo/views)")
     p.add_argument("--mode", default="render", choices=MODES, help="what is shown at first")
     p.add_argument("--no-cuda", action="store_true", help="run on the CPU (default: the config's "
                                                            "training.device)")
     return p
+
+
+def save_dir_of(args) -> str:
+    """Where 'save view as PNG' writes: --save-dir, else the run folder's views/ (not the
+    current folder, which is often a clone's root)."""
+    return args.save_dir or os.path.join(run_dir_for(args.config), "views")
 
 
 def open_viewer(args) -> Viewer:
@@ -367,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 3
     try:
         viewer = open_viewer(args)
-        live = LiveView(viewer, args.host, args.port, args.height, args.save_dir, mode=args.mode)
+        live = LiveView(viewer, args.host, args.port, args.height, save_dir_of(args), mode=args.mode)
     except (ConfigError, CheckpointError, DataError, SlotsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -223,3 +223,19 @@ def test_render_py_renders_from_a_slots_file_with_slots_hidden(tiny_run, tmp_pat
     assert "slot 5 does not exist" in capsys.readouterr().err
     assert render.main([config, "--sceneid", "7", "--novideo", "--slots", out]) == 2
     assert "scene 7 is not in this slots file" in capsys.readouterr().err
+
+
+def test_encode_and_the_viewer_write_into_the_run_folder_by_default(tiny_run, tmp_path, monkeypatch):
+    """Not into the current folder (often a clone's root, where nothing ignores them)."""
+    import os
+
+    from osrt_fast.encode import main
+    from osrt_fast.view import build_parser, save_dir_of
+    config, _ = tiny_run
+    monkeypatch.chdir(tmp_path)
+    assert main([config, "--split", "val", "--scenes", "0:1", "--no-cuda"]) == 0
+    run_dir = os.path.dirname(config)             # the tiny run's config.yaml lives in its folder
+    assert os.path.isfile(os.path.join(run_dir, "slots.safetensors")) and not os.listdir(tmp_path)
+    assert save_dir_of(build_parser().parse_args([config])) == os.path.join(run_dir, "views")
+    assert save_dir_of(build_parser().parse_args(["configs/demo.yaml"])) == os.path.join("runs", "demo", "views")
+    assert save_dir_of(build_parser().parse_args([config, "--save-dir", "x"])) == "x"
