@@ -3,7 +3,7 @@
     python benchmarks/bench_loader.py [--paths tfds png_folder shards_raw shards_png dali]
         [--workers 1 4 16] [--batch-size 32] [--batches 20] [--warmup N] [--scenes 256]
         [--data-dir .scratch/bench_loader] [--out benchmarks/results/loader.jsonl]
-        [--device cpu|cuda] [--quick] [--height 128 --width 128 --points 8192]
+        [--device cpu|cuda] [--quick] [--height 128 --width 128 --points 8192] [--sizes-only]
 
 Shapes (MSN-Hard): scenes of 10 views of 128x128 with instance ids (34 one-hot mask channels),
 5 input views, 8192 target rays per scene. The data is generated once, with the built-in scene
@@ -19,6 +19,9 @@ renderer, under --data-dir/<H>x<W>_<N>scenes/ and reused by later runs:
     dali        osrt_fast.data.dali.DaliShardLoader over the png shards (num_threads = workers,
                 at least 1; no worker processes), when that module imports and runs on
                 --device; otherwise a row that says why not
+
+Where shards are made, a first row (`"bench": "shard_sizes"`) records the raw and png shards'
+bytes on disk for the same scenes; --sizes-only records only that row.
 
 Each (path, workers) uses train.py's DataLoader settings (`data.record_loader`: the
 resumable (index, seed) batch sampler for map-style datasets, `loader_kwargs(dataset)` for the
@@ -182,6 +185,18 @@ def make_dataset(path: str, data, args):
     from osrt_fast.data.shards import ShardDataset
     folder = data.shards_raw if path == "shards_raw" else data.shards_png
     return ShardDataset(folder, "train", points_per_item=args.points), data.shards_source
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def shard_sizes(data, args, env) -> dict:
+    """The raw and png shards' bytes on disk for the same scenes (no timing)."""
+    return {"bench": "shard_sizes", "source": data.shards_source, "scenes": args.scenes,
+            "height": args.height, "width": args.width, "views": NUM_VIEWS,
+            "raw_bytes": folder_bytes(data.shards_raw), "png_bytes": folder_bytes(data.shards_png),
+            **env}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +382,8 @@ def parse_args(argv):
                    default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where make_batch runs (and pin_memory is used for cuda)")
     p.add_argument("--quick", action="store_true", help="few scenes and batches, same shapes")
+    p.add_argument("--sizes-only", action="store_true",
+                   help="make the shards and record their sizes on disk; time nothing")
     p.add_argument("--height", type=int, default=128, help="image height (testing: smaller)")
     p.add_argument("--width", type=int, default=128, help="image width (testing: smaller)")
     p.add_argument("--points", type=int, default=8192, help="target rays per scene")
@@ -401,16 +418,24 @@ def main(argv=None) -> list:
     spec = BatchSpec(num_points=args.points, num_entities=NUM_ENTITIES)
     data = prepare_data(args, args.paths)
     rows, make_batch_cache = [], {}
-    for path in args.paths:
+
+    def record(row: dict) -> None:          # appended as it comes: a crash keeps what was measured
+        rows.append(row)
+        if not args.no_save:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if data.shards_raw:
+        record(shard_sizes(data, args, env))
+        print(f"shards of {args.scenes} scenes, {NUM_VIEWS} views of {args.width}x{args.height}: "
+              f"raw {rows[-1]['raw_bytes'] / 2 ** 20:.1f} MiB, png {rows[-1]['png_bytes'] / 2 ** 20:.1f} MiB")
+    for path in ([] if args.sizes_only else args.paths):
         for workers in args.workers:
             print(f"-- {path}, {workers} workers", flush=True)
-            row = run_path(path, workers, data, args, device, spec, env, make_batch_cache)
-            rows.append(row)
-            if not args.no_save:
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-    print_table(rows)
+            record(run_path(path, workers, data, args, device, spec, env, make_batch_cache))
+    if not args.sizes_only:
+        print_table([r for r in rows if r["bench"] == "loader"])
     if not args.no_save:
         print(f"rows appended to {args.out}")
     return rows

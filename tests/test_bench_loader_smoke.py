@@ -41,7 +41,12 @@ def bench(tmp_path_factory):
         rows = bench_loader.main(argv)
     with open(out) as f:
         saved = [json.loads(line) for line in f]
-    return rows, saved, buf.getvalue()
+    assert saved == json.loads(json.dumps(rows))      # what main returns is what it appended
+    sizes = [r for r in rows if r["bench"] == "shard_sizes"]
+    assert len(sizes) == 1 and rows[0] is sizes[0]
+    assert sizes[0]["scenes"] == 16 and sizes[0]["raw_bytes"] > sizes[0]["png_bytes"] > 0
+    loader = [r for r in rows if r["bench"] == "loader"]
+    return loader, [r for r in saved if r["bench"] == "loader"], buf.getvalue()
 
 
 def by_key(rows):
