@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from .recompute import run_checkpointed
 
 OPS = ("slot_attention", "cross_attention", "mix_render")
 IMPLEMENTATIONS = ("triton", "eager")
@@ -113,10 +114,7 @@ def folded_slot_mixer(decoder, slots: torch.Tensor, camera_pos: torch.Tensor, ra
         mq, mv = fold_cross_attention(attn, slots_c, dtype)
         x = cross_attention(x, attn_block.norm.weight, attn_block.norm.bias, mq, mv, attn.to_out[0].bias,
                             attn.heads, attn_block.norm.eps)
-        if torch.is_grad_enabled():
-            x = checkpoint(_residual, ff_block, x, use_reentrant=False)
-        else:
-            x = _residual(ff_block, x)
+        x = run_checkpointed(_residual, True, ff_block, x)
     mix, render = decoder.mixing_block, list(decoder.render_mlp.net)
     first, slot_dim = render[0], slots.shape[-1]
     num_slots = slots.shape[1]

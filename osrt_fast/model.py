@@ -16,12 +16,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from kernels.slot_attention import slot_attention_step_eager
 
 from . import fast
 from .config import BACKENDS, ENCODER_ATTENTION, ConfigError, ModelConfig, model_config_from_any
+from .recompute import run_checkpointed
 
 NUM_OCTAVES = 15
 QUERY_DIM = 4 * 3 * NUM_OCTAVES      # 180: sin and cos of 3 coordinates, for position and direction
@@ -29,14 +29,6 @@ QUERY_DIM = 4 * 3 * NUM_OCTAVES      # 180: sin and cos of 3 coordinates, for po
 
 # --------------------------------------------------------------------------------------------
 # Regions: the units of activation checkpointing and torch.compile (see osrt_fast/parallel.py)
-
-def run_checkpointed(fn, checkpointed: bool, *args, **kwargs):
-    """fn(*args, **kwargs), under activation checkpointing when `checkpointed` and autograd
-    records: fn's activations are then recomputed in backward instead of kept."""
-    if checkpointed and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    return fn(*args, **kwargs)
-
 
 class Region(nn.Module):
     """A module whose work is its `region` method; `forward` runs it, checkpointed when

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from osrt_fast import geometry
-from osrt_fast.data.errors import DataError
+from osrt_fast.errors import DataError
 from osrt_fast.files import TMP_PREFIX, remove_files
 from osrt_fast.files import write_atomic as _write_atomic
 from osrt_fast.locks import FolderLock, LockedError

@@ -5,9 +5,7 @@ import itertools
 import os
 import warnings
 
-
-class DataError(ValueError):
-    """A dataset folder or setting is unusable; the message names the problem and the fix."""
+from ..errors import DataError  # noqa: F401  (data's own name for it)
 
 
 class CorruptFile(Exception):
