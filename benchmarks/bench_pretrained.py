@@ -56,7 +56,8 @@ def main(argv=None) -> dict:
     row = {"bench": "pretrained", "config": os.path.relpath(os.path.abspath(args.config), ROOT),
            "checkpoint": os.path.relpath(os.path.abspath(args.checkpoint), ROOT),
            "sha256": sha256_prefix(args.checkpoint), "it": result["it"], "split": args.split,
-           "scenes": result["num_scenes"], "psnr": result["psnr"], "ari": result["ari"],
+           "scenes": result["num_scenes"], "psnr": result["psnr"], "ssim": result.get("ssim"),
+           "ari": result["ari"],
            "fg_ari": result["fg_ari"],
            "mean_image_psnr": mean_image_psnr(args.config, args.max_eval, split=args.split),
            **environment()}

@@ -2,7 +2,8 @@
 `python -m osrt_fast.evaluate CONFIG [--checkpoint PATH] [--test] [--full-scale]`.
 
 The CLI prints and writes JSON with PSNR, MSE, ARI and FG-ARI (means over scenes) on sampled
-target rays or, with --full-scale, on every pixel of every view.
+target rays or, with --full-scale, on every pixel of every view, and then SSIM too (and LPIPS
+where torchvision and its weights are there).
 """
 from __future__ import annotations
 
@@ -21,14 +22,17 @@ from . import parallel
 from .checkpoint import CheckpointError, load_trained_model
 from .config import ConfigError
 from .data import DataError, get_dataset, make_batch, record_loader, to_device
-from .metrics import adjusted_rand_index, fg_ari, psnr
+from .metrics import adjusted_rand_index, fg_ari, lpips_metric, psnr, ssim
 from .progress import progress_bar
 from .runs import run_dir_for
 
 
-def compute_loss(model, batch: dict, max_rays: Optional[int] = None, slot_balance: float = 0.0):
+def compute_loss(model, batch: dict, max_rays: Optional[int] = None, slot_balance: float = 0.0,
+                 image_shape: Optional[tuple] = None, lpips=None):
     """Per-scene MSE [B] and metric terms ([B] each): mse; for slot models also the slot usage
-    (`slot_usage`) and, with masks, ari / fg_ari. With `slot_balance` > 0 (training), terms
+    (`slot_usage`) and, with masks, ari / fg_ari; with `image_shape` (V, H, W: the batch's targets
+    are every pixel of its V target views), ssim, and lpips given its function
+    (`metrics.lpips_metric`). With `slot_balance` > 0 (training), terms
     also holds 'aux_loss' [B], with its graph: `slot_balance` times `slot_importance_cv2`, to be
     added to the loss.
 
@@ -39,6 +43,10 @@ def compute_loss(model, batch: dict, max_rays: Optional[int] = None, slot_balanc
                            batch["target_camera_pos"], batch["target_rays"], max_rays=max_rays)
     mse = (pixels.float() - batch["target_pixels"]).square().mean((1, 2))
     terms = {"mse": mse.detach()}
+    if image_shape is not None:
+        terms["ssim"] = ssim(pixels.detach(), batch["target_pixels"], image_shape)
+        if lpips is not None:
+            terms["lpips"] = lpips(pixels.detach(), batch["target_pixels"], image_shape)
     if slot_balance > 0 and "segmentation" in extras:
         terms["aux_loss"] = slot_balance * slot_importance_cv2(extras["segmentation"].float())
     if "segmentation" in extras:
@@ -80,7 +88,9 @@ def slot_usage(weights: torch.Tensor, slots: Optional[torch.Tensor] = None) -> d
 @torch.no_grad()
 def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool = True,
              precision: str = "fp32") -> dict:
-    """Mean over scenes of psnr, mse, ari and fg_ari (per-scene PSNR, as the reference).
+    """Mean over scenes of psnr, mse, ari and fg_ari (per-scene PSNR, as the reference), and
+    ssim and lpips where `spec.full_scale` (every pixel of the target views is rendered; lpips
+    where it can be built here, see `metrics.lpips_metric`).
     The loader yields scene records; `spec` (the dataset's BatchSpec) turns them into inputs.
 
     With several processes, each evaluates its share of the scenes and the sums are reduced.
@@ -94,6 +104,7 @@ def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool 
     bar = progress_bar(enabled=progress and info.is_main, desc="evaluating", leave=False)
     sums, last, batches = defaultdict(lambda: torch.zeros((), dtype=torch.float64)), None, iter(loader)
     count = 0
+    lpips = lpips_metric(device) if spec.full_scale else None
     while True:
         records = next(batches, None)
         if info.distributed:
@@ -109,8 +120,10 @@ def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool 
                                 f"scenes (--max-eval) or with fewer processes")
         last = records
         batch = make_batch(to_device(records, device), spec)
+        shape = ((records["target_views"].shape[1], *records["images"].shape[2:4])
+                 if spec.full_scale else None)
         with parallel.autocast(device, precision):
-            _, terms = compute_loss(model, batch, max_rays=max_rays)
+            _, terms = compute_loss(model, batch, max_rays=max_rays, image_shape=shape, lpips=lpips)
         terms["psnr"] = psnr(terms["mse"])
         for k, v in terms.items():
             sums[k] = sums[k] + weight * v.double().sum().cpu()

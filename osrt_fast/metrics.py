@@ -1,7 +1,9 @@
-"""Image metrics: PSNR, and ARI / FG-ARI of a predicted segmentation (the reference's definition)."""
+"""Image metrics: PSNR, SSIM (torchmetrics'), and ARI / FG-ARI of a predicted segmentation (the
+reference's definition)."""
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -9,6 +11,58 @@ import torch
 def psnr(mse: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of images in [0, 1] from their mean squared error."""
     return -10.0 * torch.log10(mse)
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, image_shape: tuple) -> torch.Tensor:
+    """Mean SSIM per scene [B] of rendered target views against the true ones: pred and target
+    [B, V*H*W, 3] in [0, 1], every pixel of V views of H x W in row-major order (full-scale
+    evaluation), image_shape (V, H, W). torchmetrics' SSIM (Wang et al. 2004: Gaussian window
+    11, sigma 1.5, data range 1), as other SRT / OSRT code bases report it."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+    v, h, w = image_shape
+    b = pred.shape[0]
+    if pred.shape[1] != v * h * w:
+        raise ValueError(f"SSIM needs every pixel of the {v} target views of {h}x{w} "
+                         f"({v * h * w} rays), got {pred.shape[1]}: evaluate with --full-scale")
+
+    def images(x):
+        return x.float().reshape(b * v, h, w, 3).permute(0, 3, 1, 2)
+    per_image = structural_similarity_index_measure(images(pred).clamp(0, 1), images(target),
+                                                    data_range=1.0, reduction="none")
+    return per_image.reshape(b, v).mean(1)
+
+
+_LPIPS_NOTED = False
+
+
+def lpips_metric(device):
+    """LPIPS (Zhang et al. 2018, AlexNet features, torchmetrics') as fn(pred, target, image_shape)
+    -> [B] like `ssim`, or None where it cannot be built here: it needs torchvision and the
+    pretrained network weights, which are downloaded on first use and cannot be where there is
+    no network. Then it says so once per process, and evaluation reports the other metrics."""
+    global _LPIPS_NOTED
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+        net = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean",
+                                                   normalize=True).to(device).eval()
+    except Exception as e:      # missing torchvision, weights not downloadable: any reason
+        if not _LPIPS_NOTED:
+            _LPIPS_NOTED = True
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"note: LPIPS is not reported: {reason} (it needs torchvision and its "
+                  f"pretrained weights, pip install 'torchmetrics[image]' where a network is)",
+                  file=sys.stderr)
+        return None
+
+    def lpips(pred, target, image_shape):
+        v, h, w = image_shape
+        b = pred.shape[0]
+
+        def images(x):
+            return x.float().reshape(b * v, h, w, 3).permute(0, 3, 1, 2).clamp(0, 1)
+        p, t = images(pred), images(target)
+        return torch.stack([net(p[i:i + 1], t[i:i + 1]) for i in range(b * v)]).reshape(b, v).mean(1)
+    return lpips
 
 
 def adjusted_rand_index(true_masks: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from osrt_fast.metrics import adjusted_rand_index, fg_ari, psnr
+from osrt_fast.metrics import adjusted_rand_index, fg_ari, psnr, ssim
 from conftest import require_reference_vectors
 
 
@@ -51,3 +51,55 @@ def test_perfect_and_permuted_segmentation_score_one():
 def test_psnr():
     assert psnr(torch.tensor(0.01)).item() == pytest.approx(20.0)
     assert np.isclose(psnr(torch.tensor([1e-3])).item(), 30.0)
+
+
+def test_ssim_reads_the_rays_as_row_major_views():
+    """ssim of [B, V*H*W, 3] rays is the mean over each scene's V views of torchmetrics' SSIM of
+    the images they came from (odd sizes, so a transposed reshape would not match), 1 for a
+    perfect render, and refuses sampled rays."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+    g = torch.Generator().manual_seed(0)
+    b, v, h, w = 2, 3, 13, 17
+    true = torch.rand(b, v, h, w, 3, generator=g)
+    pred = (true + 0.1 * torch.randn(b, v, h, w, 3, generator=g)).clamp(0, 1)
+    got = ssim(pred.reshape(b, -1, 3), true.reshape(b, -1, 3), (v, h, w))
+    expected = structural_similarity_index_measure(
+        pred.flatten(0, 1).permute(0, 3, 1, 2), true.flatten(0, 1).permute(0, 3, 1, 2),
+        data_range=1.0, reduction="none").reshape(b, v).mean(1)
+    torch.testing.assert_close(got, expected)
+    assert 0 < got.max() < 0.99
+    torch.testing.assert_close(ssim(true.reshape(b, -1, 3), true.reshape(b, -1, 3), (v, h, w)),
+                               torch.ones(b))
+    with pytest.raises(ValueError, match="--full-scale"):
+        ssim(pred.reshape(b, -1, 3)[:, :100], true.reshape(b, -1, 3)[:, :100], (v, h, w))
+
+
+def test_lpips_where_it_can_be_built_and_a_single_note_where_not(monkeypatch, capsys):
+    """Without torchvision or its weights (as here): None, and one note for the process. Where
+    torchmetrics' LPIPS builds (a stand-in network here), the mean over each scene's views."""
+    import torchmetrics.image.lpip as lpip_module
+
+    from osrt_fast import metrics
+
+    class Broken:
+        def __init__(self, **kwargs):
+            raise ModuleNotFoundError("no torchvision")
+    monkeypatch.setattr(lpip_module, "LearnedPerceptualImagePatchSimilarity", Broken)
+    monkeypatch.setattr(metrics, "_LPIPS_NOTED", False)
+    assert metrics.lpips_metric("cpu") is None and metrics.lpips_metric("cpu") is None
+    assert capsys.readouterr().err.count("LPIPS is not reported: no torchvision") == 1
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, net_type, reduction, normalize):
+            super().__init__()
+            assert (net_type, reduction, normalize) == ("alex", "mean", True)
+
+        def forward(self, a, b):
+            return (a - b).abs().mean()
+    monkeypatch.setattr(lpip_module, "LearnedPerceptualImagePatchSimilarity", StandIn)
+    fn = metrics.lpips_metric("cpu")
+    true = torch.rand(2, 3, 5, 7, 3)
+    pred = true.clone()
+    pred[1, 2] = 0.0
+    got = fn(pred.reshape(2, -1, 3), true.reshape(2, -1, 3), (3, 5, 7))
+    torch.testing.assert_close(got, torch.stack([torch.tensor(0.0), true[1, 2].mean() / 3]))

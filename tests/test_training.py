@@ -133,12 +133,15 @@ def test_end_to_end_logs_visualises_evaluates(tmp_path, data_dir):
     assert all(r["scenes_per_s"] > 0 and r["rays_per_s"] > 0 and r["tflops_per_s"] > 0 for r in steps)
     evals = [r for r in log if r.get("split") == "val"]
     assert len(evals) == 2 and {"psnr", "ari", "fg_ari", "mse"} <= set(evals[0])
+    assert "ssim" not in evals[0]                   # sampled rays make no images
+
 
     out = str(tmp_path / "eval.json")
     assert evaluate_main([config, "--full-scale", "--max-eval", "3", "--output", out]) == 0
     result = json.load(open(out))
     assert result["num_scenes"] == 3 and result["it"] == 4
     assert all(-1 <= result[k] <= 1 for k in ("ari", "fg_ari")) and result["psnr"] > 5   # ARI can be < 0
+    assert -1 <= result["ssim"] <= 1                 # whole views: SSIM too
 
 
 def test_reference_run_directory_resumes(tmp_path, data_dir):
