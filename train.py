@@ -1,4 +1,4 @@
-"""Train OSRT: `python train.py CONFIG` (the reference's flags; see README)."""
+"""Train OSRT: `python train.py CONFIG` (the reference's flags; see docs/usage.md)."""
 import sys
 
 from osrt_fast.trainer import main

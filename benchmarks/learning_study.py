@@ -11,7 +11,7 @@ random cameras of the real task; the last few measure what more compute per step
 one after another (a run resumes where it stopped; a variant that fails, e.g. because another
 study process is running it, is reported at the end and the others go on); with --threads 1,
 two studies can share the 2-core CPU, e.g. `--only` halves in two shells.
-The README's Learning section tabulates the results (`python benchmarks/learning_study.py --table`).
+docs/learning.md tabulates the results (`python benchmarks/learning_study.py --table`).
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ class DataConfig:
     dataset: str = option("procedural", "the dataset", choices=tuple(DATASET_OPTIONS))
     path: Optional[str] = option(None, "the dataset folder (default data/<dataset>)")
     num_points: int = option(2048, "target rays sampled per scene and training step", min=1)
-    kwargs: dict = option(default_factory=dict, help="dataset options (README, Datasets)")
+    kwargs: dict = option(default_factory=dict, help="dataset options (docs/datasets.md)")
     loader: str = option("torch", "how training reads scenes: DataLoader workers, or NVIDIA DALI "
                                   "over png shards", choices=("torch", "dali"))
 

@@ -111,5 +111,5 @@ class CollapseWatch:
             return None
         return (f"warning: slot collapse: at iteration {it} one slot explains {top_share:.1%} of the "
                 f"rays' slot weights, and at least {self.share:.0%} in the last {self.times} "
-                f"evaluations; the segmentation is then one region (FG-ARI near 0). The README's "
-                f"Learning section lists what prevents it (e.g. training.slot_balance).")
+                f"evaluations; the segmentation is then one region (FG-ARI near 0). docs/learning.md "
+                f"lists what prevents it (e.g. training.slot_balance).")

@@ -1,4 +1,4 @@
-"""Options that make the small OSRT learn on the built-in scenes (README, Learning): each one off
+"""Options that make the small OSRT learn on the built-in scenes (docs/learning.md): each one off
 is the reference's model and step, each one on does what its help says, and the collapse of the
 slots shows in the terms, the log and a warning.
 

@@ -1,5 +1,5 @@
-"""The shipped checkpoint, configs/demo.pt (configs/demo.yaml trained on the 2-core CPU; README,
-Learning): it loads into the demo's model, reconstructs and segments held-out built-in scenes
+"""The shipped checkpoint, configs/demo.pt (configs/demo.yaml trained on the 2-core CPU;
+docs/learning.md): it loads into the demo's model, reconstructs and segments held-out built-in scenes
 above a floor, and render.py, evaluate and encode take it with --checkpoint."""
 import json
 import os

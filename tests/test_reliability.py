@@ -1,5 +1,5 @@
 """Nothing lost, nothing silently wrong: signals, concurrent runs, divergence, damaged
-checkpoints, full and read-only disks (README, Reliability).
+checkpoints, full and read-only disks (docs/reliability.md).
 
 Each test runs the fault for real where it can: signals are sent to real processes (the whole
 process group, as SLURM does), a second train.py runs beside the first, a diverging learning

@@ -112,7 +112,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             make = (f"the first training run generates it (python train.py {a.config}), or "
                     f"`python -m osrt_fast.scenes --out {path}` with the config's settings"
                     if cfg.data.dataset == "procedural" else
-                    "download or convert the dataset there (README, Datasets)")
+                    "download or convert the dataset there (docs/datasets.md)")
             print(f"error: the data folder '{path}' does not exist: {make}; or set data.path "
                   f"in {a.config} to where the data is", file=sys.stderr)
             return 1
