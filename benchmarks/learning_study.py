@@ -124,8 +124,9 @@ def run(name: str, steps: int, eval_every: int, threads) -> int:
 
 
 def table_rows(names) -> list:
-    """Markdown rows: name, what it tests, steps, best and last val PSNR over the mean image's,
-    best and last FG-ARI, the top slot's share at the end."""
+    """Markdown rows (linking from docs/learning.md): name, what it tests, steps, training minutes (the run's curves, summed over
+    its resumes), best and last val PSNR over the mean image's, best and last FG-ARI, the top
+    slot's share at the end."""
     rows = []
     for name in names:
         path = os.path.join(RESULTS, name, "curves.json")
@@ -138,8 +139,9 @@ def table_rows(names) -> list:
         last, base = pts[-1], c.get("mean_image_psnr")
         best_psnr = max(p["psnr"] for p in pts)
         fg = [p.get("fg_ari") for p in pts if p.get("fg_ari") is not None]
-        rows.append(f"| [`{name}`](benchmarks/results/learning/{name}/curves.png) | {VARIANTS.get(name, ('',))[0]} | "
-                    f"{last['it']} | {best_psnr:.2f} / {last['psnr']:.2f} ({base:.2f}) | "
+        rows.append(f"| [`{name}`](../benchmarks/results/learning/{name}/curves.png) | {VARIANTS.get(name, ('',))[0]} | "
+                    f"{last['it']} | {last.get('train_s', float('nan')) / 60:.1f} | "
+                    f"{best_psnr:.2f} / {last['psnr']:.2f} ({base:.2f}) | "
                     + (f"{max(fg):.2f} / {fg[-1]:.2f} | {last.get('slot_max_share', float('nan')):.2f} |"
                        if fg else "- | - |"))
     return rows
@@ -157,9 +159,9 @@ def main(argv=None) -> int:
             print(f"{n}: {VARIANTS[n][0]}")
         return 0
     if args.table:
-        print("| run | what differs from the recipe | steps | val PSNR best / last (mean image) | "
-              "val FG-ARI best / last | top slot's share |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| run | what differs from the recipe | steps | training min | val PSNR best / last "
+              "(mean image) | val FG-ARI best / last | top slot's share |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         print("\n".join(table_rows(names)))
         return 0
     failed = [n for n in names if run(n, args.steps, args.eval_every, args.threads) != 0]

@@ -276,9 +276,9 @@ def test_study_table_reads_the_curves(tmp_path, monkeypatch, capsys):
     (tmp_path / "no_plucker" / "curves.json").write_text(json.dumps({
         "mean_image_psnr": 19.0, "points": [
             {"it": 250, "psnr": 19.5, "fg_ari": 0.1, "slot_max_share": 0.3},
-            {"it": 500, "psnr": 19.25, "fg_ari": 0.4, "slot_max_share": 0.5}]}))
+            {"it": 500, "psnr": 19.25, "fg_ari": 0.4, "slot_max_share": 0.5, "train_s": 90.0}]}))
     assert learning_study.main(["--table", "--only", "no_plucker", "no_slot_balance"]) == 0
     rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| [")]
-    assert rows == ["| [`no_plucker`](benchmarks/results/learning/no_plucker/curves.png) | camera position "
-                    "and direction (the reference's rays) instead of Pluecker | 500 | 19.50 / 19.25 "
+    assert rows == ["| [`no_plucker`](../benchmarks/results/learning/no_plucker/curves.png) | camera position "
+                    "and direction (the reference's rays) instead of Pluecker | 500 | 1.5 | 19.50 / 19.25 "
                     "(19.00) | 0.40 / 0.40 | 0.50 |"]
