@@ -3,6 +3,7 @@ run (benchmarks/bench_learning.py) with its config and curves in benchmarks/resu
 and a summary line in benchmarks/results/learning.jsonl.
 
     python benchmarks/learning_study.py [--only NAME ...] [--list] [--steps N] [--threads T]
+    python benchmarks/learning_study.py --table | --write | --check
 
 Variants are the demo config with a few options changed (`SET`), so each differs from the recipe
 in what its name says; the ladder runs the slot-free SRT (encoder and decoder `srt`) on the same
@@ -11,7 +12,8 @@ random cameras of the real task; the last few measure what more compute per step
 one after another (a run resumes where it stopped; a variant that fails, e.g. because another
 study process is running it, is reported at the end and the others go on); with --threads 1,
 two studies can share the 2-core CPU, e.g. `--only` halves in two shells.
-docs/learning.md tabulates the results (`python benchmarks/learning_study.py --table`).
+docs/learning.md tabulates the results (`--write` puts the table there, `--check` says whether it
+is current; a test runs --check).
 """
 from __future__ import annotations
 
@@ -107,6 +109,10 @@ def parse(argv=None):
     p.add_argument("--only", nargs="*", help="run these variants (default: all)")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--table", action="store_true", help="print the results as a Markdown table")
+    p.add_argument("--write", action="store_true",
+                   help="write that table into docs/learning.md, between its study-table markers")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if docs/learning.md's table is not the results' table")
     p.add_argument("--steps", type=int, default=3000, help="steps per variant")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs")
@@ -147,6 +153,18 @@ def table_rows(names) -> list:
     return rows
 
 
+DOC = os.path.join(ROOT, "docs", "learning.md")
+BEGIN = "<!-- study-table:begin (written by python benchmarks/learning_study.py --write) -->"
+END = "<!-- study-table:end -->"
+
+
+def table(names) -> str:
+    """The Markdown table of the variants' results (those with curves)."""
+    return "\n".join(["| run | what differs from the recipe | steps | training min | val PSNR best / "
+                      "last (mean image) | val FG-ARI best / last | top slot's share |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"] + table_rows(names))
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     names = args.only or list(VARIANTS)
@@ -159,10 +177,24 @@ def main(argv=None) -> int:
             print(f"{n}: {VARIANTS[n][0]}")
         return 0
     if args.table:
-        print("| run | what differs from the recipe | steps | training min | val PSNR best / last "
-              "(mean image) | val FG-ARI best / last | top slot's share |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        print("\n".join(table_rows(names)))
+        print(table(names))
+        return 0
+    if args.write or args.check:
+        text = open(DOC).read()
+        if BEGIN not in text or END not in text:
+            print(f"{DOC} has no study-table markers", file=sys.stderr)
+            return 2
+        head, rest = text.split(BEGIN, 1)
+        new = head + BEGIN + "\n" + table(names) + "\n" + END + rest.split(END, 1)[1]
+        if args.check:
+            if new != text:
+                print(f"{DOC}'s study table is stale: python benchmarks/learning_study.py --write",
+                      file=sys.stderr)
+                return 1
+            return 0
+        with open(DOC, "w") as f:
+            f.write(new)
+        print(f"wrote the study table into {DOC}")
         return 0
     failed = [n for n in names if run(n, args.steps, args.eval_every, args.threads) != 0]
     if failed:      # e.g. a variant another study process is running (its run folder is locked)

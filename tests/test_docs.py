@@ -93,3 +93,10 @@ def test_every_flag_shown_is_a_flag_of_its_command():
         unknown += [f"{command} {flag} in {sorted(pages)}" for flag, pages in flags.items()
                     if not re.search(re.escape(flag) + r"(?![\w-])", text)]
     assert not unknown, "commands shown with flags they do not have:\n" + "\n".join(unknown)
+
+
+def test_the_learning_study_table_is_the_results():
+    """docs/learning.md's study table is what the committed curves give (learning_study --check)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import learning_study
+    assert learning_study.main(["--check"]) == 0
