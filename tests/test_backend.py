@@ -79,16 +79,13 @@ def test_folded_maths_is_the_eager_function_in_fp64():
         torch.testing.assert_close(f, e, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_backend_matches_eager_forward_and_every_gradient():
-    """The wiring: the model through the interpreted kernels (all ops 'triton', the default), in
-    fp32, against the eager model in fp64, is as accurate as the eager model in fp32 (one
-    LayerNorm bias has an exactly-zero true gradient: only rounding is left there, for both)."""
-    cfg = tiny_model_config()
-    cfg["encoder_kwargs"]["num_slots"] = 5
-    cfg["encoder_kwargs"]["slot_iters"] = 2
+def fast_path_runs(cfg: dict, make_fast) -> list:
+    """(name, fp32 eager, fp32 fast, fp64 eager) for the outputs (latents, pixels, segmentation)
+    and every parameter gradient of one loss over the pixels and the segmentation; the fast model
+    is `make_fast(cfg)`, run with its kernels' outputs poisoned. Weights: the reference vectors'
+    recipe, unit-scale activations, so that every gradient is well above fp32 rounding (the
+    paper init of so small a model leaves some near 1e-10)."""
     reference = OSRT(cfg)
-    # The reference vectors' weight recipe: unit-scale activations, so that every gradient is
-    # well above fp32 rounding (the paper init of so small a model leaves some near 1e-10).
     state = rebuild_reference_weights(reference, 3)
     reference.load_state_dict(state)
     reference.double()
@@ -103,14 +100,24 @@ def test_triton_backend_matches_eager_forward_and_every_gradient():
         return outputs + [p.grad for _, p in sorted(model.named_parameters())]
 
     expected = run(reference, torch.float64)
-    eager, fast = OSRT(cfg), OSRT({**cfg, "backend": "triton"})
+    eager, fast_model = OSRT(cfg), make_fast(cfg)
     eager.load_state_dict(state)
-    fast.load_state_dict(state)
+    fast_model.load_state_dict(state)
     eager_values = run(eager, torch.float32)
     with poisoned_outputs():
-        fast_values = run(fast, torch.float32)
-    names = ["latents", "pixels", "segmentation"] + [n for n, _ in sorted(fast.named_parameters())]
-    for name, e, f, r in zip(names, eager_values, fast_values, expected):
+        fast_values = run(fast_model, torch.float32)
+    names = ["latents", "pixels", "segmentation"] + [n for n, _ in sorted(fast_model.named_parameters())]
+    return list(zip(names, eager_values, fast_values, expected))
+
+
+def test_triton_backend_matches_eager_forward_and_every_gradient():
+    """The wiring: the model through the interpreted kernels (all ops 'triton', the default), in
+    fp32, against the eager model in fp64, is as accurate as the eager model in fp32 (one
+    LayerNorm bias has an exactly-zero true gradient: only rounding is left there, for both)."""
+    cfg = tiny_model_config()
+    cfg["encoder_kwargs"]["num_slots"] = 5
+    cfg["encoder_kwargs"]["slot_iters"] = 2
+    for name, e, f, r in fast_path_runs(cfg, lambda c: OSRT({**c, "backend": "triton"})):
         assert f is not None, name
         if r.abs().max() < 1e-15:
             # An exactly-zero true gradient (that LayerNorm bias): both have fp32 rounding alone,

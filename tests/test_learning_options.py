@@ -24,6 +24,7 @@ from osrt_fast.trainer import slot_balance_at
 from conftest import tiny_model_config, train_tiny, tiny_data_section
 from test_model import tiny_inputs
 from test_model_parity import rebuild_reference_weights, relative_error
+from test_backend import fast_path_runs
 
 BANDS = {"pos_octaves": 4, "ray_start_octave": -1, "ray_octaves": 5, "ray_param": "plucker"}
 
@@ -110,30 +111,12 @@ def test_banded_fast_path_matches_eager_forward_and_every_gradient():
     kernel, which the bands do not reach, runs its twin here; test_backend checks it.)"""
     cfg = banded_config()
     cfg["encoder_kwargs"].update(num_slots=5, slot_iters=2)     # as test_backend's twin of this test
-    reference = OSRT(cfg)
-    state = rebuild_reference_weights(reference, 3)
-    reference.load_state_dict(state)
-    reference.double()
-    images, cam, dirs, tcam, tdirs = tiny_inputs(batch=2, rays=37)
 
-    def run(model, dtype):
-        model.zero_grad()
-        latents = model.encoder(images.to(dtype), cam.to(dtype), dirs.to(dtype))
-        pixels, extras = model.decoder(latents, tcam.to(dtype), tdirs.to(dtype))
-        ((pixels - 0.5).square().mean() + 0.1 * extras["segmentation"][..., 0].mean()).backward()
-        return ([t.detach() for t in (latents, pixels, extras["segmentation"])]
-                + [p.grad for _, p in sorted(model.named_parameters())])
-
-    expected = run(reference, torch.float64)
-    eager, kernels = OSRT(cfg), OSRT(cfg).set_backend("triton", ops={"slot_attention": "eager"})
-    eager.load_state_dict(state)
-    kernels.load_state_dict(state)
-    assert kernels.decoder.fast_ops["cross_attention"] == kernels.decoder.fast_ops["mix_render"] == "triton"
-    eager_values = run(eager, torch.float32)
-    with poisoned_outputs():
-        fast_values = run(kernels, torch.float32)
-    names = ["latents", "pixels", "segmentation"] + [n for n, _ in sorted(kernels.named_parameters())]
-    for name, e, f, r in zip(names, eager_values, fast_values, expected):
+    def kernels(c):
+        model = OSRT(c).set_backend("triton", ops={"slot_attention": "eager"})
+        assert model.decoder.fast_ops["cross_attention"] == model.decoder.fast_ops["mix_render"] == "triton"
+        return model
+    for name, e, f, r in fast_path_runs(cfg, kernels):
         assert f is not None and torch.isfinite(f).all(), name
         if r.abs().max() < 1e-15:
             assert f.abs().max() < 1e-9 and e.abs().max() < 1e-9, name
