@@ -414,8 +414,8 @@ def load_trained_model(config_path: str, checkpoint: Optional[str] = None, devic
     the config's model with `checkpoint` (default <run dir>/model.pt) loaded; `device` defaults
     to the config's training.device. ConfigError or CheckpointError naming the problem and the
     fix."""
-    from .config import ConfigError, load_config
-    from .model import OSRT
+    from .config import load_config
+    from .model import model_of_config_file
     from .parallel import resolve_device
     from .runs import run_dir_for
     cfg = load_config(config_path)
@@ -424,10 +424,7 @@ def load_trained_model(config_path: str, checkpoint: Optional[str] = None, devic
         raise CheckpointError(f"no checkpoint at {path}: train first (python train.py "
                               f"{config_path}) or pass --checkpoint PATH")
     device = torch.device(device) if device else resolve_device(cfg.training.device)
-    try:
-        model = OSRT(cfg.model).to(device)
-    except ConfigError as e:
-        raise ConfigError(f"{config_path}: {e}") from None
+    model = model_of_config_file(cfg.model, config_path).to(device)
     model.check_device(device)
     state = load_checkpoint(path, model, map_location=device)
     return cfg, model.eval(), path, state

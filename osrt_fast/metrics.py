@@ -13,6 +13,12 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
     return -10.0 * torch.log10(mse)
 
 
+def _views(rays: torch.Tensor, image_shape: tuple) -> torch.Tensor:
+    """[B, V*H*W, 3] rays of whole views (row-major) as [B*V, 3, H, W] images in [0, 1]."""
+    v, h, w = image_shape
+    return rays.float().reshape(rays.shape[0] * v, h, w, 3).permute(0, 3, 1, 2).clamp(0, 1)
+
+
 def ssim(pred: torch.Tensor, target: torch.Tensor, image_shape: tuple) -> torch.Tensor:
     """Mean SSIM per scene [B] of rendered target views against the true ones: pred and target
     [B, V*H*W, 3] in [0, 1], every pixel of V views of H x W in row-major order (full-scale
@@ -24,10 +30,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, image_shape: tuple) -> torch.
     if pred.shape[1] != v * h * w:
         raise ValueError(f"SSIM needs every pixel of the {v} target views of {h}x{w} "
                          f"({v * h * w} rays), got {pred.shape[1]}: evaluate with --full-scale")
-
-    def images(x):
-        return x.float().reshape(b * v, h, w, 3).permute(0, 3, 1, 2)
-    per_image = structural_similarity_index_measure(images(pred).clamp(0, 1), images(target),
+    per_image = structural_similarity_index_measure(_views(pred, image_shape),
+                                                    _views(target, image_shape),
                                                     data_range=1.0, reduction="none")
     return per_image.reshape(b, v).mean(1)
 
@@ -55,13 +59,9 @@ def lpips_metric(device):
         return None
 
     def lpips(pred, target, image_shape):
-        v, h, w = image_shape
-        b = pred.shape[0]
-
-        def images(x):
-            return x.float().reshape(b * v, h, w, 3).permute(0, 3, 1, 2).clamp(0, 1)
-        p, t = images(pred), images(target)
-        return torch.stack([net(p[i:i + 1], t[i:i + 1]) for i in range(b * v)]).reshape(b, v).mean(1)
+        p, t = _views(pred, image_shape), _views(target, image_shape)
+        per_image = torch.stack([net(p[i:i + 1], t[i:i + 1]) for i in range(len(p))])
+        return per_image.reshape(pred.shape[0], image_shape[0]).mean(1)
     return lpips
 
 

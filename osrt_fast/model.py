@@ -715,3 +715,12 @@ class OSRT(nn.Module):
         if "segmentation" in extras:
             extras = {**extras, "slots": latents}
         return pixels, extras
+
+
+def model_of_config_file(model_cfg, config_path: str) -> OSRT:
+    """OSRT(model_cfg) of the config file `config_path`; an unknown model key's ConfigError names
+    that file, as one in the other sections does."""
+    try:
+        return OSRT(model_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None

@@ -32,7 +32,7 @@ from .files import WriteError
 from .guards import CollapseWatch, DivergenceError, NonFiniteLossError, StepGuard
 from .locks import LOCK_FILE, FolderLock, LockedError
 from .metrics import psnr
-from .model import OSRT
+from .model import OSRT, model_of_config_file
 from .rendering import visualize
 from .runs import (append_log, copy_config, parse_train_args, require_wandb, resume_notes, run_dir_for,
                    start_wandb)
@@ -381,11 +381,8 @@ class Trainer:
 def check_before_work(cfg: Config, args) -> None:
     """What can be refused before any data is read or a run directory made: the model's keys
     (built on the meta device: no memory, no time) and a missing optional extra."""
-    try:
-        with torch.device("meta"):
-            OSRT(cfg.model)
-    except ConfigError as e:
-        raise ConfigError(f"{args.config}: {e}") from None
+    with torch.device("meta"):
+        model_of_config_file(cfg.model, args.config)
     if args.wandb:
         require_wandb()
 
