@@ -105,7 +105,8 @@ def train_until(config: str, args, run_dir: str) -> int:
     """Runs train.py once to the budget: --steps as --exit-after, --minutes as --max-minutes
     (training time summed over the run's resumes); it evaluates every --eval-every steps
     itself. A run already past the budget only loads and exits. Returns train.py's exit code:
-    0, or one of INTERRUPTED after Ctrl-C or another stop signal (train.py saved; the curves are still written)."""
+    0, or one of INTERRUPTED after Ctrl-C or another stop signal (train.py saved; the curves
+    are still written)."""
     budget = (["--exit-after", str(args.steps)] if args.steps is not None
               else ["--max-minutes", str(args.minutes)] if args.minutes is not None else [])
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), config, *budget, "--max-eval", str(args.max_eval)]
@@ -135,13 +136,13 @@ def mean_image_psnr(config: str, max_eval, max_train: int = 2000, split: str = "
     from osrt_fast.data import get_dataset, scene_records
 
     cfg = load_config(config).data
-    train, val = get_dataset("train", cfg), get_dataset(split, cfg, max_len=max_eval)
+    train, scenes = get_dataset("train", cfg), get_dataset(split, cfg, max_len=max_eval)
     total, count = 0.0, 0
     for record in scene_records(train, range(min(max_train, train.num_scenes))):
         total, count = total + record["images"].astype(np.float64).sum(0), count + len(record["images"])
     mean = total / count / 255
     psnrs = []
-    for record in scene_records(val, range(len(val))):
+    for record in scene_records(scenes, range(len(scenes))):
         views = record["images"][record["target_views"]].astype(np.float64) / 255
         psnrs.append(-10 * np.log10(np.mean((views - mean) ** 2)))
     return float(np.mean(psnrs))

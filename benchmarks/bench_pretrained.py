@@ -1,4 +1,4 @@
-"""The shipped checkpoint's quality: PSNR, ARI and FG-ARI of a checkpoint on a split it was neither
+"""The shipped checkpoint's quality: PSNR, SSIM, ARI and FG-ARI of a checkpoint on a split it was neither
 trained nor selected on (by default configs/demo.pt on the demo's test split, 250 scenes of 2-3
 objects, whole target images), beside the mean image's PSNR on the same scenes.
 
