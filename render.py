@@ -61,12 +61,6 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _batched_item(record: dict, spec) -> dict:
-    """A dataset's scene record -> the model's inputs with a batch dim of 1 (`make_batch`)."""
-    from osrt_fast.data import model_batch
-    return model_batch(record, spec)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.motion not in MOTIONS:
@@ -116,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # Imported here so that argument and config errors come back fast.
     from osrt_fast.checkpoint import CheckpointError, load_trained_model
-    from osrt_fast.data import get_dataset, is_stream, scene_records
+    from osrt_fast.data import batch_spec, get_dataset, is_stream, model_batch, scene_records
 
     try:
         _, model, _, state = load_trained_model(args.config, ckpt_path, device)
@@ -152,13 +146,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     split = "train" if args.train else "val"
     dataset = get_dataset(split, cfg.data)
+    spec = batch_spec(cfg.data, dataset)
     if not is_stream(dataset) and stop > len(dataset):
         return _fail(f"scene ids [{start}, {stop}) out of range: the {split} set has "
                      f"{len(dataset)} scenes")
     # A stream can't be indexed: it is skipped to the first scene, as the reference does (the
     # Kubric reader skips whole records without decoding them).
     for sceneid, item in zip(range(start, stop), scene_records(dataset, range(start, stop))):
-        _render_one(args, model, _batched_item(item, dataset.spec), run_dir, name, sceneid,
+        _render_one(args, model, model_batch(item, spec), run_dir, name, sceneid,
                     device, None, visible)
     return 0
 

@@ -72,7 +72,7 @@ def measure(model, batch) -> dict:
 
 def main(argv=None) -> dict:
     from osrt_fast.config import load_config
-    from osrt_fast.data import get_dataset, model_batch
+    from osrt_fast.data import batch_spec, get_dataset, model_batch
     from osrt_fast.data.records import collate
     from osrt_fast.model import OSRT
     args = parse(argv)
@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
             node = node.setdefault(k, {})
         node[last] = yaml.safe_load(value)
     dataset = get_dataset("train", cfg.data)
-    batch = model_batch(collate([dataset[(i, i)] for i in range(args.scenes)]), dataset.spec)
+    batch = model_batch(collate([dataset[(i, i)] for i in range(args.scenes)]),
+                        batch_spec(cfg.data, dataset))
     rows = []
     for seed in range(args.seeds):
         torch.manual_seed(seed)

@@ -167,8 +167,7 @@ def _prepare_shards(d, args) -> None:
 def _obsurf_dataset(folder: str, args):
     from osrt_fast.data.obsurf import ObSuRFDataset
     # Every scene of the folder in the split (not the procedural 90 %), all 10 views.
-    return ObSuRFDataset(folder, "train", points_per_item=args.points, kind="procedural",
-                         num_input_views=NUM_INPUT_VIEWS,
+    return ObSuRFDataset(folder, "train", kind="procedural", num_input_views=NUM_INPUT_VIEWS,
                          split_ranges={"train": (0, args.scenes)})
 
 
@@ -178,13 +177,12 @@ def make_dataset(path: str, data, args):
         if data.tfds is None:
             raise RuntimeError("skipped: tensorflow / tensorflow-datasets not importable")
         from osrt_fast.data.kubric import KubricDataset
-        return KubricDataset(data.tfds, "train", points_per_item=args.points,
-                             num_input_views=NUM_INPUT_VIEWS, seed=SEED), "tfds"
+        return KubricDataset(data.tfds, "train", num_input_views=NUM_INPUT_VIEWS, seed=SEED), "tfds"
     if path == "png_folder":
         return _obsurf_dataset(data.obsurf, args), "png_folder"
     from osrt_fast.data.shards import ShardDataset
     folder = data.shards_raw if path == "shards_raw" else data.shards_png
-    return ShardDataset(folder, "train", points_per_item=args.points), data.shards_source
+    return ShardDataset(folder, "train"), data.shards_source
 
 
 def folder_bytes(folder: str) -> int:
@@ -217,7 +215,7 @@ def dali_loader(data, args, batch_size: int, workers: int, device: torch.device)
         raise RuntimeError(f"skipped: osrt_fast.data.dali not importable "
                            f"({type(e).__name__}: {e})") from None
     from osrt_fast.data.shards import ShardDataset
-    dataset = ShardDataset(data.shards_png, "train", points_per_item=args.points)
+    dataset = ShardDataset(data.shards_png, "train")
     try:
         return DaliShardLoader(dataset, batch_size=batch_size, device=device.type,
                                num_threads=max(1, workers), seed=SEED), data.shards_source

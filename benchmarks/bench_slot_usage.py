@@ -55,7 +55,7 @@ def model_config(args) -> dict:
 
 def main(argv=None) -> list:
     from osrt_fast.config import config_from_dict
-    from osrt_fast.data import get_dataset, make_batch, to_device
+    from osrt_fast.data import batch_spec, get_dataset, make_batch, to_device
     from osrt_fast.data.loaders import record_loader
     from osrt_fast.evaluate import compute_loss
     from osrt_fast.model import OSRT
@@ -64,6 +64,7 @@ def main(argv=None) -> list:
     torch.manual_seed(args.seed)
     model = OSRT(cfg.model)
     dataset = get_dataset("train", cfg.data)
+    spec = batch_spec(cfg.data, dataset)
     loader = record_loader(dataset, cfg.training.batch_size, {"num_workers": 1}, train=True,
                            seed=args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -74,7 +75,7 @@ def main(argv=None) -> list:
             break
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (it + 1) / args.warmup)
-        batch = make_batch(to_device(records, "cpu"), dataset.spec)
+        batch = make_batch(to_device(records, "cpu"), spec)
         mse, terms = compute_loss(model, batch)
         loss = mse.mean()
         if it % args.every == 0 or it == args.steps - 1:

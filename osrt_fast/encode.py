@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data import DataError, get_dataset
+from .data import DataError, batch_spec, get_dataset
 from .checkpoint import load_trained_model
 from .runs import run_dir_for
 from .slots import SlotsError, encode_scenes, save_slots
@@ -58,11 +58,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                      "cpu" if args.no_cuda else None)
         device = next(model.parameters()).device
         dataset = get_dataset(args.split, cfg.data)
+        spec = batch_spec(cfg.data, dataset)
         if stop > len(dataset):
             raise ValueError(f"--scenes {args.scenes}: the {args.split} split has {len(dataset)} "
                              f"scenes (0-{len(dataset) - 1})")
         t0 = time.perf_counter()
-        slot_set = encode_scenes(model, dataset, range(start, stop), cfg.to_dict(), device,
+        slot_set = encode_scenes(model, dataset, spec, range(start, stop), cfg.to_dict(), device,
                                  args.split, ckpt, state.get("it"))
         out = args.out or os.path.join(run_dir_for(args.config), "slots.safetensors")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

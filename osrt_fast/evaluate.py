@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import parallel
 from .checkpoint import CheckpointError, load_trained_model
 from .config import ConfigError
-from .data import DataError, get_dataset, make_batch, record_loader, to_device
+from .data import DataError, batch_spec, get_dataset, make_batch, record_loader, to_device
 from .metrics import adjusted_rand_index, fg_ari, lpips_metric, psnr, ssim
 from .progress import progress_bar
 from .runs import run_dir_for
@@ -161,11 +161,12 @@ def main(argv=None) -> int:
                                                      "cpu" if args.no_cuda else None, run_dir)
         device = next(model.parameters()).device
         split = "test" if args.test else "val"
-        dataset = get_dataset(split, cfg.data, max_len=args.max_eval, full_scale=args.full_scale)
+        dataset = get_dataset(split, cfg.data, max_len=args.max_eval)
+        spec = batch_spec(cfg.data, dataset, full_scale=args.full_scale)
         bs = args.batch_size or cfg.training.eval_batch_size or max(1, cfg.training.batch_size // 8)
         loader = record_loader(dataset, bs, {"num_workers": min(cfg.training.num_workers, 4)},
                                train=False)
-        result = evaluate(model, loader, device, dataset.spec,
+        result = evaluate(model, loader, device, spec,
                           max_rays=cfg.data.num_points * cfg.training.batch_size)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@ view of a scene from them.
 OSRT's encoder turns a scene's input views into K slot vectors; its Slot Mixer decoder renders a
 ray from them, mixing the slots with per-ray weights (the segmentation). Here:
 
-- `encode_scenes(model, dataset, ids)` -> `SlotSet`: the slots of scenes, with what is needed to
+- `encode_scenes(model, dataset, spec, ids)` -> `SlotSet`: the slots of scenes, with what is needed to
   show and re-render them without the dataset (input images and camera poses, scene ids, the
   model config); `save_slots` / `load_slots` write and read it as safetensors
   (`python -m osrt_fast.encode` on the command line);
@@ -211,16 +211,17 @@ class SlotSet:
 
 
 @torch.no_grad()
-def encode_scenes(model, dataset, scene_ids: Sequence[int], config: dict, device=None,
+def encode_scenes(model, dataset, spec, scene_ids: Sequence[int], config: dict, device=None,
                   split: str = "val", checkpoint: str = "", iteration=None) -> SlotSet:
-    """Encodes the dataset's scenes `scene_ids` (indices in the split) with `model`; `config`:
+    """Encodes the dataset's scenes `scene_ids` (indices in the split) with `model`, their input
+    views as `spec` (a `BatchSpec`: `data.batch_spec(cfg.data, dataset)`) makes them; `config`:
     the run's config as a plain dict (kept in the file so it can be rendered without the YAML)."""
     device = torch.device(device or next(model.parameters()).device)
     model.eval()
     out = {k: [] for k in TENSORS}
     from .data import model_batch, scene_records
     for sid, record in zip(scene_ids, scene_records(dataset, scene_ids)):
-        item = model_batch(record, dataset.spec)
+        item = model_batch(record, spec)
         images = item["input_images"].to(device)
         cam = item["input_camera_pos"].to(device)
         rays = item["input_rays"].to(device)

@@ -25,8 +25,8 @@ from . import parallel
 from .checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
                          remove_stale_temporaries, restore_rng_state, save_checkpoint)
 from .config import Config, ConfigError, micro_batch_size
-from .data import (DataError, first_records, get_dataset, is_stream, make_batch, to_device,
-                   training_loaders)
+from .data import (DataError, batch_spec, first_records, get_dataset, is_stream, make_batch,
+                   to_device, training_loaders)
 from .evaluate import compute_loss, evaluate
 from .files import WriteError
 from .guards import CollapseWatch, DivergenceError, NonFiniteLossError, StepGuard
@@ -74,9 +74,10 @@ class Trainer:
                 try:
                     self.say("Loading training set...")
                     self.train_set = get_dataset("train", self.cfg.data)
+                    self.train_spec = batch_spec(self.cfg.data, self.train_set)
                     self.say(f"Loading {self.eval_split} set...")
-                    self.eval_set = get_dataset(self.eval_split, self.cfg.data, max_len=self.args.max_eval,
-                                                full_scale=self.args.full_scale)
+                    self.eval_set = get_dataset(self.eval_split, self.cfg.data, max_len=self.args.max_eval)
+                    self.eval_spec = batch_spec(self.cfg.data, self.eval_set, self.args.full_scale)
                 except (ConfigError, DataError) as e:
                     if not distributed:
                         raise
@@ -182,7 +183,7 @@ class Trainer:
             return
         records = next(batches, None)    # None: a finite stream; the non-finite check on save remains
         if records is not None:
-            batch = make_batch(to_device(records, self.device), self.train_set.spec)
+            batch = make_batch(to_device(records, self.device), self.train_spec)
             with torch.no_grad(), parallel.autocast(self.device, self.t.precision):
                 mse, _ = compute_loss(self.model, batch)
             why = self.guard.weights_are_sane(parallel.all_reduce_mean(mse.mean().float()))
@@ -195,7 +196,7 @@ class Trainer:
         """Metrics on the evaluation split, logged; a new best by the selection metric is saved."""
         t = self.t
         self.say(f"Evaluating on {self.eval_split} ({len(self.eval_set)} items)...")
-        result = evaluate(self.model, self.eval_loader, self.device, self.eval_set.spec,
+        result = evaluate(self.model, self.eval_loader, self.device, self.eval_spec,
                           max_rays=self.max_rays, precision=t.precision)
         self.say(f"Evaluation at it={self.it}: " + ", ".join(
             f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in result.items()))
@@ -215,9 +216,9 @@ class Trainer:
             self.say(f"New best model ({t.model_selection_metric} {self.best:.4f}), saved model_best.pt")
 
     def visualize(self) -> None:
-        for name, dataset in (("val", self.eval_set), ("train", self.train_set)):
+        for name, spec in (("val", self.eval_spec), ("train", self.train_spec)):
             path = os.path.join(self.run_dir, f"renders-{name}.png") if self.info.is_main else None
-            visualize(self.model, make_batch(self.vis_records[name], dataset.spec), path, self.device,
+            visualize(self.model, make_batch(self.vis_records[name], spec), path, self.device,
                       max_rays=self.max_rays, precision=self.t.precision)
         self.say(f"Visualisations written to {self.run_dir}/renders-{{val,train}}.png")
 
@@ -237,7 +238,7 @@ class Trainer:
         losses, terms_sum = [], defaultdict(list)
         balance = slot_balance_at(t, self.it)
         for m in range(t.grad_accum):
-            batch = make_batch(to_device(next(batches), self.device), self.train_set.spec)
+            batch = make_batch(to_device(next(batches), self.device), self.train_spec)
             self.rates.count_flops(self.cfg.model, batch)
             with parallel.gradient_sync(self.model, m == t.grad_accum - 1):
                 with parallel.autocast(self.device, t.precision):

@@ -72,12 +72,18 @@ class Viewer:
     """A trained model and the scenes it shows: encodes a scene on first view (or takes the
     slots of a `SlotSet`) and renders it from any camera.
 
-    source: a dataset split (scenes encoded as they are picked) or a SlotSet."""
+    source: a dataset split (scenes encoded as they are picked, their input views as `spec`,
+    a `BatchSpec`, makes them: `data.batch_spec(cfg.data, dataset)`) or a SlotSet."""
 
-    def __init__(self, model, source, config: Optional[dict] = None, max_rays: int = 16384):
+    def __init__(self, model, source, config: Optional[dict] = None, max_rays: int = 16384,
+                 spec=None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.source, self.config, self.max_rays = source, config or {}, max_rays
+        if spec is None and not isinstance(source, SlotSet):
+            raise ValueError("a dataset source needs the BatchSpec of its run "
+                             "(osrt_fast.data.batch_spec(cfg.data, dataset))")
+        self.spec = spec
         self.lock = threading.Lock()
         self.scene: Optional[SlotSet] = None
         self.scene_id: Optional[int] = None
@@ -98,7 +104,8 @@ class Viewer:
                 if not 0 <= scene_id < len(self.source):
                     raise SlotsError(f"scene {scene_id} is not in the split (0-"
                                      f"{len(self.source) - 1})")
-                one = encode_scenes(self.model, self.source, [scene_id], self.config, self.device)
+                one = encode_scenes(self.model, self.source, self.spec, [scene_id], self.config,
+                                    self.device)
             one.slots = one.slots.to(self.device)
             self.scene, self.scene_id = one, int(scene_id)
             return one
@@ -351,12 +358,15 @@ def save_dir_of(args) -> str:
 
 def open_viewer(args) -> Viewer:
     """The Viewer of parsed CLI arguments, its first scene loaded."""
-    from .data import get_dataset
+    from .data import batch_spec, get_dataset
     from .checkpoint import load_trained_model
     cfg, model, _, _ = load_trained_model(args.config, args.checkpoint,
                                           "cpu" if args.no_cuda else None)
-    source = load_slots(args.slots) if args.slots else get_dataset(args.split, cfg.data)
-    viewer = Viewer(model, source, cfg.to_dict())
+    if args.slots:
+        viewer = Viewer(model, load_slots(args.slots), cfg.to_dict())
+    else:
+        dataset = get_dataset(args.split, cfg.data)
+        viewer = Viewer(model, dataset, cfg.to_dict(), spec=batch_spec(cfg.data, dataset))
     ids = viewer.scene_ids()
     first = ids[0] if args.sceneid is None else args.sceneid
     viewer.load_scene(first)

@@ -17,7 +17,7 @@ from osrt_fast.data import DataError, DataWarning, ObSuRFDataset, collate, make_
 from osrt_fast.data import shards  # noqa: E402
 from osrt_fast.data.dali import DaliShardLoader  # noqa: E402
 from osrt_fast.data.errors import CorruptFile  # noqa: E402
-from osrt_fast.data import FixedSampler, ResumableBatchSampler  # noqa: E402
+from osrt_fast.data import BatchSpec, FixedSampler, ResumableBatchSampler  # noqa: E402
 
 V, H, W, P = 3, 16, 16, 16
 
@@ -27,14 +27,14 @@ def converted(tmp_path_factory):
     base = tmp_path_factory.mktemp("dali")
     root = str(base / "procedural")
     scenes.generate_dataset(root, 8, height=H, width=W, num_views=V, progress=False)
-    src = ObSuRFDataset(root, "train", kind="procedural", points_per_item=P)
+    src = ObSuRFDataset(root, "train", kind="procedural")
     shards.convert(src, str(base / "png" / "train"), "png", shard_size=3, progress=False)
     shards.convert(src, str(base / "raw" / "train"), "raw", shard_size=3, progress=False)
     return base
 
 
 def png(converted, **kw):
-    return shards.ShardDataset(str(converted / "png"), "train", points_per_item=P, **kw)
+    return shards.ShardDataset(str(converted / "png"), "train", **kw)
 
 
 def assert_same(batch, ref):
@@ -63,7 +63,7 @@ def test_train_batches_equal_the_pytorch_records_and_make_batch_runs(converted):
         ref = collate([ds[pair] for pair in sampler.batch(it)])
         assert_same(batch, ref)
         assert batch["images"].shape == (4, V, H, W, 3) and batch["ids"].shape == (4, V, H, W)
-        assert_same_model_batch(batch, ref, ds.spec)
+        assert_same_model_batch(batch, ref, BatchSpec.for_dataset(ds, num_points=P))
         n += 1
     assert n == 6 and loader.host_decoded_batches == 0
 
@@ -94,7 +94,7 @@ def test_resuming_at_start_it_continues_the_same_stream(converted):
 
 
 def test_errors_for_raw_shards_missing_dali_and_missing_cuda(converted, monkeypatch):
-    raw = shards.ShardDataset(str(converted / "raw"), "train", points_per_item=P)
+    raw = shards.ShardDataset(str(converted / "raw"), "train")
     with pytest.raises(DataError, match="need no decoding; use the PyTorch DataLoader"):
         DaliShardLoader(raw, 2, device="cpu")
     with pytest.raises(DataError, match="ShardDataset"):
@@ -126,7 +126,7 @@ def corrupt_copy(converted, name, damage):
             damage(data, int(offsets[pos]), int(offsets[pos + 1]))
             with open(base + ".bin", "wb") as f:
                 f.write(data)
-    return shards.ShardDataset(str(out), "train", points_per_item=P)
+    return shards.ShardDataset(str(out), "train")
 
 
 def overwrite_middle(data, start, end):

@@ -9,14 +9,15 @@ from PIL import Image
 
 from osrt_fast import data, geometry, scenes
 from osrt_fast.config import ConfigError, DataConfig
-from osrt_fast.data import DataError, DataWarning, ObSuRFDataset, model_batch
+from osrt_fast.data import BatchSpec, DataError, DataWarning, ObSuRFDataset, model_batch
 
 N, V, H, W = 20, 3, 16, 32
 
 
-def example(ds, idx):
-    """The model inputs of one item (numpy), built as training builds them: record -> make_batch."""
-    b = model_batch(ds[idx], ds.spec)
+def example(ds, idx, **spec):
+    """The model inputs of one item (numpy), built as training builds them: record -> make_batch
+    with the BatchSpec of `spec` (num_points, full_scale, downsample)."""
+    b = model_batch(ds[idx], BatchSpec.for_dataset(ds, **spec))
     return {k: v[0].numpy() for k, v in b.items()}
 
 
@@ -37,9 +38,9 @@ def load_scene(root, scene, views=V):
 
 
 def test_shapes_default_and_full_scale(proc):
-    ds = ObSuRFDataset(proc, "train", points_per_item=100, kind="procedural", max_objects=4)
+    ds = ObSuRFDataset(proc, "train", kind="procedural", max_objects=4)
     assert ds.render_kwargs == {"min_dist": 0.035, "max_dist": 35.}
-    item = example(ds, 0)
+    item = example(ds, 0, num_points=100)
     o = 5
     expect = {"input_images": (1, 3, H, W), "input_camera_pos": (1, 3),
               "input_rays": (1, H, W, 3), "input_masks": (1, H, W, o),
@@ -49,7 +50,7 @@ def test_shapes_default_and_full_scale(proc):
         assert item[k].shape == shape, k
         assert item[k].dtype == np.float32, k
     assert item["sceneid"] == 0
-    full = example(ObSuRFDataset(proc, "train", kind="procedural", full_scale=True, max_objects=4), 1)
+    full = example(ds, 1, full_scale=True)
     p = V * H * W
     for k in ("target_pixels", "target_camera_pos", "target_rays"):
         assert full[k].shape == (p, 3)
@@ -57,7 +58,7 @@ def test_shapes_default_and_full_scale(proc):
 
 
 def test_items_come_from_the_right_scene_and_view(proc):
-    ds = ObSuRFDataset(proc, "train", points_per_item=300, kind="procedural", max_objects=4)
+    ds = ObSuRFDataset(proc, "train", kind="procedural", max_objects=4)
     n = len(ds.idxs)
     meta = np.load(os.path.join(proc, "metadata.npz"))
     for idx in (0, n - 1, n + 2, 2 * n + 5):
@@ -106,23 +107,22 @@ def test_splits_and_max_objects(proc):
 
 
 def test_seeded_sampling(proc):
-    ds = ObSuRFDataset(proc, "train", points_per_item=64, kind="procedural", max_objects=4)
-    a, b, c = example(ds, (4, 123)), example(ds, (4, 123)), example(ds, (4, 124))
+    ds = ObSuRFDataset(proc, "train", kind="procedural", max_objects=4)
+    a, b, c = (example(ds, (4, s), num_points=64) for s in (123, 123, 124))
     np.testing.assert_array_equal(a["target_rays"], b["target_rays"])
     assert not np.array_equal(a["target_rays"], c["target_rays"])
     np.random.seed(0)
-    d = example(ds, 4)
+    d = example(ds, 4, num_points=64)
     np.random.seed(0)
-    np.testing.assert_array_equal(d["target_rays"], example(ds, 4)["target_rays"])
+    np.testing.assert_array_equal(d["target_rays"], example(ds, 4, num_points=64)["target_rays"])
     # No repeats when there are enough pixels; repeats (with replacement) when not.
     assert len(np.unique(a["target_rays"], axis=0)) == 64
-    many = example(ObSuRFDataset(proc, "train", points_per_item=V * H * W + 10,
-                                 kind="procedural", max_objects=4), (0, 1))
+    many = example(ds, (0, 1), num_points=V * H * W + 10)
     assert many["target_rays"].shape[0] == V * H * W + 10
 
 
 def test_one_hot_masks(proc):
-    item = example(ObSuRFDataset(proc, "train", points_per_item=500, kind="procedural", max_objects=4), 2)
+    item = example(ObSuRFDataset(proc, "train", kind="procedural", max_objects=4), 2, num_points=500)
     for m in (item["input_masks"], item["target_masks"]):
         np.testing.assert_array_equal(m.sum(-1), 1)
         assert set(np.unique(m)) <= {0.0, 1.0}
@@ -132,9 +132,8 @@ def test_one_hot_masks(proc):
 
 
 def test_downsample_and_input_views(proc):
-    ds = ObSuRFDataset(proc, "train", points_per_item=50, kind="procedural", max_objects=4,
-                       downsample=1)
-    item = example(ds, 0)
+    ds = ObSuRFDataset(proc, "train", kind="procedural", max_objects=4)
+    item = example(ds, 0, num_points=50, downsample=1)
     imgs, ids = load_scene(proc, ds.idxs[0])
     assert item["input_images"].shape == (1, 3, H // 2, W // 2)
     np.testing.assert_array_equal(item["input_images"][0], imgs[0, 1::2, 1::2].transpose(2, 0, 1))
@@ -174,10 +173,9 @@ def write_fake_clevr(root, n=6, views=3, o=11, h=24, w=32, rgba=True):
 def test_clevr3d_style_folder(tmp_path):
     root = write_fake_clevr(str(tmp_path / "clevr"))
     ranges = {"train": (0, 4), "val": (4, 5), "test": (5, 6)}
-    ds = ObSuRFDataset(root, "train", points_per_item=40, kind="clevr3d", max_objects=6,
-                       split_ranges=ranges)
+    ds = ObSuRFDataset(root, "train", kind="clevr3d", max_objects=6, split_ranges=ranges)
     assert len(ds) == 4 * 3
-    item = example(ds, 5)                       # scene 1, view 1
+    item = example(ds, 5, num_points=40)        # scene 1, view 1
     assert item["input_images"].shape == (1, 3, 24, 32)
     assert item["input_masks"].shape == (1, 24, 32, 11)
     assert item["target_masks"].shape == (40, 11)
@@ -222,14 +220,18 @@ def test_bad_inputs(tmp_path, proc):
     with pytest.raises(DataError, match="img_0_0.png' is missing"):
         ObSuRFDataset(holes, "train", kind="procedural", max_objects=4)
 
-    odd = write_fake_clevr(str(tmp_path / "odd"), n=2, h=12, w=20, rgba=False)
-    with pytest.raises(DataError, match="20x12.*multiples of 8.*24x16"):
-        ObSuRFDataset(odd, "train", kind="clevr3d")
+    # Views the encoder cannot take are refused when a batch spec is made for them.
+    odd = ObSuRFDataset(write_fake_clevr(str(tmp_path / "odd"), n=2, h=12, w=20, rgba=False),
+                        "train", kind="clevr3d")
+    with pytest.raises(DataError, match="20x12.*multiples of 8.*24x16.*no downsample makes"):
+        BatchSpec.for_dataset(odd)
     # 24x16 files are fine, but downsampled to 12x8 they are not.
-    ok = write_fake_clevr(str(tmp_path / "ds"), n=2, h=16, w=24)
-    ObSuRFDataset(ok, "train", kind="clevr3d")
-    with pytest.raises(DataError, match="12x8.*downsample=1.*multiples of 8"):
-        ObSuRFDataset(ok, "train", kind="clevr3d", downsample=1)
+    ok = ObSuRFDataset(write_fake_clevr(str(tmp_path / "ds"), n=2, h=16, w=24), "train",
+                       kind="clevr3d")
+    assert BatchSpec.for_dataset(ok) == BatchSpec(2048, False, None, 11)
+    with pytest.raises(DataError, match=r"12x8.*downsample=1.*multiples of 8.*"
+                                        r"24x16 images work with downsample None\)"):
+        BatchSpec.for_dataset(ok, downsample=1)
 
 
 def test_get_dataset(tmp_path, capsys):
@@ -239,15 +241,23 @@ def test_get_dataset(tmp_path, capsys):
     ds = data.get_dataset("train", cfg)
     assert "generating the procedural dataset" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(path, "metadata.npz"))
-    first = example(ds, 0)
+    assert data.batch_spec(cfg, ds) == BatchSpec(32, False, None, 4)
+    first = example(ds, 0, num_points=32)
     assert first["target_rays"].shape == (32, 3) and first["input_masks"].shape[-1] == 4
     assert len(data.get_dataset("val", cfg).idxs) == 1
-    full = data.get_dataset("test", cfg, full_scale=True)
-    assert example(full, 0)["target_rays"].shape == (2 * 8 * 8, 3)
+    test = data.get_dataset("test", cfg)
+    assert data.batch_spec(cfg, test, full_scale=True) == BatchSpec(32, True, None, 4)
+    assert example(test, 0, full_scale=True)["target_rays"].shape == (2 * 8 * 8, 3)
     assert len(data.get_dataset("train", cfg, max_len=3)) == 3
     capsys.readouterr()
     data.get_dataset("train", cfg)                    # reused, not regenerated
     assert "generating" not in capsys.readouterr().out
+    # data.kwargs.downsample is the batch spec's: the reader takes the data, the spec refuses
+    # input views the encoder cannot take (8x8 halved).
+    halved = DataConfig(dataset="procedural", path=path, num_points=32,
+                        kwargs=dict(cfg.kwargs, downsample=1))
+    with pytest.raises(DataError, match="4x4.*downsample=1.*multiples of 8"):
+        data.batch_spec(halved, data.get_dataset("train", halved))
     with pytest.raises(DataError, match="other settings"):
         data.get_dataset("train", DataConfig(dataset="procedural", path=path,
                                              kwargs=dict(num_scenes=5)))

@@ -218,11 +218,11 @@ def test_slot_usage_and_importance_of_known_weights():
 
 
 def test_slot_balance_off_is_the_references_step_and_on_adds_its_gradient(data_dir):
-    from osrt_fast.data import get_dataset, model_batch
+    from osrt_fast.data import batch_spec, get_dataset, model_batch
     from osrt_fast.data.records import collate
     cfg = config_from_dict({"data": tiny_data_section(data_dir), "model": tiny_model_config()})
     dataset = get_dataset("train", cfg.data)
-    batch = model_batch(collate([dataset[(i, i)] for i in range(3)]), dataset.spec)
+    batch = model_batch(collate([dataset[(i, i)] for i in range(3)]), batch_spec(cfg.data, dataset))
     model = OSRT(cfg.model)
     mse, terms = compute_loss(model, batch)
     assert "aux_loss" not in terms

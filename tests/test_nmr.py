@@ -62,10 +62,10 @@ def reference_rays(scene_dir, height, width):
 
 
 def test_record_format(nmr):
-    ds = NMRDataset(nmr, "train", points_per_item=100)
-    assert (ds.num_views, ds.height, ds.width) == (V, S, S)
+    ds = NMRDataset(nmr, "train")
+    assert (ds.num_views, ds.height, ds.width, ds.num_entities) == (V, S, S, 0)
     assert ds.render_kwargs == {"min_dist": 2., "max_dist": 4.}
-    assert ds.spec == BatchSpec(100, False, None, 0)
+    assert BatchSpec.for_dataset(ds, num_points=100) == BatchSpec(100, False, None, 0)
     rec = ds[(0, 5)]
     assert set(rec) == RECORD_KEYS          # no 'ids': NMR has no instance masks
     assert rec["images"].dtype == np.uint8 and rec["images"].shape == (V, S, S, 3)
@@ -127,11 +127,12 @@ def test_ray_matrix_general_cameras_and_sizes():
 
 @pytest.mark.parametrize("downsample", [None, 1])
 def test_model_batch_targets_come_from_the_right_pixels(nmr, downsample):
-    ds = NMRDataset(nmr, "train", points_per_item=300, downsample=downsample)
+    ds = NMRDataset(nmr, "train")
     dirs = scene_dirs(nmr, "train")
     n = len(dirs)
     items = [(3, 1), (n + 1, 2), (7 * n + 5, 3)]
-    batch = model_batch([ds[i] for i in items], ds.spec)
+    batch = model_batch([ds[i] for i in items],
+                        BatchSpec.for_dataset(ds, num_points=300, downsample=downsample))
     h = w = S if downsample is None else S // 2
     assert batch["input_images"].shape == (3, 1, 3, h, w)
     assert batch["input_rays"].shape == (3, 1, h, w, 3)
@@ -172,14 +173,13 @@ def test_model_batch_targets_come_from_the_right_pixels(nmr, downsample):
 
 
 def test_seeded_sampling_and_full_scale(nmr):
-    ds = NMRDataset(nmr, "test", points_per_item=64)
-    a, b, c = (model_batch(ds[(4, s)], ds.spec) for s in (123, 123, 124))
+    ds = NMRDataset(nmr, "test")
+    spec = BatchSpec.for_dataset(ds, num_points=64)
+    a, b, c = (model_batch(ds[(4, s)], spec) for s in (123, 123, 124))
     np.testing.assert_array_equal(a["target_rays"], b["target_rays"])
     np.testing.assert_array_equal(a["target_pixels"], b["target_pixels"])
     assert not np.array_equal(a["target_rays"], c["target_rays"])
-    full = NMRDataset(nmr, "test", full_scale=True)
-    assert full.spec.full_scale
-    batch = model_batch(full[(4, 0)], full.spec)
+    batch = model_batch(ds[(4, 0)], BatchSpec.for_dataset(ds, full_scale=True))
     assert batch["target_pixels"].shape == (1, (V - 1) * S * S, 3)
 
 
@@ -278,9 +278,11 @@ def test_image_size_mismatch_and_encoder_multiple(tmp_path):
     Image.fromarray(np.zeros((S, S + 8, 3), np.uint8)).save(bad)
     with pytest.warns(DataWarning, match=r"0002\.png' is 24x16 .* images are 16x16"):
         ds[1]
-    assert NMRDataset(root, "train", downsample=1).input_height == 8
-    with pytest.raises(DataError, match="multiples of 8"):
-        NMRDataset(root, "train", downsample=2)
+    halved = model_batch(ds[0], BatchSpec.for_dataset(ds, downsample=1))
+    assert halved["input_images"].shape[-2:] == (8, 8)
+    with pytest.raises(DataError, match=r"multiples of 8.*16x16 images work with downsample "
+                                        r"None, 1\)"):
+        BatchSpec.for_dataset(ds, downsample=2)
 
 
 def test_corrupt_png_is_skipped_with_a_warning(tmp_path):

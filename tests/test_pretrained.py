@@ -42,13 +42,13 @@ def test_the_checkpoint_is_small_and_the_demos():
 
 def test_the_checkpoint_reconstructs_and_segments_held_out_scenes(held_out):
     from osrt_fast.checkpoint import load_trained_model
-    from osrt_fast.data import get_dataset, record_loader
+    from osrt_fast.data import batch_spec, get_dataset, record_loader
     from osrt_fast.evaluate import evaluate
     torch.manual_seed(0)
     cfg, model, _, _ = load_trained_model(held_out, CHECKPOINT, "cpu")
     dataset = get_dataset("train", cfg.data, max_len=16)
     result = evaluate(model, record_loader(dataset, 8, {"num_workers": 0}, train=False),
-                      torch.device("cpu"), dataset.spec, progress=False)
+                      torch.device("cpu"), batch_spec(cfg.data, dataset), progress=False)
     assert result["num_scenes"] == 16
     assert result["psnr"] >= PSNR_FLOOR, result
     assert result["fg_ari"] >= FG_ARI_FLOOR, result

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from osrt_fast import scenes
-from osrt_fast.data import DataError, ObSuRFDataset, model_batch, nmr, shards
+from osrt_fast.data import BatchSpec, DataError, ObSuRFDataset, model_batch, nmr, shards
 from osrt_fast.data.errors import DataWarning
 
 from conftest import train_tiny
@@ -32,10 +32,11 @@ def same_records(a, b):
 
 @pytest.mark.parametrize("encoding", ["raw", "png"])
 def test_obsurf_items_survive_conversion(proc, tmp_path, encoding):
-    src = ObSuRFDataset(proc, "train", kind="procedural", points_per_item=24, max_objects=3)
+    src = ObSuRFDataset(proc, "train", kind="procedural", max_objects=3)
     shards.convert(src, str(tmp_path / "train"), encoding, shard_size=4, progress=False)
-    ds = shards.ShardDataset(str(tmp_path), "train", points_per_item=24)
-    assert len(ds) == len(src) and ds.spec == src.spec and ds.render_kwargs == src.render_kwargs
+    ds = shards.ShardDataset(str(tmp_path), "train")
+    assert len(ds) == len(src) and ds.render_kwargs == src.render_kwargs
+    assert (ds.height, ds.width, ds.num_entities) == (src.height, src.width, src.num_entities)
     for i in (0, 5, len(src) - 1):
         same_records(src[(i, 11)], ds[(i, 11)])
     index = json.load(open(tmp_path / "train" / "index.json"))
@@ -48,10 +49,10 @@ def test_obsurf_items_survive_conversion(proc, tmp_path, encoding):
 def test_nmr_conversion(tmp_path):
     root = nmr.write_fixture(str(tmp_path / "nmr"), objects_per_split={"train": 2, "val": 1,
                                                                         "test": 1}, size=16)
-    src = nmr.NMRDataset(root, "train", points_per_item=10)
+    src = nmr.NMRDataset(root, "train")
     shards.convert(src, str(tmp_path / "sh" / "train"), "png", shard_size=3, progress=False)
-    ds = shards.ShardDataset(str(tmp_path / "sh"), "train", points_per_item=10)
-    assert ds.spec.num_entities == 0 and len(ds) == len(src)
+    ds = shards.ShardDataset(str(tmp_path / "sh"), "train")
+    assert ds.num_entities == 0 and len(ds) == len(src)
     same_records(src[(30, 2)], ds[(30, 2)])
     assert "ids" not in ds[0]
 
@@ -63,8 +64,8 @@ def test_kubric_conversion_and_random_views(tmp_path):
     kubric.write_fixture(root, {"train": 5, "validation": 1, "test": 1}, 16, 16, shards=1)
     src = kubric.KubricDataset(root, "train")
     shards.convert(src, str(tmp_path / "sh" / "train"), "raw", shard_size=2, progress=False)
-    ds = shards.ShardDataset(str(tmp_path / "sh"), "train", points_per_item=8)
-    assert len(ds) == 5 and ds.spec.num_entities == 34
+    ds = shards.ShardDataset(str(tmp_path / "sh"), "train")
+    assert len(ds) == 5 and ds.num_entities == 34
     stored = {r["sceneid"]: r for r in src.ordered_records()}
     for i in range(5):
         rec = ds[(i, 100 + i)]
@@ -155,7 +156,7 @@ def test_bad_inputs(proc, tmp_path):
     with pytest.raises(DataError, match="num_input_views=4 does not fit 3 views"):
         shards.ShardDataset(good, "train", num_input_views=4)
     with pytest.raises(DataError, match="4x4.*downsample=2.*multiples of 8"):
-        shards.ShardDataset(good, "train", downsample=2)
+        BatchSpec.for_dataset(shards.ShardDataset(good, "train"), downsample=2)
 
 
 def test_corrupt_png_in_a_shard_is_skipped(proc, tmp_path):
@@ -174,5 +175,5 @@ def test_corrupt_png_in_a_shard_is_skipped(proc, tmp_path):
     same_records({k: v for k, v in rec.items() if k != "sceneid"},
                  {k: v for k, v in src[(2, 0)].items() if k not in ("sceneid", "input_views")}
                  | {"input_views": rec["input_views"]})
-    batch = model_batch(rec, ds.spec)
+    batch = model_batch(rec, BatchSpec.for_dataset(ds))
     assert batch["target_pixels"].shape == (1, 2048, 3)

@@ -138,7 +138,7 @@ def test_encode_writes_the_slots_file_and_it_renders_as_the_model_does(tiny_run,
     the input views and poses and the config; render_view from the loaded file equals rendering
     from freshly encoded slots; a model of another shape is refused by name."""
     from osrt_fast.config import load_config
-    from osrt_fast.data import get_dataset, model_batch
+    from osrt_fast.data import batch_spec, get_dataset, model_batch
     from osrt_fast.encode import main
     from osrt_fast.checkpoint import load_trained_model
     config, _ = tiny_run
@@ -154,7 +154,8 @@ def test_encode_writes_the_slots_file_and_it_renders_as_the_model_does(tiny_run,
     assert s.model_config() == json.loads(s.info["config"])["model"]
     _, model, _, _ = load_trained_model(config, device="cpu")
     cfg = load_config(config)
-    item = model_batch(get_dataset("val", cfg.data)[2], get_dataset("val", cfg.data).spec)
+    dataset = get_dataset("val", cfg.data)
+    item = model_batch(dataset[2], batch_spec(cfg.data, dataset))
     with torch.no_grad():
         fresh = model.encoder(item["input_images"], item["input_camera_pos"], item["input_rays"])
     torch.testing.assert_close(s.slots[1], fresh[0])

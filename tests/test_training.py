@@ -11,7 +11,7 @@ import osrt_fast.trainer as trainer
 from osrt_fast import OSRT
 from osrt_fast.checkpoint import load_checkpoint, save_checkpoint
 from osrt_fast.config import config_from_dict
-from osrt_fast.data import ResumableBatchSampler, get_dataset, model_batch
+from osrt_fast.data import ResumableBatchSampler, batch_spec, get_dataset, model_batch
 from osrt_fast.evaluate import compute_loss
 from osrt_fast.evaluate import main as evaluate_main
 from osrt_fast.schedule import LrSchedule
@@ -50,7 +50,7 @@ def test_lr_schedule_matches_the_reference():
 def test_loss_falls_on_a_fixed_batch(data_dir):
     cfg = config_from_dict({"data": tiny_data_section(data_dir)})
     ds = get_dataset("train", cfg.data)
-    batch = model_batch([ds[(i, i)] for i in range(4)], ds.spec)
+    batch = model_batch([ds[(i, i)] for i in range(4)], batch_spec(cfg.data, ds))
     model = OSRT(tiny_model_config())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []

@@ -37,13 +37,16 @@ def test_viewer_renders_what_render_view_gives_from_a_split_or_a_slots_file(tiny
     """Viewer.render of a scene encoded from the split equals render_view of its slots (with a
     slot hidden too), and equals the same scene taken from an encode file."""
     from osrt_fast.config import load_config
-    from osrt_fast.data import get_dataset
+    from osrt_fast.data import batch_spec, get_dataset
     from osrt_fast.encode import main as encode_main
     from osrt_fast.checkpoint import load_trained_model
     from osrt_fast.slots import load_slots
     config, _ = tiny_run
     cfg, model, _, _ = load_trained_model(config, device="cpu")
-    viewer = Viewer(model, get_dataset("val", load_config(config).data), cfg.to_dict())
+    dataset = get_dataset("val", load_config(config).data)
+    with pytest.raises(ValueError, match="needs the BatchSpec of its run"):
+        Viewer(model, dataset, cfg.to_dict())
+    viewer = Viewer(model, dataset, cfg.to_dict(), spec=batch_spec(cfg.data, dataset))
     viewer.load_scene(3)
     pos, rot, fov = viewer.home_camera(back=1.3)
     settings = ViewSettings("blend", hidden=frozenset({1}))

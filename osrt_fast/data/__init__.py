@@ -1,5 +1,5 @@
 """Datasets: every loader yields scene records (`records.py`); `make_batch` builds model inputs
-on the device.
+on the device, as a `BatchSpec` says (target rays, downsampling: `batch_spec(data_cfg, dataset)`).
 
     dataset      loader                    format
     procedural   obsurf.ObSuRFDataset      built-in scenes in the ObSuRF layout (generated)
@@ -16,12 +16,11 @@ from typing import Optional
 
 from ..config import checked_data_kwargs
 from .errors import CorruptFile, DataError, DataWarning, SkipCounter
-from .obsurf import (ENCODER_MULTIPLE, GENERATE_HINT, KINDS, SPLIT_RANGES, ObSuRFDataset,
-                     downsample, procedural_split_range)
+from .obsurf import GENERATE_HINT, KINDS, SPLIT_RANGES, ObSuRFDataset, procedural_split_range
 from .loaders import (first_records, is_stream, loader_kwargs, loader_options, record_loader,
                       scene_records, training_loaders, worker_init, worker_init_fn)
-from .records import (BatchSpec, ViewPolicy, collate, make_batch, model_batch, ray_directions,
-                      sample_pixels, to_device)
+from .records import (ENCODER_MULTIPLE, BatchSpec, ViewPolicy, check_input_size, collate,
+                      make_batch, model_batch, ray_directions, sample_pixels, to_device)
 from .samplers import EVAL_SEED, FixedSampler, ResumableBatchSampler, item_seed
 
 GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min_objects=2,
@@ -29,7 +28,7 @@ GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min
                           cameras="random")
 
 
-def _ensure_procedural(path: str, kwargs: dict) -> None:
+def _ensure_procedural(path: str, kwargs: dict, downsample: Optional[int]) -> None:
     """Generates the built-in dataset at `path` if its metadata.npz is missing; checks that an
     existing one matches the generator settings the config names explicitly. DataError if the
     settings are invalid, generator.json is damaged, or another process is generating there."""
@@ -48,9 +47,8 @@ def _ensure_procedural(path: str, kwargs: dict) -> None:
                     f"(existing vs config: {differ}). Delete the folder to re-generate, or set "
                     f"data.path to another folder.")
         return
-    # the size the dataset will refuse, refused before minutes of generating it
-    from .obsurf import check_input_size
-    check_input_size(settings["height"], settings["width"], kwargs.get("downsample"),
+    # the size batch_spec will refuse, refused before minutes of generating it
+    check_input_size(settings["height"], settings["width"], downsample,
                      "data.kwargs height and width, such as 32, 64 or 128")
     print(f"osrt_fast.data: '{path}' has no metadata.npz; generating the procedural dataset "
           f"there ({settings['num_scenes']} scenes, {settings['num_views']} views of "
@@ -64,17 +62,19 @@ def _ensure_procedural(path: str, kwargs: dict) -> None:
     scenes.generate_dataset(path, **settings)
 
 
-def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale: bool = False):
+def get_dataset(split: str, data_cfg, max_len: Optional[int] = None):
     """The dataset `data_cfg.dataset` for split 'train' / 'val' / 'test' (world coordinates).
 
     data_cfg: a `config.DataConfig`. See the module docstring for the datasets; the folder is
     data_cfg.path (default data/<dataset>); 'procedural' is generated there on first use.
-    Items are scene records; `make_batch(records, dataset.spec)` gives the model's inputs.
+    Items are scene records; `make_batch(records, batch_spec(data_cfg, dataset))` gives the
+    model's inputs.
     """
     name = data_cfg.dataset
     kwargs = checked_data_kwargs(name, data_cfg.kwargs)     # (a hand-made DataConfig too)
     path = data_cfg.resolved_path()
-    common = dict(points_per_item=data_cfg.num_points, max_len=max_len, full_scale=full_scale)
+    downsample = kwargs.pop("downsample", None)             # batch_spec's, not the reader's
+    common = dict(max_len=max_len)
     if name in ("osrt", "msn"):
         from .kubric import KubricDataset
         return KubricDataset(path, split, masks=name == "osrt", **common, **kwargs)
@@ -86,8 +86,18 @@ def get_dataset(split: str, data_cfg, max_len: Optional[int] = None, full_scale:
         return ShardDataset(path, split, **common, **kwargs)
     kwargs.pop("max_views", None)   # accepted and ignored, as by the reference
     if name == "procedural":
-        _ensure_procedural(path, kwargs)
+        _ensure_procedural(path, kwargs, downsample)
         for k in GENERATOR_DEFAULTS:
             if k != "max_objects":
                 kwargs.pop(k, None)
     return ObSuRFDataset(path, split, kind=name, **common, **kwargs)
+
+
+def batch_spec(data_cfg, dataset, full_scale: bool = False) -> BatchSpec:
+    """How a run with data config `data_cfg` batches `dataset`'s records: data_cfg.num_points
+    target rays per scene (every pixel of every target view with `full_scale`, as evaluation
+    at full scale), input views subsampled by 2**data.kwargs.downsample. DataError if the
+    dataset's views, so subsampled, do not fit the encoder."""
+    kwargs = checked_data_kwargs(data_cfg.dataset, data_cfg.kwargs)
+    return BatchSpec.for_dataset(dataset, data_cfg.num_points, full_scale,
+                                 kwargs.get("downsample"))

@@ -82,13 +82,15 @@ def check_split(dataset, split: str, max_scenes: Optional[int] = None,
 
 def _open_split(split: str, data_cfg):
     """The split's dataset, as training opens it, but never generating the built-in data."""
-    from . import get_dataset
+    from . import batch_spec, get_dataset
     path = data_cfg.resolved_path()
     if data_cfg.dataset == "procedural" and not os.path.isfile(os.path.join(path, "metadata.npz")):
         raise DataError(f"'{path}' holds no generated procedural data (no metadata.npz); the "
                         f"first training run generates it, or `python -m osrt_fast.scenes "
                         f"--out {path}` with the config's settings")
-    return get_dataset(split, data_cfg)
+    dataset = get_dataset(split, data_cfg)
+    batch_spec(data_cfg, dataset)           # views the encoder cannot take are a problem too
+    return dataset
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:

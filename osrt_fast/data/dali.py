@@ -1,8 +1,10 @@
 """A DALI loader for 'png' shards: batches of collated scene records, decoded by DALI.
 
-    loader = DaliShardLoader(ShardDataset(path, "train"), batch_size=256, device="cuda")
+    dataset = ShardDataset(path, "train")
+    spec = BatchSpec.for_dataset(dataset, num_points=8192)
+    loader = DaliShardLoader(dataset, batch_size=256, device="cuda")
     for records in loader:                        # endless for train=True
-        inputs = make_batch(records, dataset.spec)
+        inputs = make_batch(records, spec)
 
 Each batch is the dict of tensors that `records.collate([dataset[(i, s)] for (i, s) in batch])`
 gives for the same (index, seed) pairs, with the same dtypes (images uint8 [B, V, H, W, 3], ids

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .errors import DataError, SkipCounter
-from .records import BatchSpec, ViewPolicy, pinhole_origin, pinhole_ray_matrix
+from .records import ViewPolicy, pinhole_origin, pinhole_ray_matrix
 
 NAME = "kubric_frames"                  # dataset_info.json `name`: the shard files' prefix
 CONFIG = "multi_shapenet_conditional"   # dataset_info.json `configName`
@@ -239,6 +239,19 @@ def _hide_gpus(tf) -> None:
 
 
 def import_tfds():
+    """(tensorflow, tensorflow_datasets), Triton imported before them when it is installed.
+
+    TensorFlow and Triton each carry their own LLVM; with TensorFlow loaded first, importing
+    Triton aborts the process ("LLVM ERROR: inconsistency in registered CommandLine options";
+    seen with tensorflow-cpu 2.21.0 and triton 3.9.0), while Triton first loads both. So a
+    process that reads MSN-Hard and later builds the model (kernels import Triton) survives.
+    """
+    import importlib.util
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            import triton  # noqa: F401
+        except Exception:       # a broken Triton install fails later, where it is used
+            pass
     try:
         import tensorflow as tf
         import tensorflow_datasets as tfds
@@ -310,7 +323,6 @@ class KubricDataset(IterableDataset):
     Args:
         path: the dataset folder (see the module docstring).
         mode: 'train' (endless, shuffled files and examples), 'val' or 'test' (one pass, in order).
-        points_per_item, full_scale, downsample: as the other loaders (`BatchSpec`).
         max_len: at most this many scenes (of this process's share, per pass).
         skip: skip the first `skip` scenes of the split (before sharding).
         num_input_views: input views per scene (reference: 5); targets come from the others.
@@ -321,9 +333,7 @@ class KubricDataset(IterableDataset):
 
     multiprocessing_context = "spawn"     # TensorFlow must not be forked
 
-    def __init__(self, path: str, mode: str, points_per_item: int = 2048,
-                 max_len: Optional[int] = None, full_scale: bool = False,
-                 downsample: Optional[int] = None, skip: int = 0,
+    def __init__(self, path: str, mode: str, max_len: Optional[int] = None, skip: int = 0,
                  num_input_views: int = NUM_INPUT_VIEWS, shuffle_buffer: int = 256,
                  seed: int = 0, masks: bool = True):
         if mode not in MODE_SPLITS:
@@ -332,17 +342,12 @@ class KubricDataset(IterableDataset):
         self.version_dir = find_version_dir(path)
         self.info = read_info(self.version_dir)
         self.split = resolve_split(self.version_dir, self.info, mode)
-        self.points_per_item, self.full_scale = int(points_per_item), full_scale
-        self.downsample, self.skip, self.max_len = downsample, int(skip), max_len
+        self.skip, self.max_len = int(skip), max_len
         if not 1 <= num_input_views < NUM_CAMERAS:
             raise DataError(f"num_input_views must be between 1 and {NUM_CAMERAS - 1} (the rest "
                             f"are targets), got {num_input_views}")
         self.num_input_views = int(num_input_views)
         shape = self.info["image_shape"]
-        if shape is not None:
-            from .obsurf import check_input_size
-            check_input_size(shape[0], shape[1], downsample,
-                             "MSN-Hard's 128x128 works with downsample None, 1, 2 or 3")
         self.height, self.width = (shape[0], shape[1]) if shape is not None else (None, None)
         self.policy = ViewPolicy("random", self.num_input_views, "others")
         self.masks = masks
@@ -366,11 +371,6 @@ class KubricDataset(IterableDataset):
             raise DataError(f"cannot skip {n} scenes: the '{self.split}' split has "
                             f"{self.num_scenes}")
         return out
-
-    @property
-    def spec(self) -> BatchSpec:
-        return BatchSpec(self.points_per_item, self.full_scale, self.downsample,
-                         self.num_entities)
 
     def __len__(self) -> int:
         return self.num_scenes if self.max_len is None else min(self.max_len, self.num_scenes)

@@ -32,9 +32,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .errors import CorruptFile, DataError, SkipCounter
-from .obsurf import check_input_size
 from .png import read_png
-from .records import BatchSpec, ViewPolicy, random_seed
+from .records import ViewPolicy, random_seed
 
 NUM_VIEWS = 24
 SPLITS = ("train", "val", "test")
@@ -128,14 +127,11 @@ class NMRDataset(Dataset):
     Args:
         path: the NMR_Dataset folder.
         mode: 'train', 'val' or 'test' (the softras_<mode>.lst lists).
-        points_per_item: target rays per item P.
         max_len: if given, the dataset's length (as the reference).
-        full_scale: every pixel of the 23 target views as targets.
-        downsample: input image and rays subsampled by 2**downsample (targets are not).
 
     Items are scene records (`records.py`) without 'ids' (NMR has no instance masks): all 24
     views, input view i div n, target views the other 23. `__getitem__((index, seed))` fixes
-    the target-ray draw; `make_batch(records, self.spec)` on the device gives the model inputs.
+    the target-ray draw; `make_batch(records, spec)` on the device gives the model inputs (`BatchSpec.for_dataset`).
     A scene with a missing, damaged (`png.read_png` checks every chunk's CRC) or wrong-size
     image, or a missing or damaged cameras.npz, is replaced by the next readable scene, with a
     counted DataWarning naming the file and the reason; MAX_SKIPS + 1 unreadable scenes in a row
@@ -144,17 +140,13 @@ class NMRDataset(Dataset):
 
     MAX_SKIPS = 16
 
-    def __init__(self, path: str, mode: str, points_per_item: int = 2048,
-                 max_len: Optional[int] = None, full_scale: bool = False,
-                 downsample: Optional[int] = None):
+    def __init__(self, path: str, mode: str, max_len: Optional[int] = None):
         if mode not in SPLITS:
             raise DataError(f"unknown split {mode!r}; valid splits are: {', '.join(SPLITS)}")
         self.path, self.mode = path, mode
-        self.points_per_item = int(points_per_item)
         self.max_len = max_len
-        self.full_scale = full_scale
-        self.downsample = downsample
         self.num_views = NUM_VIEWS
+        self.num_entities = 0                       # no instance masks
         self.render_kwargs = {"min_dist": 2., "max_dist": 4.}
         self.skipped = SkipCounter("NMR scene")
 
@@ -172,13 +164,6 @@ class NMRDataset(Dataset):
         except CorruptFile as e:
             raise DataError(f"the first scene of the {mode} split sets the image size but "
                             f"cannot be read: {e}. Re-download the dataset. " + WHERE) from None
-        self.input_height, self.input_width = check_input_size(
-            self.height, self.width, downsample,
-            "NMR's 64x64 works with downsample None, 1, 2 or 3")
-
-    @property
-    def spec(self) -> BatchSpec:
-        return BatchSpec(self.points_per_item, self.full_scale, self.downsample, 0)
 
     def __len__(self) -> int:
         if self.max_len is not None:

@@ -28,7 +28,7 @@ from osrt_fast import geometry
 
 from .errors import CorruptFile, DataError, SkipCounter
 from .png import read_png
-from .records import BatchSpec, ViewPolicy, random_seed
+from .records import ViewPolicy, random_seed
 
 GENERATE_HINT = ("The built-in procedural data needs no download: set `dataset: procedural` in "
                  "the config (it is generated on first use), or generate it with "
@@ -45,37 +45,6 @@ SPLIT_RANGES = {
 }
 PROCEDURAL_FRACTIONS = {"train": (0.0, 0.9), "val": (0.9, 0.95), "test": (0.95, 1.0)}
 KINDS = ("clevr3d", "obsurf_msn", "procedural")
-ENCODER_MULTIPLE = 8
-
-
-def downsample(x: np.ndarray, num_steps: Optional[int] = 1) -> np.ndarray:
-    """The reference's subsampling of [H, W, ...] arrays: x[s//2::s, s//2::s], s = 2**steps."""
-    if num_steps is None or num_steps < 1:
-        return x
-    stride = 2 ** num_steps
-    return x[stride // 2::stride, stride // 2::stride]
-
-
-def _downsampled_len(n: int, num_steps: Optional[int]) -> int:
-    if num_steps is None or num_steps < 1:
-        return n
-    stride = 2 ** num_steps
-    return len(range(stride // 2, n, stride))
-
-
-def check_input_size(height: int, width: int, downsample: Optional[int], hint: str) -> tuple:
-    """(h, w) of input views of height x width images after downsampling; DataError unless both
-    are multiples of ENCODER_MULTIPLE (the encoder's stride). `hint` names sizes that work."""
-    h, w = _downsampled_len(height, downsample), _downsampled_len(width, downsample)
-    if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
-        def nearest(n):
-            return ENCODER_MULTIPLE * max(1, -(-n // ENCODER_MULTIPLE))   # round up
-        raise DataError(
-            f"input images are {w}x{h} (width x height; files {width}x{height}, "
-            f"downsample={downsample}), but the encoder needs both sides to be multiples "
-            f"of {ENCODER_MULTIPLE}. Use images of e.g. {nearest(w)}x{nearest(h)} after "
-            f"downsampling ({hint}), or change downsample.")
-    return h, w
 
 
 def procedural_split_range(mode: str, n: int) -> tuple:
@@ -133,20 +102,17 @@ class ObSuRFDataset(Dataset):
     Args:
         path: dataset folder (see the module docstring for its layout).
         mode: 'train', 'val' or 'test'.
-        points_per_item: target rays per item P.
         max_len: if given, the dataset's length (as the reference).
-        full_scale: return every pixel of every view as targets.
         max_objects: keep only scenes with at most this many objects.
         kind: 'clevr3d', 'obsurf_msn' (the reference's split ranges) or 'procedural' (90/5/5 %).
-        downsample: input image, rays and masks subsampled by 2**downsample (targets are not).
         num_input_views: input views per item: the item's view and the next ones, cyclically.
         split_ranges: optional {mode: (start, end)} overriding the split index ranges.
 
     Items are scene records (`records.py`): all V views of the item's scene, input views the
     item's view and the next ones, target views all V; sceneid is the item index.
-    `__getitem__((index, seed))` fixes the target-ray draw; `make_batch(records, self.spec)` on
-    the device gives the model inputs: input_masks / target_masks have O = shape.shape[1]
-    channels, 0 = background.
+    `__getitem__((index, seed))` fixes the target-ray draw; `make_batch(records, spec)` on the
+    device gives the model inputs (`BatchSpec.for_dataset`: target rays, downsampling);
+    input_masks / target_masks have O = shape.shape[1] channels (`num_entities`), 0 = background.
 
     A scene whose files are missing, damaged (`png.read_png` checks every chunk's CRC), of
     another size than the split's first image, or with mask ids beyond O - 1, is replaced by the
@@ -157,20 +123,16 @@ class ObSuRFDataset(Dataset):
 
     MAX_SKIPS = 16
 
-    def __init__(self, path: str, mode: str, points_per_item: int = 2048,
-                 max_len: Optional[int] = None, full_scale: bool = False, max_objects: int = 6,
-                 kind: str = "clevr3d", downsample: Optional[int] = None,
-                 num_input_views: int = 1, split_ranges: Optional[dict] = None):
+    def __init__(self, path: str, mode: str, max_len: Optional[int] = None, max_objects: int = 6,
+                 kind: str = "clevr3d", num_input_views: int = 1,
+                 split_ranges: Optional[dict] = None):
         if kind not in KINDS:
             raise DataError(f"unknown dataset kind {kind!r}; valid kinds are: {', '.join(KINDS)}")
         if mode not in ("train", "val", "test"):
             raise DataError(f"unknown split {mode!r}; valid splits are: train, val, test")
         self.path, self.mode, self.kind = path, mode, kind
-        self.points_per_item = int(points_per_item)
         self.max_len = max_len
-        self.full_scale = full_scale
         self.max_objects = max_objects
-        self.downsample = downsample
         self.num_input_views = int(num_input_views)
         self.policy = ViewPolicy("cyclic", self.num_input_views, "all")
         self.render_kwargs = {"min_dist": 0.035, "max_dist": 35.}
@@ -210,18 +172,11 @@ class ObSuRFDataset(Dataset):
                 f"{kind} split ranges are {self._ranges_text()}) or raise max_objects.")
 
         self.height, self.width = self._first_image_size()
-        self.input_height, self.input_width = check_input_size(
-            self.height, self.width, downsample,
-            "for built-in data: --width/--height such as 32, 64 or 128")
 
     @property
     def num_scenes(self) -> int:
         """Scenes in this split (after the max_objects filter)."""
         return len(self.idxs)
-
-    @property
-    def spec(self) -> BatchSpec:
-        return BatchSpec(self.points_per_item, self.full_scale, self.downsample, self.num_entities)
 
     def _ranges_text(self) -> str:
         if self.kind == "procedural":

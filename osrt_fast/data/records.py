@@ -34,6 +34,40 @@ import torch.nn.functional as F
 from .errors import DataError
 
 
+ENCODER_MULTIPLE = 8       # the encoder's stride: input views' sides must be multiples of it
+
+
+def downsampled_len(n: int, num_steps: Optional[int]) -> int:
+    """Pixels left of n by the reference's subsampling x[s//2::s], s = 2**num_steps."""
+    if num_steps is None or num_steps < 1:
+        return n
+    stride = 2 ** num_steps
+    return len(range(stride // 2, n, stride))
+
+
+def check_input_size(height: int, width: int, downsample: Optional[int],
+                     hint: Optional[str] = None) -> tuple:
+    """(h, w) of input views of height x width images after downsampling; DataError unless both
+    are multiples of ENCODER_MULTIPLE. `hint` names sizes that work (default: the downsample
+    values these images work with, if any)."""
+    h, w = downsampled_len(height, downsample), downsampled_len(width, downsample)
+    if h % ENCODER_MULTIPLE or w % ENCODER_MULTIPLE:
+        def nearest(n):
+            return ENCODER_MULTIPLE * max(1, -(-n // ENCODER_MULTIPLE))   # round up
+        if hint is None:
+            fits = [str(d) for d in (None, 1, 2, 3, 4)
+                    if not (downsampled_len(height, d) % ENCODER_MULTIPLE
+                            or downsampled_len(width, d) % ENCODER_MULTIPLE)]
+            hint = (f"{width}x{height} images work with downsample {', '.join(fits)}" if fits
+                    else f"no downsample makes {width}x{height} images fit")
+        raise DataError(
+            f"input images are {w}x{h} (width x height; files {width}x{height}, "
+            f"downsample={downsample}), but the encoder needs both sides to be multiples "
+            f"of {ENCODER_MULTIPLE}. Use images of e.g. {nearest(w)}x{nearest(h)} after "
+            f"downsampling ({hint}), or change downsample.")
+    return h, w
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """How `make_batch` turns records into model inputs.
@@ -42,11 +76,25 @@ class BatchSpec:
     downsample: input views (images, rays, masks) subsampled by 2**downsample, as the
     reference's `x[s//2::s, s//2::s]` (targets never are); num_entities: one-hot mask channels
     (0: the dataset has no masks).
+
+    A dataset holds scenes only; how they are batched is the caller's (a run's config:
+    `osrt_fast.data.batch_spec`), checked against the dataset by `for_dataset`.
     """
     num_points: int = 2048
     full_scale: bool = False
     downsample: Optional[int] = None
     num_entities: int = 0
+
+    @classmethod
+    def for_dataset(cls, dataset, num_points: int = 2048, full_scale: bool = False,
+                    downsample: Optional[int] = None) -> "BatchSpec":
+        """The spec for batches of `dataset`'s records, with its mask channels
+        (`dataset.num_entities`); DataError if its views (`dataset.height` x `dataset.width`,
+        None when a stream's size is unknown until read), subsampled by 2**downsample, do not
+        fit the encoder."""
+        if dataset.height is not None:
+            check_input_size(dataset.height, dataset.width, downsample)
+        return cls(int(num_points), bool(full_scale), downsample, int(dataset.num_entities))
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from .errors import CorruptFile, DataError, SkipCounter
 from .png import decode_png
-from .records import BatchSpec, ViewPolicy, random_seed
+from .records import ViewPolicy, random_seed
 
 FORMAT = "osrt-fast-shards"
 FORMAT_VERSION = 1
@@ -341,9 +341,8 @@ def read_index(path: str, mode: str) -> tuple:
 class ShardDataset(Dataset):
     """Scene records from pre-decoded shards, with the source dataset's view policy.
 
-    Args: path (the converter's --out), mode ('train' / 'val' / 'test'), points_per_item,
-    max_len, full_scale, downsample (as the other loaders), num_input_views (default: the
-    source's). Random view choices and ray samples follow the (index, seed) the sampler gives.
+    Args: path (the converter's --out), mode ('train' / 'val' / 'test'), max_len (as the
+    other loaders), num_input_views (default: the source's). Random view choices and ray samples follow the (index, seed) the sampler gives.
 
     A scene whose shard files are unreadable or of the wrong length, whose PNG data is damaged
     (`png.decode_png` checks every chunk's CRC), or whose arrays do not fit the index (shape,
@@ -355,9 +354,8 @@ class ShardDataset(Dataset):
 
     MAX_SKIPS = 16
 
-    def __init__(self, path: str, mode: str, points_per_item: int = 2048,
-                 max_len: Optional[int] = None, full_scale: bool = False,
-                 downsample: Optional[int] = None, num_input_views: Optional[int] = None):
+    def __init__(self, path: str, mode: str, max_len: Optional[int] = None,
+                 num_input_views: Optional[int] = None):
         self.folder, self.index = read_index(path, mode)
         ix = self.index
         self.num_scenes, self.num_views = int(ix["num_scenes"]), int(ix["num_views"])
@@ -369,8 +367,7 @@ class ShardDataset(Dataset):
         self.policy = ViewPolicy(**views)
         self.policy.choose(0, 1, self.num_views, np.random.default_rng(0))   # validates
         self.render_kwargs = ix.get("render_kwargs", {})
-        self.points_per_item, self.max_len = int(points_per_item), max_len
-        self.full_scale, self.downsample = full_scale, downsample
+        self.max_len = max_len
         counts = _done_shards(self.folder)
         if sum(counts[:len(ix["shards"])]) != self.num_scenes:
             raise DataError(f"'{self.folder}' lists {len(ix['shards'])} shards of "
@@ -380,14 +377,6 @@ class ShardDataset(Dataset):
         self.reader = _ShardReader(self.folder, ix["encoding"], ix["shards"],
                                    has_ids=self.num_entities > 0)
         self.skipped = SkipCounter("shard scene")
-        from .obsurf import check_input_size
-        check_input_size(self.height, self.width, downsample,
-                         f"the shards hold {self.width}x{self.height} images")
-
-    @property
-    def spec(self) -> BatchSpec:
-        return BatchSpec(self.points_per_item, self.full_scale, self.downsample,
-                         self.num_entities)
 
     def __len__(self) -> int:
         if self.max_len is not None:
