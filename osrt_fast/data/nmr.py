@@ -131,7 +131,8 @@ class NMRDataset(Dataset):
 
     Items are scene records (`records.py`) without 'ids' (NMR has no instance masks): all 24
     views, input view i div n, target views the other 23. `__getitem__((index, seed))` fixes
-    the target-ray draw; `make_batch(records, spec)` on the device gives the model inputs (`BatchSpec.for_dataset`).
+    the target-ray draw; `make_batch(records, spec)` on the device gives the model inputs
+    (`BatchSpec.for_dataset`).
     A scene with a missing, damaged (`png.read_png` checks every chunk's CRC) or wrong-size
     image, or a missing or damaged cameras.npz, is replaced by the next readable scene, with a
     counted DataWarning naming the file and the reason; MAX_SKIPS + 1 unreadable scenes in a row

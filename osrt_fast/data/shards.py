@@ -342,7 +342,8 @@ class ShardDataset(Dataset):
     """Scene records from pre-decoded shards, with the source dataset's view policy.
 
     Args: path (the converter's --out), mode ('train' / 'val' / 'test'), max_len (as the
-    other loaders), num_input_views (default: the source's). Random view choices and ray samples follow the (index, seed) the sampler gives.
+    other loaders), num_input_views (default: the source's). Random view choices and ray
+    samples follow the (index, seed) the sampler gives.
 
     A scene whose shard files are unreadable or of the wrong length, whose PNG data is damaged
     (`png.decode_png` checks every chunk's CRC), or whose arrays do not fit the index (shape,
