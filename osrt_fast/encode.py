@@ -3,8 +3,8 @@
 
 Encodes each scene's input views with the run's model and writes the slots, the input views'
 images and camera poses, the scene ids and the config to one safetensors file (layout in
-osrt_fast/slots.py), by default the run folder's slots.safetensors. render.py and the viewer (`python -m osrt_fast.view --slots FILE`) render
-from it without the dataset. Exit code 0 when written, 2 for bad arguments, config, checkpoint
+osrt_fast/slots.py), by default the run folder's slots.safetensors. render.py and the viewer
+(`python -m osrt_fast.view --slots FILE`) render from it without the dataset. Exit code 0 when written, 2 for bad arguments, config, checkpoint
 or data.
 """
 from __future__ import annotations

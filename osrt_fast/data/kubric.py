@@ -246,12 +246,10 @@ def import_tfds():
     seen with tensorflow-cpu 2.21.0 and triton 3.9.0), while Triton first loads both. So a
     process that reads MSN-Hard and later builds the model (kernels import Triton) survives.
     """
-    import importlib.util
-    if importlib.util.find_spec("triton") is not None:
-        try:
-            import triton  # noqa: F401
-        except Exception:       # a broken Triton install fails later, where it is used
-            pass
+    try:
+        import triton  # noqa: F401
+    except Exception:       # not installed, or broken: it fails later where it is used, if at all
+        pass
     try:
         import tensorflow as tf
         import tensorflow_datasets as tfds

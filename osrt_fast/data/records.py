@@ -37,11 +37,14 @@ from .errors import DataError
 ENCODER_MULTIPLE = 8       # the encoder's stride: input views' sides must be multiples of it
 
 
+def downsample_stride(num_steps: Optional[int]) -> int:
+    """s of the reference's subsampling x[s//2::s]: 2**num_steps, 1 (none) for None or < 1."""
+    return 1 if num_steps is None or num_steps < 1 else 2 ** num_steps
+
+
 def downsampled_len(n: int, num_steps: Optional[int]) -> int:
     """Pixels left of n by the reference's subsampling x[s//2::s], s = 2**num_steps."""
-    if num_steps is None or num_steps < 1:
-        return n
-    stride = 2 ** num_steps
+    stride = downsample_stride(num_steps)
     return len(range(stride // 2, n, stride))
 
 
@@ -271,7 +274,7 @@ def make_batch(records: dict, spec: BatchSpec) -> dict:
 
     # Inputs: whole (downsampled) views.
     # The reference's x[s//2::s, s//2::s]: strided views of the gathered input views, no copy.
-    s = 2 ** spec.downsample if spec.downsample is not None and spec.downsample >= 1 else 1
+    s = downsample_stride(spec.downsample)
     rows = torch.arange(s // 2, height, s, device=device)
     cols = torch.arange(s // 2, width, s, device=device)
     img = _take_views(images, in_views)[:, :, s // 2::s, s // 2::s]         # [B, Vi, h, w, 3]
