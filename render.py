@@ -126,10 +126,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         visible = None
         if args.hide or args.solo is not None:
-            if not hasattr(model.encoder, "slot_attention"):
+            if model.slot_attention is None:
                 raise SlotsError("--hide / --solo edit slots, and this model has none (encoder "
                                  f"{cfg.model.encoder!r})")
-            visible = visible_slots(model.encoder.slot_attention.num_slots, args.hide, args.solo)
+            visible = visible_slots(model.slot_attention.num_slots, args.hide, args.solo)
         slot_set = load_slots(args.slots) if args.slots else None
         if slot_set is not None:
             check_model_matches(slot_set, model, args.slots)

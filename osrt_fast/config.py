@@ -19,8 +19,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration file or section is malformed; the message says what to change."""
 
 
@@ -76,8 +78,166 @@ class DataConfig:
         return self.path if self.path is not None else os.path.join("data", self.dataset)
 
 
+# -- the model's parts: the reference's `encoder_kwargs` / `decoder_kwargs`, typed ----------------
+# A config file keeps the reference's flat layout (every key of a part in one mapping, the ray
+# encoding's keys among them); `ModelConfig.encoder_config()` and `decoder_config()` read it into
+# the dataclasses below, each key checked, and the modules of model.py take those.
+
+class Checked:
+    """A config dataclass whose fields are checked when it is made in code too (`build` checks
+    them as they are read from a file, naming the file's key)."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(f"{type(self).__name__}.{f.name}", getattr(self, f.name),
+                                         hints[f.name], **f.metadata))
+
+
+NUM_OCTAVES = 15          # the reference's octaves of each ray encoding
+RAY_PARAMS = ("camera", "plucker")
+CONV_INITS = ("default", "he")
+
+
+@dataclass
+class RayEncodingConfig(Checked):
+    """How a ray becomes query features (model.RayEncoder): sines and cosines of the camera's
+    position (or of the ray's moment) and of the ray's direction, in bands of octaves."""
+    pos_start_octave: float = option(0.0, "the first octave of the position's encoding")
+    pos_octaves: int = option(NUM_OCTAVES, "octaves of the position's encoding", min=1)
+    ray_start_octave: float = option(0.0, "the first octave of the direction's encoding")
+    ray_octaves: int = option(NUM_OCTAVES, "octaves of the direction's encoding", min=1)
+    ray_param: str = option("camera", "what is encoded beside the direction: the camera position, "
+                                      "or the ray's moment (Pluecker coordinates)", choices=RAY_PARAMS)
+
+    @property
+    def dim(self) -> int:
+        """Features per ray: sine and cosine of 3 coordinates per octave, for both parts."""
+        return 6 * (self.pos_octaves + self.ray_octaves)
+
+
+RAY_KEYS = tuple(f.name for f in dataclasses.fields(RayEncodingConfig))
+
+
+@dataclass
+class SRTEncoderConfig(Checked):
+    """The improved SRT encoder (model.ImprovedSRTEncoder): conv stem and transformer."""
+    rays: RayEncodingConfig = option(default_factory=RayEncodingConfig, help="the ray encoding")
+    num_conv_blocks: int = option(3, "stride-2 conv blocks of the stem", min=1)
+    num_att_blocks: int = option(5, "transformer blocks", min=0)
+    conv_dim: int = option(96, "the first conv block's width", min=1)
+    latent_dim: int = option(768, "the set-latent tokens' width", min=1)
+    num_heads: int = option(12, "attention heads", min=1)
+    head_dim: int = option(64, "width of each head", min=1)
+    mlp_dim: int = option(1536, "the transformer MLP's hidden width", min=1)
+    image_mean: float = option(0.0, "images enter as (x - image_mean) / image_std")
+    image_std: float = option(1.0, "images enter as (x - image_mean) / image_std (positive)")
+    conv_init: str = option("default", "the stem's conv init: PyTorch's, or He-normal",
+                            choices=CONV_INITS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.image_std <= 0:
+            raise _bad(f"{type(self).__name__}.image_std", self.image_std, "a positive number")
+
+    @property
+    def output_dim(self) -> int:
+        return self.latent_dim
+
+
+@dataclass
+class OSRTEncoderConfig(SRTEncoderConfig):
+    """OSRT's encoder (model.OSRTEncoder): the SRT encoder, then Slot Attention."""
+    num_slots: int = option(6, "slots K", min=1)
+    slot_dim: int = option(1536, "slot width D", min=1)
+    slot_iters: int = option(1, "Slot Attention iterations", min=1)
+    randomize_initial_slots: bool = option(False, "unsupported (the reference's option fails)")
+    slot_mlp_dim: Optional[int] = option(None, "the slot MLP's hidden width (default 2 * slot_dim)",
+                                         min=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.randomize_initial_slots:
+            raise ConfigError("model.encoder_kwargs.randomize_initial_slots is not supported (the "
+                              "reference's option has no noise scale and fails); set it to false")
+
+    @property
+    def output_dim(self) -> int:
+        return self.slot_dim
+
+
+@dataclass
+class SlotMixerConfig(Checked):
+    """OSRT's Slot Mixer decoder (model.SlotMixerDecoder)."""
+    rays: RayEncodingConfig = option(default_factory=RayEncodingConfig, help="the ray encoding")
+    num_att_blocks: int = option(2, "allocation-transformer blocks", min=0)
+    layer_norm: bool = option(False, "LayerNorms in the mixing block")
+    slot_dim: int = option(1536, "the slots' width", min=1)
+    att_dim: Optional[int] = option(None, "the mixing attention's width (default slot_dim)", min=1)
+    render_hidden_dim: Optional[int] = option(None, "the render MLP's width (default slot_dim)",
+                                              min=1)
+    num_heads: int = option(12, "allocation-transformer heads", min=1)
+
+    @property
+    def input_dim(self) -> int:
+        return self.slot_dim
+
+
+@dataclass
+class SpatialBroadcastConfig(Checked):
+    """The spatial-broadcast decoder (model.SpatialBroadcastDecoder)."""
+    rays: RayEncodingConfig = option(default_factory=RayEncodingConfig, help="the ray encoding")
+    slot_dim: int = option(1536, "the slots' width", min=1)
+    hidden_dim: int = option(1536, "the render MLP's width", min=1)
+
+    @property
+    def input_dim(self) -> int:
+        return self.slot_dim
+
+
+@dataclass
+class SRTDecoderConfig(Checked):
+    """The improved SRT decoder (model.ImprovedSRTDecoder)."""
+    rays: RayEncodingConfig = option(default_factory=RayEncodingConfig, help="the ray encoding")
+    num_att_blocks: int = option(2, "allocation-transformer blocks", min=0)
+    latent_dim: int = option(768, "the set-latents' width", min=1)
+    render_hidden_dim: int = option(1536, "the render MLP's width", min=1)
+    num_heads: int = option(12, "allocation-transformer heads", min=1)
+
+    @property
+    def input_dim(self) -> int:
+        return self.latent_dim
+
+
+ENCODER_CONFIGS = {"osrt": OSRTEncoderConfig, "srt": SRTEncoderConfig}
+DECODER_CONFIGS = {"slot_mixer": SlotMixerConfig, "spatial_broadcast": SpatialBroadcastConfig,
+                   "srt": SRTDecoderConfig}
+
+
+def part_config(part: str, name: str, kwargs: Optional[dict]):
+    """The typed config of model part `part` ('encoder' or 'decoder') of kind `name` from the
+    reference's flat `<part>_kwargs` (the ray keys gathered into `rays`), every key checked."""
+    registry = ENCODER_CONFIGS if part == "encoder" else DECODER_CONFIGS
+    if name not in registry:
+        raise ConfigError(f"unknown model.{part} {name!r}; valid: {', '.join(registry)}")
+    cls, flat = registry[name], dict(kwargs or {})
+    valid = [f.name for f in dataclasses.fields(cls) if f.name != "rays"] + list(RAY_KEYS)
+    unknown = sorted(set(flat) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in model.{part}_kwargs for {part} {name!r}; "
+                          f"valid keys: {', '.join(sorted(valid))}")
+    rays = {k: flat.pop(k) for k in RAY_KEYS if k in flat}
+    where = f"model.{part}_kwargs"
+    typed = build(cls, flat, where)
+    typed.rays = build(RayEncodingConfig, rays, where)
+    return typed
+
+
 @dataclass
 class ModelConfig:
+    """The reference's `model:` section. Its `*_kwargs` keep the file's flat form (so a config or
+    checkpoint round-trips unchanged); `encoder_config()` / `decoder_config()` are their typed
+    reading, which the model is built from."""
     encoder: str = option("osrt", "the encoder: osrt or srt")
     encoder_kwargs: dict = option(default_factory=dict, help="the encoder's widths and depths")
     decoder: str = option("slot_mixer", "the decoder: slot_mixer, spatial_broadcast or srt")
@@ -87,6 +247,22 @@ class ModelConfig:
                                    "everywhere, triton on CUDA GPUs", choices=BACKENDS)
     encoder_attention: str = option("sdpa", "the encoder's self-attention kernel",
                                     choices=ENCODER_ATTENTION)
+
+    def encoder_config(self) -> SRTEncoderConfig:
+        return part_config("encoder", self.encoder, self.encoder_kwargs)
+
+    def decoder_config(self):
+        return part_config("decoder", self.decoder, self.decoder_kwargs)
+
+    def check(self) -> None:
+        """What involves several keys of the section: each part's keys, and the widths the
+        encoder hands the decoder."""
+        enc, dec = self.encoder_config(), self.decoder_config()
+        if enc.output_dim != dec.input_dim:
+            width = "slot_dim" if hasattr(dec, "slot_dim") else "latent_dim"
+            raise ConfigError(f"the encoder outputs {enc.output_dim}-d latents but the decoder "
+                              f"expects {dec.input_dim}-d; set model.decoder_kwargs.{width} to "
+                              f"{enc.output_dim}")
 
 
 @dataclass
@@ -246,7 +422,10 @@ def build(cls, values: Any, where: str):
     hints = typing.get_type_hints(cls)
     kwargs = {name: coerce(f"{where}.{name}", value, hints[name], **fields[name].metadata)
               for name, value in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:          # a Checked class's own check: name the key as read
+        raise ConfigError(str(e).replace(f"{cls.__name__}.", f"{where}.")) from None
 
 
 def checked_data_kwargs(dataset: str, kwargs: Optional[dict]) -> dict:
@@ -266,6 +445,7 @@ def checked_data_kwargs(dataset: str, kwargs: Optional[dict]) -> dict:
 def validate(cfg: Config) -> None:
     """What involves several keys."""
     cfg.data.kwargs = checked_data_kwargs(cfg.data.dataset, cfg.data.kwargs)
+    cfg.model.check()
     if cfg.data.loader == "dali" and cfg.data.dataset != "shards":
         raise ConfigError("data.loader 'dali' reads png shards: convert the dataset first "
                           "(python -m osrt_fast.data.shards CONFIG --out DIR --encoding png) "
@@ -292,7 +472,9 @@ def model_config_from_any(model_cfg: Any) -> ModelConfig:
     """A checked copy of a ModelConfig, a reference-style `model:` dict, or a whole Config's model."""
     if isinstance(model_cfg, Config):
         model_cfg = model_cfg.model
-    return build(ModelConfig, model_cfg, "model")
+    checked = build(ModelConfig, model_cfg, "model")
+    checked.check()
+    return checked
 
 
 def micro_batch_size(t: TrainingConfig, world_size: int) -> int:

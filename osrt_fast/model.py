@@ -5,6 +5,13 @@ checkpoints load as they are; `Identity` stands where the reference has a zero-r
 keeping the indices of `nn.Sequential` keys.
 
 Shapes: B scenes, V input views of H x W pixels, R query rays, K slots, N set-latent tokens.
+
+The model owns its structure: callers use `OSRT`'s methods (`regions`, `set_checkpointing`,
+`fsdp_units`, `srt_encoder`, `slot_attention`, `set_backend`), never its children's attributes.
+Two modules have a fast path beside their eager maths (`FastPath`): SlotAttention's step and the
+Slot Mixer decoder on folded matrices (docs/PERFORMANCE.md, "exact rewrites"). Each runs its
+eager maths, the definition, unless `OSRT.set_backend('triton')` switched it; its ops then run
+through the Triton kernels or their eager twins (kernels/), op by op.
 """
 from __future__ import annotations
 
@@ -17,18 +24,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import IMPLEMENTATIONS, OPS, op as kernel_op
 from kernels.slot_attention import slot_attention_step_eager
 
-from . import fast
-from .config import BACKENDS, ENCODER_ATTENTION, ConfigError, ModelConfig, model_config_from_any
+from .config import (BACKENDS, CONV_INITS, ENCODER_ATTENTION, NUM_OCTAVES, CheckpointingConfig,
+                     ConfigError, ModelConfig, OSRTEncoderConfig, RayEncodingConfig, SlotMixerConfig,
+                     SpatialBroadcastConfig, SRTDecoderConfig, SRTEncoderConfig, build,
+                     model_config_from_any)
 from .recompute import run_checkpointed
 
-NUM_OCTAVES = 15
 QUERY_DIM = 4 * 3 * NUM_OCTAVES      # 180: sin and cos of 3 coordinates, for position and direction
 
 
 # --------------------------------------------------------------------------------------------
-# Regions: the units of activation checkpointing and torch.compile (see osrt_fast/parallel.py)
+# Regions: the units of activation checkpointing and torch.compile (`OSRT.regions`, parallel.py)
 
 class Region(nn.Module):
     """A module whose work is its `region` method; `forward` runs it, checkpointed when
@@ -39,6 +48,43 @@ class Region(nn.Module):
 
     def forward(self, *args, **kwargs):
         return run_checkpointed(self.region, self.checkpointed, *args, **kwargs)
+
+
+class FastPath:
+    """A module with a fast path beside its eager maths (mixed into SlotAttention and
+    SlotMixerDecoder). `backend` 'eager' (the default) runs the eager maths, the definition;
+    'triton' the fast path, whose ops (`fast_ops`, names of kernels.OPS) each run as `ops` says:
+    the Triton kernel ('triton') or its eager twin ('eager'). Set by `OSRT.set_backend`."""
+
+    fast_ops: tuple = ()
+    backend = "eager"
+    ops: Optional[dict] = None
+
+    def check_backend(self, backend: str) -> None:
+        """A ConfigError where this module cannot run `backend` (nothing by default)."""
+
+    def set_backend(self, backend: str, ops: dict) -> None:
+        self.check_backend(backend)
+        self.backend = backend
+        self.ops = {name: ops[name] for name in self.fast_ops} if backend == "triton" else None
+
+    def kernel(self, name: str):
+        """Fast op `name` as this module's `ops` choose it."""
+        return kernel_op(name, self.ops[name])
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's where it is on, else t's."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def scatter_slots(weights: torch.Tensor, visible: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Per-ray weights [B, R, k] of the slots `visible` [k] -> [B, R, num_slots], 0 elsewhere."""
+    out = weights.new_zeros(*weights.shape[:-1], num_slots)
+    out[..., visible] = weights
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,11 +141,9 @@ def ray_encoding(camera_pos: torch.Tensor, rays: torch.Tensor, pos_start_octave:
     return torch.cat((pos.expand(*direction.shape[:-1], pos.shape[-1]), direction), -1)
 
 
-RAY_PARAMS = ("camera", "plucker")
-
-
 class RayEncoder(nn.Module):
-    """Holds the encoding's settings; no parameters (as the reference, nothing in the state dict).
+    """Holds the encoding's settings (a config.RayEncodingConfig); no parameters (as the
+    reference, nothing in the state dict).
 
     The reference encodes the camera position (15 octaves from `pos_start_octave`) and the ray
     direction (15 octaves from 0). Options, each defaulting to the reference:
@@ -115,25 +159,17 @@ class RayEncoder(nn.Module):
       hash a small model memorises its training scenes by.
     """
 
-    def __init__(self, pos_start_octave: float = 0.0, pos_octaves: int = NUM_OCTAVES,
-                 ray_start_octave: float = 0.0, ray_octaves: int = NUM_OCTAVES,
-                 ray_param: str = "camera"):
+    def __init__(self, cfg: Optional[RayEncodingConfig] = None):
         super().__init__()
-        if pos_octaves < 1 or ray_octaves < 1:
-            raise ConfigError(f"pos_octaves and ray_octaves must be at least 1, got {pos_octaves} "
-                              f"and {ray_octaves}")
-        if ray_param not in RAY_PARAMS:
-            raise ConfigError(f"ray_param must be one of {', '.join(RAY_PARAMS)}, got {ray_param!r}")
-        self.pos_start_octave, self.pos_octaves = pos_start_octave, int(pos_octaves)
-        self.ray_start_octave, self.ray_octaves = ray_start_octave, int(ray_octaves)
-        self.ray_param = ray_param
-        self.dim = 6 * (self.pos_octaves + self.ray_octaves)
+        self.cfg = cfg = cfg or RayEncodingConfig()
+        self.dim = cfg.dim
 
     def encode(self, camera_pos: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
-        if self.ray_param == "plucker":
+        cfg = self.cfg
+        if cfg.ray_param == "plucker":
             camera_pos = torch.linalg.cross(camera_pos.expand(rays.shape), rays)
-        return ray_encoding(camera_pos, rays, self.pos_start_octave, self.pos_octaves,
-                            self.ray_start_octave, self.ray_octaves)
+        return ray_encoding(camera_pos, rays, cfg.pos_start_octave, cfg.pos_octaves,
+                            cfg.ray_start_octave, cfg.ray_octaves)
 
     def forward(self, camera_pos: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
         """camera_pos [B, 3], rays [B, H, W, 3] -> [B, dim, H, W]; or [B, R, 3] each -> [B, R, dim]."""
@@ -219,6 +255,21 @@ class Attention(nn.Module):
         out = multihead_attention(split(q), split(k), split(v), self.attention_backend)
         return self.to_out(out.flatten(2))
 
+    def folded(self, z: torch.Tensor, dtype: torch.dtype):
+        """This cross-attention as per-scene matrices of the keys and values z [B, K, kv_dim]
+        (heads h, ray features c): mq [B, C, H*K] = W_q,h^T k_h^T / sqrt(d) and mv [B, H*K, C] =
+        v_h W_o,h^T, so that attention from rays x is softmax_h(x mq) mv + b_o
+        (kernels.slot_mixer.slot_cross_attention)."""
+        heads = self.heads
+        k, v = self.to_kv(z).to(dtype).chunk(2, dim=-1)                       # [B, K, H*d]
+        batch, num_keys, inner = k.shape
+        d = inner // heads
+        wq = self.to_q.weight.to(dtype).view(heads, d, -1)                     # [H, d, C]
+        wo = self.to_out[0].weight.to(dtype).view(-1, heads, d)                # [C, H, d]
+        mq = torch.einsum("hdc,bkhd->bchk", wq, k.view(batch, num_keys, heads, d)) * d ** -0.5
+        mv = torch.einsum("bkhd,chd->bhkc", v.view(batch, num_keys, heads, d), wo)
+        return mq.reshape(batch, -1, heads * num_keys), mv.reshape(batch, heads * num_keys, -1)
+
 
 class TransformerBlock(Region, nn.ModuleList):
     """[attention, feed-forward] with residuals; a list, so its state-dict keys are the
@@ -264,9 +315,6 @@ class SRTConvBlock(nn.Module):
         return self.layers(x)
 
 
-CONV_INITS = ("default", "he")
-
-
 def init_conv_stem(blocks: nn.Module, kind: str) -> None:
     """'default': PyTorch's (the reference's); 'he': He-normal (fan-in, ReLU gain; He et al. 2015).
 
@@ -286,34 +334,30 @@ def init_conv_stem(blocks: nn.Module, kind: str) -> None:
 class ImprovedSRTEncoder(nn.Module):
     """SRT encoder with OSRT's improvements (appendix A.4): images + rays -> set-latents.
 
-    Defaults are the paper's; widths are configurable for small experiments.
+    Defaults (config.SRTEncoderConfig) are the paper's; widths are configurable for small
+    experiments.
     """
 
-    def __init__(self, num_conv_blocks: int = 3, num_att_blocks: int = 5, pos_start_octave: float = 0,
-                 conv_dim: int = 96, latent_dim: int = 768, num_heads: int = 12,
-                 head_dim: int = 64, mlp_dim: int = 1536, pos_octaves: int = NUM_OCTAVES,
-                 ray_start_octave: float = 0.0, ray_octaves: int = NUM_OCTAVES,
-                 ray_param: str = "camera", image_mean: float = 0.0, image_std: float = 1.0,
-                 conv_init: str = "default"):
+    def __init__(self, cfg: Optional[SRTEncoderConfig] = None):
         super().__init__()
-        self.ray_encoder = RayEncoder(pos_start_octave, pos_octaves, ray_start_octave, ray_octaves,
-                                      ray_param)
-        self.downsample = 2 ** num_conv_blocks
-        blocks, width = [SRTConvBlock(3 + self.ray_encoder.dim, conv_dim, 2 * conv_dim)], 2 * conv_dim
-        for _ in range(1, num_conv_blocks):
+        cfg = cfg or SRTEncoderConfig()
+        self.ray_encoder = RayEncoder(cfg.rays)
+        self.downsample = 2 ** cfg.num_conv_blocks
+        width = 2 * cfg.conv_dim
+        blocks = [SRTConvBlock(3 + self.ray_encoder.dim, cfg.conv_dim, width)]
+        for _ in range(1, cfg.num_conv_blocks):
             blocks.append(SRTConvBlock(width, width, 2 * width))
             width *= 2
         self.conv_blocks = nn.Sequential(*blocks)
-        self.per_patch_linear = nn.Conv2d(width, latent_dim, kernel_size=1)
-        self.transformer = Transformer(latent_dim, num_att_blocks, num_heads, head_dim, mlp_dim)
-        self.latent_dim = latent_dim
+        self.per_patch_linear = nn.Conv2d(width, cfg.latent_dim, kernel_size=1)
+        self.transformer = Transformer(cfg.latent_dim, cfg.num_att_blocks, cfg.num_heads,
+                                       cfg.head_dim, cfg.mlp_dim)
+        self.latent_dim = cfg.latent_dim
         self.stem_checkpointed = False
-        if image_std <= 0:
-            raise ConfigError(f"image_std must be positive, got {image_std}")
         # Images enter as (x - image_mean) / image_std (the reference: [0, 1] as they are). Beside
         # 180 ray-encoding channels of unit scale, raw pixels are a small part of the stem's input.
-        self.image_mean, self.image_std = float(image_mean), float(image_std)
-        init_conv_stem(self.conv_blocks, conv_init)
+        self.image_mean, self.image_std = float(cfg.image_mean), float(cfg.image_std)
+        init_conv_stem(self.conv_blocks, cfg.conv_init)
 
     def forward(self, images: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor):
         """images [B, V, 3, H, W], camera_pos [B, V, 3], rays [B, V, H, W, 3] -> [B, V*h*w, latent]."""
@@ -351,11 +395,14 @@ def check_encoder_inputs(images, camera_pos, rays, multiple: int) -> None:
         raise ValueError(f"rays must be [B, V, H, W, 3] = {(b, v, h, w, 3)}, got {tuple(rays.shape)}")
 
 
-class SlotAttention(Region):
+class SlotAttention(Region, FastPath):
     """Slot Attention (Locatello et al.) with learned initial slots, as in OSRT.
 
-    Softmax over the slots, + eps, renormalised over the inputs; GRU update; residual MLP.
+    Softmax over the slots, + eps, renormalised over the inputs; GRU update; residual MLP. Its
+    fast path runs the attention step as one kernel (op 'slot_attention').
     """
+
+    fast_ops = ("slot_attention",)
 
     def __init__(self, num_slots: int, input_dim: int = 768, slot_dim: int = 1536,
                  hidden_dim: int = 3072, iters: int = 1, eps: float = 1e-8):
@@ -375,8 +422,14 @@ class SlotAttention(Region):
     def updates(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, K, D], k and v [B, N, D] -> the attention step's updates [B, K, D]: logits
         q k^T / sqrt(D), softmax over the slots, + eps, renormalised over the inputs, times v
-        (kernels/slot_attention.py's eager twin, the definition its kernel is tested against)."""
-        return slot_attention_step_eager(q, k, v, scale=self.slot_dim ** -0.5, eps=self.eps)[0]
+        (kernels/slot_attention.py's eager twin, the definition its kernel is tested against).
+        The fast path runs it in autocast's dtype, as the kernel computes."""
+        scale = self.slot_dim ** -0.5
+        if self.backend == "eager":
+            return slot_attention_step_eager(q, k, v, scale=scale, eps=self.eps)[0]
+        dtype = compute_dtype(q)
+        return self.kernel("slot_attention")(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale,
+                                             eps=self.eps)
 
     def region(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [B, N, input_dim] -> slots [B, K, slot_dim]."""
@@ -394,18 +447,14 @@ class SlotAttention(Region):
 class OSRTEncoder(nn.Module):
     """Improved SRT encoder followed by Slot Attention: images -> slots [B, K, slot_dim]."""
 
-    def __init__(self, pos_start_octave: float = 0, num_slots: int = 6, slot_dim: int = 1536,
-                 slot_iters: int = 1, randomize_initial_slots: bool = False,
-                 slot_mlp_dim: Optional[int] = None, **srt_kwargs):
+    def __init__(self, cfg: Optional[OSRTEncoderConfig] = None):
         super().__init__()
-        if randomize_initial_slots:
-            raise ConfigError("model.encoder_kwargs.randomize_initial_slots is not supported (the "
-                              "reference's option has no noise scale and fails); set it to false")
-        self.srt_encoder = ImprovedSRTEncoder(pos_start_octave=pos_start_octave, **srt_kwargs)
-        self.slot_attention = SlotAttention(num_slots, input_dim=self.srt_encoder.latent_dim,
-                                            slot_dim=slot_dim,
-                                            hidden_dim=slot_mlp_dim or 2 * slot_dim,
-                                            iters=slot_iters)
+        cfg = cfg or OSRTEncoderConfig()
+        self.srt_encoder = ImprovedSRTEncoder(cfg)
+        self.slot_attention = SlotAttention(cfg.num_slots, input_dim=cfg.latent_dim,
+                                            slot_dim=cfg.slot_dim,
+                                            hidden_dim=cfg.slot_mlp_dim or 2 * cfg.slot_dim,
+                                            iters=cfg.slot_iters)
 
     def forward(self, images, camera_pos, rays):
         """images [B, V, 3, H, W], camera_pos [B, V, 3], rays [B, V, H, W, 3] -> [B, K, slot_dim]."""
@@ -421,10 +470,10 @@ class RayPredictor(nn.Module):
     Called `allocation_transformer` in the decoders. Heads are z/12 wide, the MLP 2z.
     """
 
-    def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, z_dim: int = 1536,
-                 num_heads: int = 12, **octaves):
+    def __init__(self, num_att_blocks: int = 2, z_dim: int = 1536, num_heads: int = 12,
+                 rays: Optional[RayEncodingConfig] = None):
         super().__init__()
-        self.query_encoder = RayEncoder(pos_start_octave, **octaves)
+        self.query_encoder = RayEncoder(rays)
         c = self.query_dim = self.query_encoder.dim
         self.input_mlp = nn.Sequential(linear(c, 2 * c, init_decoder_linear), nn.ReLU(),
                                        linear(2 * c, c, init_decoder_linear))
@@ -517,23 +566,33 @@ class RayDecoder(nn.Module):
         return torch.cat(pixels, 1), {k: torch.cat(v, 1) for k, v in extras.items()}
 
 
-class SlotMixerDecoder(RayDecoder):
-    """OSRT's Slot Mixer decoder: slots + query rays -> pixels and per-ray slot weights."""
+class SlotMixerDecoder(RayDecoder, FastPath):
+    """OSRT's Slot Mixer decoder: slots + query rays -> pixels and per-ray slot weights.
 
-    def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, layer_norm: bool = False,
-                 slot_dim: int = 1536, att_dim: Optional[int] = None,
-                 render_hidden_dim: Optional[int] = None, num_heads: int = 12,
-                 pos_octaves: int = NUM_OCTAVES, ray_start_octave: float = 0.0,
-                 ray_octaves: int = NUM_OCTAVES, ray_param: str = "camera"):
+    Its fast path (`folded_region`) computes the same function on per-scene folded matrices:
+    each allocation-transformer attention block is one op on [C x H*K] and [H*K x C] matrices
+    folded from the slots ('cross_attention'), and the mixing softmax with the render MLP's first
+    layer another on a [C x K] matrix ('mix_render'), so no ray is projected to the slots' width
+    and no mixed slot is formed.
+    """
+
+    fast_ops = ("cross_attention", "mix_render")
+
+    def __init__(self, cfg: Optional[SlotMixerConfig] = None):
         super().__init__()
-        self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=slot_dim,
-                                                   num_heads=num_heads, pos_octaves=pos_octaves,
-                                                   ray_start_octave=ray_start_octave,
-                                                   ray_octaves=ray_octaves, ray_param=ray_param)
+        cfg = cfg or SlotMixerConfig()
+        self.allocation_transformer = RayPredictor(cfg.num_att_blocks, z_dim=cfg.slot_dim,
+                                                   num_heads=cfg.num_heads, rays=cfg.rays)
         c = self.allocation_transformer.query_dim
-        self.mixing_block = MixingBlock(input_dim=c, slot_dim=slot_dim, att_dim=att_dim or slot_dim,
-                                        layer_norm=layer_norm)
-        self.render_mlp = RenderMLP(slot_dim + c, render_hidden_dim or slot_dim)
+        self.mixing_block = MixingBlock(input_dim=c, slot_dim=cfg.slot_dim,
+                                        att_dim=cfg.att_dim or cfg.slot_dim, layer_norm=cfg.layer_norm)
+        self.render_mlp = RenderMLP(cfg.slot_dim + c, cfg.render_hidden_dim or cfg.slot_dim)
+
+    def check_backend(self, backend: str) -> None:
+        if backend == "triton" and self.mixing_block.layer_norm:
+            raise ConfigError("the Slot Mixer's fast path has no folded form for a mixing block "
+                              "with LayerNorms (model.decoder_kwargs.layer_norm: true); use "
+                              "model.backend: eager, or layer_norm: false")
 
     def region(self, slot_latents, camera_pos, rays, visible: Optional[torch.Tensor] = None):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]}).
@@ -541,29 +600,68 @@ class SlotMixerDecoder(RayDecoder):
         visible: indices [k] of slots; the Slot Mixer then mixes each ray's pixel from those
         slots alone (the others' weights are 0: object removal by slot editing), while the
         allocation transformer still attends to all. None: all slots (OSRT's decoder)."""
+        if self.backend == "triton":
+            return self.folded_region(slot_latents, camera_pos, rays, visible)
         x, queries = self.allocation_transformer(slot_latents, camera_pos, rays)
         if visible is None:
             mixed, weights = self.mixing_block(x, slot_latents)
         else:
             mixed, some = self.mixing_block(x, slot_latents[:, visible])
-            weights = fast.scatter_slots(some, visible, slot_latents.shape[1])
+            weights = scatter_slots(some, visible, slot_latents.shape[1])
         pixels = self.render_mlp(torch.cat((mixed, queries), -1))
         return pixels, {"segmentation": weights}
+
+    def folded_region(self, slots, camera_pos, rays, visible: Optional[torch.Tensor] = None):
+        """`region`'s function (without the mixing block's LayerNorms) on folded matrices, each
+        op through `self.ops`.
+
+        What autograd keeps per ray: the residual stream of C ray features (180 by default) at
+        each block, the allocation MLP's input (its 3072-d hidden layer is recomputed in
+        backward), the slot weights, and one activation per render layer (LeakyReLU in place;
+        its gradient needs only the output's sign).
+        """
+        cross_attention, mix_render = self.kernel("cross_attention"), self.kernel("mix_render")
+        dtype = compute_dtype(slots)
+        slots_c = slots.to(dtype)
+        at = self.allocation_transformer
+        queries = at.input_mlp(at.query_encoder(camera_pos, rays)).to(dtype)
+        x = queries
+        for attn_block, ff_block in at.transformer.layers:
+            attn = attn_block.fn
+            mq, mv = attn.folded(slots_c, dtype)
+            x = cross_attention(x, attn_block.norm.weight, attn_block.norm.bias, mq, mv,
+                                attn.to_out[0].bias, attn.heads, attn_block.norm.eps)
+            x = run_checkpointed(_residual, True, ff_block, x)
+        mix, render = self.mixing_block, list(self.render_mlp.net)
+        first, slot_dim, num_slots = render[0], slots.shape[-1], slots.shape[1]
+        if visible is not None:
+            slots_c = slots_c[:, visible]
+        mm = torch.einsum("ac,bka->bck", mix.to_q.weight.to(dtype), mix.to_k(slots_c).to(dtype)) * mix.scale
+        g = F.linear(slots_c, first.weight[:, :slot_dim].to(dtype)).to(dtype)          # [B, K, F]
+        h, weights = mix_render(x.to(dtype), queries, mm.to(dtype), g,
+                                first.weight[:, slot_dim:].to(dtype), first.bias,
+                                render[1].negative_slope)
+        # The render MLP after its first layer: (Linear, LeakyReLU) pairs, then Linear, Sigmoid.
+        for layer, act in zip(render[2:-2:2], render[3:-2:2]):
+            h = F.leaky_relu(layer(h), act.negative_slope, inplace=True)
+        if visible is not None:
+            weights = scatter_slots(weights, visible, num_slots)
+        return torch.sigmoid(render[-2](h)), {"segmentation": weights}
+
+
+def _residual(block, x):
+    return block(x) + x
 
 
 class ImprovedSRTDecoder(RayDecoder):
     """The improved SRT decoder: allocation transformer over set-latents, then the render MLP."""
 
-    def __init__(self, num_att_blocks: int = 2, pos_start_octave: float = 0, latent_dim: int = 768,
-                 render_hidden_dim: int = 1536, num_heads: int = 12, pos_octaves: int = NUM_OCTAVES,
-                 ray_start_octave: float = 0.0, ray_octaves: int = NUM_OCTAVES,
-                 ray_param: str = "camera"):
+    def __init__(self, cfg: Optional[SRTDecoderConfig] = None):
         super().__init__()
-        self.allocation_transformer = RayPredictor(num_att_blocks, pos_start_octave, z_dim=latent_dim,
-                                                   num_heads=num_heads, pos_octaves=pos_octaves,
-                                                   ray_start_octave=ray_start_octave,
-                                                   ray_octaves=ray_octaves, ray_param=ray_param)
-        self.render_mlp = RenderMLP(self.allocation_transformer.query_dim, render_hidden_dim)
+        cfg = cfg or SRTDecoderConfig()
+        self.allocation_transformer = RayPredictor(cfg.num_att_blocks, z_dim=cfg.latent_dim,
+                                                   num_heads=cfg.num_heads, rays=cfg.rays)
+        self.render_mlp = RenderMLP(self.allocation_transformer.query_dim, cfg.render_hidden_dim)
 
     def region(self, set_latents, camera_pos, rays):
         """set_latents [B, N, latent], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {})."""
@@ -577,21 +675,19 @@ class SpatialBroadcastDecoder(RayDecoder):
     Inherently [B, R, K, ...]: about 23x Slot Mixer's decoder cost at K = 32.
     """
 
-    def __init__(self, pos_start_octave: float = 0, slot_dim: int = 1536, hidden_dim: int = 1536,
-                 pos_octaves: int = NUM_OCTAVES, ray_start_octave: float = 0.0,
-                 ray_octaves: int = NUM_OCTAVES, ray_param: str = "camera"):
+    def __init__(self, cfg: Optional[SpatialBroadcastConfig] = None):
         super().__init__()
-        self.query_encoder = RayEncoder(pos_start_octave, pos_octaves, ray_start_octave, ray_octaves,
-                                        ray_param)
-        self.render_mlp = nn.Sequential(*render_mlp_layers(slot_dim + self.query_encoder.dim,
-                                                           hidden_dim, 4))
+        cfg = cfg or SpatialBroadcastConfig()
+        self.query_encoder = RayEncoder(cfg.rays)
+        self.render_mlp = nn.Sequential(*render_mlp_layers(cfg.slot_dim + self.query_encoder.dim,
+                                                           cfg.hidden_dim, 4))
 
     def region(self, slot_latents, camera_pos, rays, visible: Optional[torch.Tensor] = None):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]});
         `visible` as in `SlotMixerDecoder.region` (the softmax runs over those slots)."""
         if visible is not None:
             pixels, weights = self.region(slot_latents[:, visible], camera_pos, rays)
-            return pixels, {"segmentation": fast.scatter_slots(weights["segmentation"], visible,
+            return pixels, {"segmentation": scatter_slots(weights["segmentation"], visible,
                                                           slot_latents.shape[1])}
         queries = self.query_encoder(camera_pos, rays)
         num_rays, num_slots = queries.shape[1], slot_latents.shape[1]
@@ -605,60 +701,107 @@ class SpatialBroadcastDecoder(RayDecoder):
 
 # --------------------------------------------------------------------------------------------
 
+# The modules of each config.ModelConfig part kind (config.ENCODER_CONFIGS / DECODER_CONFIGS).
 ENCODERS = {"osrt": OSRTEncoder, "srt": ImprovedSRTEncoder}
 DECODERS = {"slot_mixer": SlotMixerDecoder, "spatial_broadcast": SpatialBroadcastDecoder,
             "srt": ImprovedSRTDecoder}
-
-
-def _construct(kind: str, registry: dict, name: str, kwargs: dict) -> nn.Module:
-    if name not in registry:
-        raise ConfigError(f"unknown model.{kind} {name!r}; valid: {', '.join(registry)}")
-    cls = registry[name]
-    import inspect
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p not in ("self", "srt_kwargs")]
-    if cls is OSRTEncoder:
-        valid += [p for p in inspect.signature(ImprovedSRTEncoder.__init__).parameters
-                  if p not in ("self", "pos_start_octave")]
-    unknown = sorted(set(kwargs or {}) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in model.{kind}_kwargs for {kind} {name!r}; "
-                          f"valid keys: {', '.join(sorted(valid))}")
-    return cls(**(kwargs or {}))
 
 
 class OSRT(nn.Module):
     """OSRT (or SRT) from the reference's `model:` config section.
 
     `model.encoder(images, camera_pos, rays)` and `model.decoder(latents, camera_pos, rays)` have
-    the reference's signatures; `model(...)` runs both.
+    the reference's signatures; `model(...)` runs both. The methods below are the model's
+    structure as the rest of the package uses it (checkpointing, compile, sharding, the fast
+    path, slots).
     """
 
     def __init__(self, cfg):
         super().__init__()
         cfg: ModelConfig = model_config_from_any(cfg)        # a checked copy: ours to change
         self.cfg = cfg
-        self.encoder = _construct("encoder", ENCODERS, cfg.encoder, cfg.encoder_kwargs)
-        self.decoder = _construct("decoder", DECODERS, cfg.decoder, cfg.decoder_kwargs)
-        self._check_widths()
+        self.encoder = ENCODERS[cfg.encoder](cfg.encoder_config())
+        self.decoder = DECODERS[cfg.decoder](cfg.decoder_config())
         if not cfg.use_default_init:
             self.reset_parameters()
         self.set_backend(cfg.backend)
         self.set_encoder_attention(cfg.encoder_attention)
 
+    # -- structure ----------------------------------------------------------------------------
+
+    @property
+    def srt_encoder(self) -> ImprovedSRTEncoder:
+        """The SRT encoder (images -> set-latents): the encoder itself, or OSRT's first part."""
+        return self.encoder.srt_encoder if isinstance(self.encoder, OSRTEncoder) else self.encoder
+
+    @property
+    def slot_attention(self) -> Optional[SlotAttention]:
+        """The encoder's Slot Attention; None for an SRT encoder (no slots)."""
+        return self.encoder.slot_attention if isinstance(self.encoder, OSRTEncoder) else None
+
+    def regions(self) -> list:
+        """(module, method name) of every region, the units torch.compile compiles (in place, on
+        the instance; parallel.apply_compile): the encoder's stem, each encoder transformer
+        block, Slot Attention, the decoder."""
+        srt = self.srt_encoder
+        out = [(srt, "stem_region")] + [(block, "region") for block in srt.transformer.layers]
+        if self.slot_attention is not None:
+            out.append((self.slot_attention, "region"))
+        return out + [(self.decoder, "region")]
+
+    def set_checkpointing(self, regions) -> None:
+        """Which regions recompute their activations in backward instead of keeping them:
+        `regions` is a config.CheckpointingConfig or a mapping of its keys."""
+        regions = build(CheckpointingConfig, regions, "training.activation_checkpointing")
+        srt = self.srt_encoder
+        srt.stem_checkpointed = regions.encoder_blocks
+        for block in srt.transformer.layers:
+            block.checkpointed = regions.encoder_blocks
+        if self.slot_attention is not None:
+            self.slot_attention.checkpointed = regions.slot_attention
+        self.decoder.ray_chunk = regions.decoder_ray_chunk    # its own blocks run inside its chunks
+
+    def fsdp_units(self) -> list:
+        """The modules FSDP2 shards separately, innermost first (the root comes last)."""
+        units = list(self.srt_encoder.transformer.layers)
+        if self.slot_attention is not None:
+            units.append(self.slot_attention)
+        return units + [self.encoder, self.decoder]
+
+    # -- how it computes ------------------------------------------------------------------------
+
     def set_backend(self, backend: str, ops: Optional[dict] = None) -> "OSRT":
-        """'eager' or 'triton' for the modules with fast paths (SlotAttention, SlotMixerDecoder;
-        the others always run eager), as osrt_fast/fast.py implements them (`ops` chooses kernel
-        or eager twin per op). Parameters and outputs stay the same."""
+        """'eager' or 'triton' for the modules with fast paths (`FastPath`: SlotAttention,
+        SlotMixerDecoder; the others always run eager); `ops` chooses the Triton kernel or its
+        eager twin per op (default all 'triton'). Parameters and outputs stay the same. A
+        backend that cannot apply is a ConfigError, and the model is left as it was."""
         if backend not in BACKENDS:
             raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        chosen = dict.fromkeys(OPS, "triton")
+        for name, implementation in (ops or {}).items():
+            if name not in OPS or implementation not in IMPLEMENTATIONS:
+                raise ValueError(f"ops: {name!r}: {implementation!r}; expected ops {OPS} with values "
+                                 f"{IMPLEMENTATIONS}")
+            chosen[name] = implementation
+        modules = [m for m in self.modules() if isinstance(m, FastPath)]
         if backend == "triton":
             from kernels._triton import HAVE_TRITON, triton_missing_message
-            if not HAVE_TRITON:
+            if not HAVE_TRITON and "triton" in chosen.values():
                 raise ConfigError(f"model.backend 'triton': {triton_missing_message()}")
-        fast.set_backend(self, backend, ops)
+            if not modules:
+                raise ConfigError(f"model.backend 'triton' speeds up Slot Attention and the Slot "
+                                  f"Mixer decoder, and this model (encoder {self.cfg.encoder!r}, "
+                                  f"decoder {self.cfg.decoder!r}) has neither; use backend: eager")
+        for module in modules:
+            module.check_backend(backend)
+        for module in modules:
+            module.set_backend(backend, chosen)
         self.cfg.backend = backend
         return self
+
+    @property
+    def backend(self) -> str:
+        return self.cfg.backend
 
     def set_encoder_attention(self, kind: str) -> "OSRT":
         """'sdpa' or 'xformers' for the encoder's self-attention."""
@@ -667,8 +810,7 @@ class OSRT(nn.Module):
                               f"got {kind!r}")
         if kind == "xformers":
             xformers_attention()
-        srt = self.encoder.srt_encoder if isinstance(self.encoder, OSRTEncoder) else self.encoder
-        for module in srt.modules():
+        for module in self.srt_encoder.modules():
             if isinstance(module, Attention):
                 module.attention_backend = kind
         self.cfg.encoder_attention = kind
@@ -684,17 +826,6 @@ class OSRT(nn.Module):
         if self.cfg.encoder_attention == "xformers" and device.type != "cuda":
             raise ConfigError(f"model.encoder_attention 'xformers' runs on CUDA GPUs, but the device "
                               f"is {device}; use encoder_attention: sdpa")
-
-    def _check_widths(self) -> None:
-        enc = self.encoder
-        latent = (enc.slot_attention.slot_dim if isinstance(enc, OSRTEncoder) else enc.latent_dim)
-        dec = self.decoder
-        expected = (dec.allocation_transformer.transformer.layers[0][0].fn.to_kv.in_features
-                    if hasattr(dec, "allocation_transformer")
-                    else dec.render_mlp[0].in_features - dec.query_encoder.dim)
-        if latent != expected:
-            raise ConfigError(f"the encoder outputs {latent}-d latents but the decoder expects "
-                              f"{expected}-d; set the decoder's slot_dim/latent_dim to {latent}")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -718,8 +849,8 @@ class OSRT(nn.Module):
 
 
 def model_of_config_file(model_cfg, config_path: str) -> OSRT:
-    """OSRT(model_cfg) of the config file `config_path`; an unknown model key's ConfigError names
-    that file, as one in the other sections does."""
+    """OSRT(model_cfg) of the config file `config_path`; a ConfigError names that file, as one
+    from reading the file does."""
     try:
         return OSRT(model_cfg)
     except ConfigError as e:

@@ -5,16 +5,16 @@
 1. **Activation checkpointing**, per region (`training.activation_checkpointing`):
    `encoder_blocks` (the encoder's stem -- ray encoding, conv blocks, per-patch linear -- and
    each transformer block), `slot_attention`, and `decoder_ray_chunk` (the decoder runs over
-   chunks of that many rays per scene, each recomputed in backward). These are flags on the
-   model's regions (`model.Region`, `RayDecoder.ray_chunk`); no wrapper modules, so parameter
-   names and checkpoints are unchanged.
-2. **torch.compile** of each region's function (`fullgraph=True`: a graph break in the hot path
+   chunks of that many rays per scene, each recomputed in backward). The model sets these on
+   its regions (`OSRT.set_checkpointing`); no wrapper modules, so parameter names and
+   checkpoints are unchanged.
+2. **torch.compile** of each region's function (`OSRT.regions`; `fullgraph=True`: a graph break in the hot path
    is an error, not a slowdown). The compiled function runs *inside* the checkpoint, so
    recomputation replays the compiled code; module hooks (FSDP's, DDP's) stay outside compiled
    code. The Triton kernels are `torch.library` custom ops and trace as single nodes.
 3. **Sharding**, only with more than one process (torchrun): FSDP2 (`fully_shard`, the default)
-   on each encoder transformer block, slot attention, the encoder (its stem), the decoder, and
-   then the root; or DDP (`training.parallel: ddp`). Sharding comes last because it acts on the
+   on each of `OSRT.fsdp_units` (each encoder transformer block, slot attention, the encoder
+   (its stem), the decoder), and then the root; or DDP (`training.parallel: ddp`). Sharding comes last because it acts on the
    modules as they will run: FSDP2 gathers a unit's parameters in the unit's forward hook, which
    then precedes its checkpointed, compiled region, and a recomputation in backward finds them
    gathered again by the backward hook.
@@ -119,57 +119,28 @@ def current() -> DistInfo:
 # parallelize
 
 def apply_activation_checkpointing(model: nn.Module, regions) -> None:
-    """Sets the checkpoint flags of the model's regions (see the module docstring); `regions`
-    is a config.CheckpointingConfig or a mapping of its keys."""
-    from .config import CheckpointingConfig, build
-    from .model import OSRTEncoder, RayDecoder, SlotAttention
-    regions = build(CheckpointingConfig, regions, "training.activation_checkpointing")
-    srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
-    srt.stem_checkpointed = regions.encoder_blocks
-    for block in srt.transformer.layers:
-        block.checkpointed = regions.encoder_blocks
-    for module in model.encoder.modules():
-        if isinstance(module, SlotAttention):
-            module.checkpointed = regions.slot_attention
-    if isinstance(model.decoder, RayDecoder):    # (its own blocks run inside its chunks)
-        model.decoder.ray_chunk = regions.decoder_ray_chunk
-
-
-def compiled_regions(model: nn.Module) -> list:
-    """(module, attribute) of every region function that `apply_compile` compiles."""
-    from .model import OSRTEncoder, RayDecoder, SlotAttention
-    srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
-    out = [(srt, "stem_region")] + [(block, "region") for block in srt.transformer.layers]
-    out += [(m, "region") for m in model.encoder.modules() if isinstance(m, SlotAttention)]
-    if isinstance(model.decoder, RayDecoder):
-        out.append((model.decoder, "region"))
-    return out
+    """The model's regions recompute in backward as `regions` (a config.CheckpointingConfig or a
+    mapping of its keys) says: `OSRT.set_checkpointing`."""
+    model.set_checkpointing(regions)
 
 
 def apply_compile(model: nn.Module, **compile_kwargs) -> None:
-    """torch.compile of each region's function, in place (instance attributes; the state dict
-    and parameter names do not change). `fullgraph=True` unless given."""
+    """torch.compile of each of the model's region functions (`OSRT.regions`), in place
+    (instance attributes; the state dict and parameter names do not change). `fullgraph=True`
+    unless given."""
     compile_kwargs.setdefault("fullgraph", True)
-    for module, name in compiled_regions(model):
+    for module, name in model.regions():
         fn = getattr(type(module), name).__get__(module)      # the uncompiled method
         setattr(module, name, torch.compile(fn, **compile_kwargs))
 
 
-def fsdp_units(model: nn.Module) -> list:
-    """The modules FSDP2 shards separately, innermost first (the root comes last)."""
-    from .model import OSRTEncoder, SlotAttention
-    srt = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
-    units = list(srt.transformer.layers)
-    units += [m for m in model.encoder.modules() if isinstance(m, SlotAttention)]
-    return units + [model.encoder, model.decoder]
-
-
 def apply_fsdp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """FSDP2 over all processes: each of `fsdp_units` sharded on its own, then the root. In place."""
+    """FSDP2 over all processes: each of the model's `fsdp_units` sharded on its own, then the
+    root. In place."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (info.world_size,))
-    for unit in fsdp_units(model):
+    for unit in model.fsdp_units():
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

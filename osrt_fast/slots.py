@@ -40,6 +40,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import UserError
 from .files import write_atomic
 
 FORMAT = "osrt_fast.slots/1"
@@ -47,7 +48,7 @@ TENSORS = ("slots", "scene_ids", "input_camera_pos", "input_camera_rot", "input_
            "input_images")
 
 
-class SlotsError(ValueError):
+class SlotsError(UserError, ValueError):
     """A slots file or a slot edit that cannot be used; the message names the problem."""
 
 
@@ -278,7 +279,7 @@ def load_slots(path: str) -> SlotSet:
 def check_model_matches(slot_set: SlotSet, model, path: str = "the slots file") -> None:
     """SlotsError unless `model` decodes slots of the file's shape."""
     num_slots, width = slot_set.slots.shape[1:]
-    attention = getattr(model.encoder, "slot_attention", None)
+    attention = model.slot_attention
     if attention is None:
         raise SlotsError("this model has no slots (encoder 'srt'); use an OSRT config")
     if (attention.num_slots, attention.slot_dim) != (num_slots, width):

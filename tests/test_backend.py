@@ -1,7 +1,8 @@
 """The model's backends: 'triton' computes the eager model's function (reference vectors, random
 weights, every parameter gradient) and trains like it; encoder attention backends; errors.
 
-The fast path's maths (osrt_fast/fast.py: the folded Slot Mixer, the slot-attention step) is
+The fast path's maths (model.py's `FastPath` modules: the folded Slot Mixer, the slot-attention
+step) is
 checked through the kernels' eager twins (`ops` all 'eager'), in fp64 and without the Triton
 interpreter; the kernels themselves are checked against their twins in tests/test_kernels.py,
 and one small test here runs the whole model through the interpreted kernels (the wiring)."""
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from kernels._triton import poisoned_outputs
-from osrt_fast import OSRT, fast
+from kernels import OPS
+from osrt_fast import OSRT
 from osrt_fast.config import ConfigError, config_from_dict
 from conftest import tiny_model_config
 from test_model import tiny_inputs
@@ -23,7 +25,7 @@ from test_model_parity import load_case, rebuild_reference_weights, relative_err
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-TWINS = dict.fromkeys(fast.OPS, "eager")     # every fast op through its kernel's eager twin
+TWINS = dict.fromkeys(OPS, "eager")     # every fast op through its kernel's eager twin
 
 
 @pytest.mark.slow
@@ -72,7 +74,8 @@ def test_folded_maths_is_the_eager_function_in_fp64():
     only reassociates sums; a LayerNorm bias whose true gradient is exactly zero has rounding
     alone, hence the absolute floor)."""
     eager, folded = folded_and_eager_fp64()
-    assert fast.backend_of(folded.decoder) == "triton" and folded.decoder.fast_ops == TWINS
+    assert folded.decoder.backend == "triton" and folded.decoder.ops == {k: TWINS[k] for k in
+                                                                        folded.decoder.fast_ops}
     names = ["latents", "pixels", "segmentation"] + [n for n, _ in sorted(eager.named_parameters())]
     for name, e, f in zip(names, outputs_and_grads(eager), outputs_and_grads(folded)):
         assert f is not None and e is not None, name
@@ -132,12 +135,12 @@ def test_set_backend_switches_and_keeps_parameters():
     model = OSRT(tiny_model_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.set_backend("triton")
-    assert fast.backend_of(model.encoder.slot_attention) == "triton"
-    assert fast.backend_of(model.decoder) == "triton" and model.cfg.backend == "triton"
-    assert model.decoder.fast_ops == dict.fromkeys(fast.OPS, "triton")
-    assert isinstance(model.decoder, SlotMixerDecoder) and isinstance(model.encoder.slot_attention, SlotAttention)
+    assert model.slot_attention.backend == "triton" and model.slot_attention.ops == {"slot_attention": "triton"}
+    assert model.decoder.backend == "triton" and model.cfg.backend == model.backend == "triton"
+    assert model.decoder.ops == {"cross_attention": "triton", "mix_render": "triton"}
+    assert type(model.decoder) is SlotMixerDecoder and type(model.slot_attention) is SlotAttention
     model.set_backend("eager")
-    assert type(model.decoder) is SlotMixerDecoder and fast.backend_of(model.decoder) == "eager"
+    assert model.decoder.backend == model.slot_attention.backend == model.backend == "eager"
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ConfigError, match="eager, triton"):

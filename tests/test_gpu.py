@@ -15,7 +15,7 @@ from kernels._triton import poisoned_outputs
 from osrt_fast import OSRT
 from osrt_fast.config import config_from_dict
 from osrt_fast.data import BatchSpec, collate, make_batch, to_device
-from osrt_fast.parallel import compiled_regions, parallelize
+from osrt_fast.parallel import parallelize
 from test_model_parity import load_case, rebuild_reference_weights, relative_error
 from test_records import random_records
 
@@ -139,7 +139,7 @@ def test_compiled_fast_path_with_checkpointing_matches_eager():
     from torch._dynamo.utils import counters
     counters.clear()
     eager, fast = fast_and_eager_pair()
-    assert len(compiled_regions(fast)) == 4
+    assert len(fast.regions()) == 4
     data = [t.to(DEVICE) for t in scene_inputs(rays=21)]      # 3 decoder chunks of 7
     expected = outputs_and_grads(eager, data)
     with poisoned_outputs():

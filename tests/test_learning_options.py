@@ -14,9 +14,10 @@ import math
 import pytest
 import torch
 
+from kernels import OPS
 from kernels._triton import poisoned_outputs
-from osrt_fast import OSRT, fast
-from osrt_fast.config import ConfigError, config_from_dict
+from osrt_fast import OSRT
+from osrt_fast.config import ConfigError, RayEncodingConfig, config_from_dict
 from osrt_fast.evaluate import compute_loss, slot_importance_cv2, slot_usage
 from osrt_fast.guards import CollapseWatch
 from osrt_fast.model import RayEncoder, ray_encoding
@@ -43,17 +44,18 @@ def banded_config(decoder="slot_mixer", **encoder):
 
 def test_default_octaves_are_the_references_180_features():
     pos, ray = torch.randn(4, 3), torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
-    enc = RayEncoder(-5)
+    enc = RayEncoder(RayEncodingConfig(pos_start_octave=-5))
     assert enc.dim == 180
     torch.testing.assert_close(enc(pos, ray), ray_encoding(pos, ray, -5), rtol=0, atol=0)
     model = OSRT(tiny_model_config())
     assert model.decoder.allocation_transformer.query_dim == 180
-    assert model.encoder.srt_encoder.conv_blocks[0].layers[0].in_channels == 183
+    assert model.srt_encoder.conv_blocks[0].layers[0].in_channels == 183
 
 
 def test_octave_bands_choose_the_features():
     pos, ray = torch.tensor([[0.25, 0.5, -1.0]]), torch.tensor([[0.0, 0.6, 0.8]])
-    enc = RayEncoder(pos_start_octave=-5, pos_octaves=4, ray_start_octave=-1, ray_octaves=5)
+    enc = RayEncoder(RayEncodingConfig(pos_start_octave=-5, pos_octaves=4, ray_start_octave=-1,
+                                       ray_octaves=5))
     out = enc(pos, ray)
     assert enc.dim == 6 * (4 + 5) == out.shape[-1]
     # Position: sines of x at octaves -5..-2, then y, z; then the cosines (12 + 12); direction:
@@ -66,8 +68,10 @@ def test_octave_bands_choose_the_features():
     grid = enc(pos, ray.expand(2, 3, 3)[None])
     assert grid.shape == (1, 54, 2, 3)
     torch.testing.assert_close(grid[0, :, 1, 2], out[0])
-    with pytest.raises(ConfigError, match="at least 1"):
-        RayEncoder(ray_octaves=0)
+    with pytest.raises(ConfigError, match="ray_octaves = 0: expected a value >= 1"):
+        RayEncodingConfig(ray_octaves=0)
+    with pytest.raises(ConfigError, match="model.decoder_kwargs.pos_octaves = 0: expected a value >= 1"):
+        OSRT({**tiny_model_config(), "decoder_kwargs": {"pos_octaves": 0}})
 
 
 def test_plucker_rays_encode_the_line_not_the_camera():
@@ -75,15 +79,16 @@ def test_plucker_rays_encode_the_line_not_the_camera():
     same line gives the same features, a parallel line does not."""
     o = torch.tensor([[1.0, -2.0, 3.0]])
     d = torch.nn.functional.normalize(torch.tensor([[0.3, 0.4, -0.8]]), dim=-1)
-    enc = RayEncoder(-5, pos_octaves=6, ray_param="plucker")
+    enc = RayEncoder(RayEncodingConfig(pos_start_octave=-5, pos_octaves=6, ray_param="plucker"))
     torch.testing.assert_close(enc(o, d), ray_encoding(torch.linalg.cross(o, d), d, -5, 6))
     torch.testing.assert_close(enc(o + 2.5 * d, d), enc(o, d), atol=1e-5, rtol=0)
     assert not torch.allclose(enc(o + torch.tensor([[0.0, 0.5, 0.0]]), d), enc(o, d), atol=1e-3)
-    assert not torch.allclose(RayEncoder(-5, pos_octaves=6)(o + 2.5 * d, d), RayEncoder(-5, pos_octaves=6)(o, d))
+    camera = RayEncoder(RayEncodingConfig(pos_start_octave=-5, pos_octaves=6))
+    assert not torch.allclose(camera(o + 2.5 * d, d), camera(o, d))
     grid = enc(o, d.expand(2, 3, 3)[None])                       # [B, H, W, 3] rays of one camera
     torch.testing.assert_close(grid[0, :, 1, 2], enc(o, d)[0])
-    with pytest.raises(ConfigError, match="ray_param must be one of camera, plucker"):
-        RayEncoder(ray_param="moment")
+    with pytest.raises(ConfigError, match="ray_param = 'moment': expected one of camera, plucker"):
+        RayEncodingConfig(ray_param="moment")
 
 
 @pytest.mark.parametrize("decoder", ["slot_mixer", "spatial_broadcast", "srt"])
@@ -101,7 +106,7 @@ def test_banded_models_have_the_band_widths_and_train(decoder):
     pixels.mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
-    stem = (model.encoder.srt_encoder if decoder != "srt" else model.encoder).conv_blocks[0].layers[0]
+    stem = model.srt_encoder.conv_blocks[0].layers[0]
     assert stem.in_channels == 3 + 54
 
 
@@ -114,7 +119,7 @@ def test_banded_fast_path_matches_eager_forward_and_every_gradient():
 
     def kernels(c):
         model = OSRT(c).set_backend("triton", ops={"slot_attention": "eager"})
-        assert model.decoder.fast_ops["cross_attention"] == model.decoder.fast_ops["mix_render"] == "triton"
+        assert model.decoder.ops == {"cross_attention": "triton", "mix_render": "triton"}
         return model
     for name, e, f, r in fast_path_runs(cfg, kernels):
         assert f is not None and torch.isfinite(f).all(), name
@@ -134,7 +139,7 @@ def test_banded_folded_maths_is_the_eager_function_in_fp64():
     cfg["encoder_kwargs"].update(num_slots=5, slot_iters=2)
     eager = OSRT(cfg)
     eager.load_state_dict(rebuild_reference_weights(eager, 3))
-    folded = OSRT(cfg).set_backend("triton", ops=dict.fromkeys(fast.OPS, "eager"))
+    folded = OSRT(cfg).set_backend("triton", ops=dict.fromkeys(OPS, "eager"))
     folded.load_state_dict(eager.state_dict())
     images, cam, dirs, tcam, tdirs = (t.double() for t in tiny_inputs(batch=2, rays=37))
 
@@ -166,7 +171,7 @@ def test_image_normalisation_is_the_encoder_on_normalised_images():
                                    plain.encoder((images - 0.25) / 0.15, cam, dirs))
         assert not torch.allclose(normed.encoder(images, cam, dirs), plain.encoder(images, cam, dirs))
     cfg["encoder_kwargs"]["image_std"] = 0.0
-    with pytest.raises(ConfigError, match="image_std must be positive"):
+    with pytest.raises(ConfigError, match="model.encoder_kwargs.image_std = 0.0: expected a positive number"):
         OSRT(cfg)
 
 
@@ -180,7 +185,7 @@ def test_he_init_keeps_the_stems_signal():
         model = OSRT(cfg)
         images, cam, dirs, _, _ = tiny_inputs()
         with torch.no_grad():
-            tokens = model.encoder.srt_encoder.stem(images, cam, dirs)
+            tokens = model.srt_encoder.stem(images, cam, dirs)
         return model, (tokens - tokens.mean(1, keepdim=True)).norm(dim=-1).mean() / tokens.norm(dim=-1).mean()
 
     default, spread_default = tokens_spread("default")
@@ -188,13 +193,13 @@ def test_he_init_keeps_the_stems_signal():
     assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(),
                                                  OSRT(tiny_model_config()).state_dict().values()))
     he, spread_he = tokens_spread("he")
-    conv = he.encoder.srt_encoder.conv_blocks[1].layers[0]
+    conv = he.srt_encoder.conv_blocks[1].layers[0]
     fan_in = conv.weight[0].numel()
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1)
     assert spread_he > 10 * spread_default
     cfg = tiny_model_config()
     cfg["encoder_kwargs"] = {**cfg["encoder_kwargs"], "conv_init": "xavier"}
-    with pytest.raises(ConfigError, match="conv_init must be one of default, he"):
+    with pytest.raises(ConfigError, match="model.encoder_kwargs.conv_init = 'xavier': expected one of default, he"):
         OSRT(cfg)
 
 

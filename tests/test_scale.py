@@ -6,8 +6,7 @@ import torch
 from conftest import scene_inputs, tiny_model_config
 from osrt_fast import OSRT
 from osrt_fast.config import config_from_dict
-from osrt_fast.parallel import (apply_activation_checkpointing, apply_compile, compiled_regions,
-                                parallelize)
+from osrt_fast.parallel import apply_activation_checkpointing, apply_compile, parallelize
 
 ALL_REGIONS = {"encoder_blocks": True, "slot_attention": True, "decoder_ray_chunk": 7}
 
@@ -44,7 +43,7 @@ def model_pair(backend="eager", **cfg):
 def test_activation_checkpointing_changes_no_gradient(backend):
     plain, ckpt = model_pair(backend)
     apply_activation_checkpointing(ckpt, ALL_REGIONS)
-    assert ckpt.decoder.ray_chunk == 7 and ckpt.encoder.slot_attention.checkpointed
+    assert ckpt.decoder.ray_chunk == 7 and ckpt.slot_attention.checkpointed
     data = scene_inputs(rays=37)        # 37 rays: chunks of 7 with a short last one
     assert_same(loss_and_grads(plain, data), loss_and_grads(ckpt, data), rtol=1e-5, atol=1e-6)
 
@@ -84,7 +83,7 @@ def test_compile_with_checkpointing_changes_no_gradient():
     plain, fast = model_pair()
     cfg = config_from_dict({"training": {"compile": True, "activation_checkpointing": ALL_REGIONS}})
     assert parallelize(fast, cfg.training) is fast
-    assert len(compiled_regions(fast)) == 4      # stem, 1 transformer block, slot attention, decoder
+    assert len(fast.regions()) == 4      # stem, 1 transformer block, slot attention, decoder
     data = scene_inputs(rays=21)                       # 3 chunks of 7: one compiled shape
     assert_same(loss_and_grads(plain, data), loss_and_grads(fast, data), rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
