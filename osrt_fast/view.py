@@ -13,6 +13,8 @@ pixel from the remaining slots: object removal, as in the paper's editing figure
 scene; sets the resolution; saves the current view as a PNG.
 
 `Viewer` (no server) holds the model and a scene's slots and renders images: the tested core.
+`LiveView` serves a Viewer: start() starts its server and render thread, stop() ends them (or
+`with LiveView(...) as live:`).
 Exit codes: 0 after Ctrl-C, 2 for bad arguments, config, checkpoint, data or slots file, 3 when
 the viewer extra (viser) is missing.
 """
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -143,34 +145,118 @@ def require_viser():
     return viser
 
 
+@dataclass(frozen=True, eq=False)
+class CameraState:
+    """A client's camera as one update left it: position [3], rotation [3, 3] (camera-to-world,
+    OpenCV axes), vertical fov (radians), aspect (width / height) and moved_at (time.monotonic()
+    of the update). eq=False: states compare by identity, so a new update is a new camera even
+    where it repeats the last pose."""
+    position: np.ndarray
+    rotation: np.ndarray
+    fov_y: float
+    aspect: float
+    moved_at: float
+
+    def width(self, height: int) -> int:
+        """The image width that keeps the camera's aspect at `height` pixels."""
+        return max(1, round(height * self.aspect))
+
+
+class Shown(NamedTuple):
+    """The frame on a client's screen: the camera it was rendered for and its height."""
+    camera: CameraState
+    height: int
+
+
+def next_job(cameras: dict, shown: dict, full_height: int, settle_s: float,
+             now: float) -> Optional[Tuple[int, CameraState, int]]:
+    """(client id, camera, height) of the next frame to render, or None when every screen is up
+    to date. cameras: client id -> CameraState; shown: client id -> Shown. A camera moved less
+    than settle_s before `now` gets a quick frame (half the height); a resting one its
+    full-resolution frame, once."""
+    for client_id, camera in cameras.items():
+        on_screen = shown.get(client_id)
+        resting = now - camera.moved_at >= settle_s
+        height = full_height if resting else max(16, full_height // 2)
+        if (on_screen is None or on_screen.camera is not camera
+                or (resting and on_screen.height != full_height)):
+            return client_id, camera, height
+    return None
+
+
 class LiveView:
     """Serves `viewer` with viser: GUI, input frustums, and a render loop that answers camera
-    moves (low resolution while moving, full once the camera rests for `settle_s`)."""
+    moves (low resolution while moving, full once the camera rests for `settle_s`).
+
+    The constructor only stores its options; start() starts the server and the render thread,
+    stop() ends both. `with LiveView(...) as live:` does the two around a block."""
 
     def __init__(self, viewer: Viewer, host: str = "127.0.0.1", port: int = 8080,
                  height: int = 128, save_dir: str = ".", settle_s: float = 0.25,
-                 mode: str = "render"):
-        viser = require_viser()
-        self.viser, self.viewer = viser, viewer
-        self.height, self.save_dir, self.settle_s = height, save_dir, settle_s
+                 mode: str = "render", stop_timeout_s: float = 5.0):
+        self.viewer, self.host, self.port = viewer, host, port
+        self.save_dir, self.settle_s, self.stop_timeout_s = save_dir, settle_s, stop_timeout_s
+        # `wake` guards what the GUI callbacks and the render thread share: cameras, shown,
+        # settings, full_height, redraws and stopping.
+        self.wake = threading.Condition()
         self.settings = ViewSettings(mode=mode)
+        self.full_height = height
+        self.cameras: dict = {}          # client id -> CameraState
+        self.shown: dict = {}            # client id -> Shown
+        # Counts redraw requests: a frame begun before one is not what the screen should show.
+        self.redraws = 0
+        self.stopping = False
         self.first_frame_reported: set = set()
-        self.server = viser.ViserServer(host=host, port=port, verbose=False)
-        self.server.scene.set_up_direction("+z")
-        self.cameras: dict = {}          # client id -> (position, rot, fov, aspect, time moved)
-        self.shown: dict = {}            # client id -> (camera, height) of the frame on screen
         self.frames = 0
         self.last_frame: Optional[np.ndarray] = None
-        self.wake = threading.Condition()
-        self.stopping = False
-        self._build_gui()
-        self._show_inputs()
-        self.server.on_client_connect(self._connect)
-        self.thread = threading.Thread(target=self._loop, name="osrt-view-render", daemon=True)
-        self.thread.start()
+        self.viser = None
+        self.server = None
+        self.thread: Optional[threading.Thread] = None
+
+    def start(self) -> "LiveView":
+        """Starts the server (GUI, input frustums, a camera callback per client) and the render
+        thread; returns self. A LiveView starts once."""
+        if self.server is not None:
+            raise RuntimeError("this LiveView was started already; a LiveView starts once")
+        self.viser = require_viser()
+        self.server = self.viser.ViserServer(host=self.host, port=self.port, verbose=False)
+        try:
+            self.server.scene.set_up_direction("+z")
+            self._build_gui()
+            self._show_inputs()
+            self.server.on_client_connect(self._connect)
+            self.thread = threading.Thread(target=self._loop, name="osrt-view-render",
+                                           daemon=True)
+            self.thread.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self):
+        """Ends the render loop, waits up to stop_timeout_s for a frame in flight, then stops
+        the server. Safe to call twice, or before start()."""
+        with self.wake:
+            if self.stopping or self.server is None:
+                return
+            self.stopping = True
+            self.wake.notify_all()
+        # The thread first: a frame in flight is sent to a server that still runs.
+        if self.thread is not None:
+            self.thread.join(timeout=self.stop_timeout_s)
+        self.server.stop()
+
+    def __enter__(self) -> "LiveView":
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
     @property
     def url(self) -> str:
+        if self.server is None:
+            raise RuntimeError("LiveView.url: the server is not started; call start() first "
+                               "(or use `with LiveView(...) as live:`)")
         host = self.server.get_host()
         return f"http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:" \
                f"{self.server.get_port()}"
@@ -184,7 +270,7 @@ class LiveView:
         self.scene_box = gui.add_number("scene", v.scene_id, min=min(ids), max=max(ids), step=1)
         self.mode_box = gui.add_dropdown("show", MODES, initial_value=self.settings.mode)
         self.height_box = gui.add_slider("height (pixels)", min=16, max=512, step=16,
-                                         initial_value=self.height)
+                                         initial_value=self.full_height)
         with gui.add_folder("slots"):
             self.solo_box = gui.add_dropdown("solo", ("none",) + tuple(map(str, range(v.num_slots))),
                                              initial_value="none")
@@ -197,7 +283,7 @@ class LiveView:
         self.status = gui.add_markdown("")
         for box in [self.mode_box, self.solo_box, self.weight_box, *self.slot_boxes]:
             box.on_update(lambda _: self._settings_changed())
-        self.height_box.on_update(lambda _: self._redraw())
+        self.height_box.on_update(lambda _: self._height_changed())
         self.scene_box.on_update(lambda _: self._scene_changed())
         self.save_button.on_click(lambda event: self._save(event.client))
         self.home_button.on_click(lambda event: self._home(event.client))
@@ -208,9 +294,16 @@ class LiveView:
         if len(hidden) == len(self.slot_boxes) and solo is None:
             self.status.content = "all slots hidden: showing the last view"
             return
-        self.settings = ViewSettings(self.mode_box.value, hidden, solo, int(self.weight_box.value))
+        settings = ViewSettings(self.mode_box.value, hidden, solo, int(self.weight_box.value))
         self.status.content = ""
-        self._redraw()
+        with self.wake:
+            self.settings = settings
+            self._redraw_locked()
+
+    def _height_changed(self):
+        with self.wake:
+            self.full_height = int(self.height_box.value)
+            self._redraw_locked()
 
     def _scene_changed(self):
         try:
@@ -221,7 +314,8 @@ class LiveView:
         self._show_inputs()
         for client in self.server.get_clients().values():
             self._home(client)
-        self._redraw()
+        with self.wake:
+            self._redraw_locked()
 
     def _show_inputs(self):
         v, so3 = self.viewer, self.viser.transforms.SO3
@@ -244,13 +338,14 @@ class LiveView:
         client.camera.fov = fov
 
     def _save(self, client):
-        camera = self.cameras.get(client.client_id)
+        with self.wake:
+            camera = self.cameras.get(client.client_id)
+            settings, height = self.settings, self.full_height
         if camera is None:
             return
         from PIL import Image
-        pos, rot, fov, aspect, _ = camera
-        img = self.viewer.render(pos, rot, fov, self.height_box.value,
-                                 max(1, round(self.height_box.value * aspect)), self.settings)
+        img = self.viewer.render(camera.position, camera.rotation, camera.fov_y, height,
+                                 camera.width(height), settings)
         os.makedirs(self.save_dir, exist_ok=True)
         path = os.path.join(self.save_dir, f"view_scene{self.viewer.scene_id}_"
                                            f"{time.strftime('%Y%m%d-%H%M%S')}.png")
@@ -265,69 +360,60 @@ class LiveView:
         @client.camera.on_update
         def _(camera):
             rot = self.viser.transforms.SO3(np.asarray(camera.wxyz)).as_matrix()
+            state = CameraState(np.asarray(camera.position, np.float32), rot.astype(np.float32),
+                                float(camera.fov), float(camera.aspect), time.monotonic())
             with self.wake:
-                self.cameras[client.client_id] = (np.asarray(camera.position, np.float32),
-                                                  rot.astype(np.float32), float(camera.fov),
-                                                  float(camera.aspect), time.monotonic())
+                self.cameras[client.client_id] = state
                 self.wake.notify()
 
-    def _redraw(self):
-        with self.wake:
-            self.shown.clear()
-            self.wake.notify()
+    def _redraw_locked(self):
+        """Asks the loop to render every client's view again; the caller holds `wake`."""
+        self.shown.clear()
+        self.redraws += 1
+        self.wake.notify()
 
     def _loop(self):
-        while not self.stopping:
+        while True:
+            # One frame's job, settings and full height, read together.
             with self.wake:
-                todo = self._next_job()
+                if self.stopping:
+                    return
+                todo = next_job(self.cameras, self.shown, self.full_height, self.settle_s,
+                                time.monotonic())
                 if todo is None:
                     self.wake.wait(timeout=self.settle_s)
                     continue
+                settings, full_height, redraws = self.settings, self.full_height, self.redraws
             client_id, camera, height = todo
             client = self.server.get_clients().get(client_id)
             if client is None:
                 with self.wake:
                     self.cameras.pop(client_id, None)
                 continue
-            pos, rot, fov, aspect, _ = camera
             try:
-                img = self.viewer.render(pos, rot, fov, height, max(1, round(height * aspect)),
-                                         self.settings)
+                img = self.viewer.render(camera.position, camera.rotation, camera.fov_y, height,
+                                         camera.width(height), settings)
             except Exception as e:      # shown in the panel; the loop (and the page) live on
                 self.status.content = f"cannot render this view: {e}"
                 if not isinstance(e, SlotsError):
                     print(f"osrt_fast.view: rendering failed: {type(e).__name__}: {e}",
                           file=sys.stderr, flush=True)
-                with self.wake:
-                    self.shown[client_id] = (camera, height)
+                self._mark_shown(client_id, camera, height, redraws)
                 continue
             client.scene.set_background_image(img, format="png")
             self.last_frame, self.frames = img, self.frames + 1
-            if height == int(self.height_box.value) and client_id not in self.first_frame_reported:
+            if height == full_height and client_id not in self.first_frame_reported:
                 self.first_frame_reported.add(client_id)
                 print(f"osrt_fast.view: client {client_id}: first full frame, {img.shape[1]}x"
                       f"{img.shape[0]}", flush=True)
-            with self.wake:
-                self.shown[client_id] = (camera, height)
+            self._mark_shown(client_id, camera, height, redraws)
 
-    def _next_job(self):
-        """(client id, camera, height) of the next frame to render, or None: a moved camera gets
-        a quick frame, a resting one (settle_s without a move) its full-resolution frame."""
-        full = int(self.height_box.value)
-        now = time.monotonic()
-        for client_id, camera in self.cameras.items():
-            shown = self.shown.get(client_id)
-            resting = now - camera[4] >= self.settle_s
-            want = full if resting else max(16, full // 2)
-            if shown is None or shown[0] is not camera or (resting and shown[1] != full):
-                return client_id, camera, want
-        return None
-
-    def stop(self):
-        self.stopping = True
+    def _mark_shown(self, client_id: int, camera: CameraState, height: int, redraws: int):
+        # A redraw asked for while the frame rendered (new settings, height or scene) leaves
+        # the client unmarked, so that the loop renders its view again.
         with self.wake:
-            self.wake.notify()
-        self.server.stop()
+            if self.redraws == redraws:
+                self.shown[client_id] = Shown(camera, height)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,7 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 3
     try:
         viewer = open_viewer(args)
-        live = LiveView(viewer, args.host, args.port, args.height, save_dir_of(args), mode=args.mode)
+        live = LiveView(viewer, args.host, args.port, args.height, save_dir_of(args),
+                        mode=args.mode).start()
     except (ConfigError, CheckpointError, DataError, SlotsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,12 @@
 """The live viewer (osrt_fast/view.py): what it shows for each mode and slot edit, its scenes
-from a split or a slots file, its errors, and an end-to-end run in a real headless browser."""
+from a split or a slots file, its errors, the live front end's start, stop and frame scheduling,
+and an end-to-end run in a real headless browser."""
 import os
+import socket
+import threading
 import time
+import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,9 +14,9 @@ import torch
 from PIL import Image
 
 from osrt_fast.slots import SlotsError, render_view
-from osrt_fast.view import MODES, ViewSettings, Viewer, compose, main as view_main
+from osrt_fast.view import LiveView, MODES, ViewSettings, Viewer, compose, main as view_main
 from osrt_fast.visualize import segmentation_colors
-from browser import ViewerProcess, click_button, find_browser, open_page
+from browser import ViewerProcess, click_button, find_browser, free_port, open_page
 
 
 def test_compose_shows_each_mode():
@@ -72,6 +77,107 @@ def test_viewer_cli_names_bad_input(tiny_run, tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
     assert view_main([config, "--slots", str(tmp_path / "none.safetensors")]) == 2
     assert "no slots file at" in capsys.readouterr().err
+
+
+
+@pytest.fixture(scope="module")
+def tiny_viewer(tiny_run):
+    """The tiny run's Viewer on the CPU, val scene 0 loaded."""
+    from osrt_fast.checkpoint import load_trained_model
+    from osrt_fast.data import batch_spec, get_dataset
+    config, _ = tiny_run
+    cfg, model, _, _ = load_trained_model(config, device="cpu")
+    dataset = get_dataset("val", cfg.data)
+    viewer = Viewer(model, dataset, cfg.to_dict(), spec=batch_spec(cfg.data, dataset))
+    viewer.load_scene(0)
+    return viewer
+
+
+def test_next_job_gives_a_moving_camera_a_quick_frame_and_a_resting_one_its_full_frame():
+    from osrt_fast.view import CameraState, Shown, next_job
+
+    def camera(moved_at, aspect=1.5):
+        return CameraState(np.zeros(3, np.float32), np.eye(3, dtype=np.float32), 0.8, aspect,
+                           moved_at)
+
+    moving = camera(10.0)
+    assert next_job({1: moving}, {}, 64, 0.25, now=10.1) == (1, moving, 32)
+    assert next_job({1: moving}, {1: Shown(moving, 32)}, 64, 0.25, now=10.1) is None
+    assert next_job({1: moving}, {1: Shown(moving, 32)}, 64, 0.25, now=10.3) == (1, moving, 64)
+    assert next_job({1: moving}, {1: Shown(moving, 64)}, 64, 0.25, now=11.0) is None
+    # A new update is a new camera, even at the same pose and time.
+    again = camera(10.0)
+    assert next_job({1: again}, {1: Shown(moving, 64)}, 64, 0.25, now=11.0) == (1, again, 64)
+    # The quick frame is never below 16 pixels; a client up to date is passed over.
+    assert next_job({1: moving, 2: again}, {1: Shown(moving, 32)}, 20, 0.25,
+                    now=10.1) == (2, again, 16)
+    assert moving.width(32) == 48 and camera(0.0, aspect=0.01).width(16) == 1
+
+
+def test_live_view_starts_nothing_before_start_and_joins_its_thread_on_stop(tiny_viewer):
+    before = set(threading.enumerate())
+    port = free_port()
+    live = LiveView(tiny_viewer, host="127.0.0.1", port=port, height=16)
+    assert set(threading.enumerate()) == before
+    with socket.socket() as s:          # the port is still free: no server listens on it
+        s.bind(("127.0.0.1", port))
+    with pytest.raises(RuntimeError, match="call start"):
+        live.url
+    live.stop()                         # nothing started, nothing to stop
+    with live:
+        assert live.thread.is_alive() and live.thread not in before
+        assert live.url == f"http://localhost:{port}"
+        with urllib.request.urlopen(live.url, timeout=30) as page:
+            assert page.status == 200
+    assert not live.thread.is_alive()
+    live.stop()
+    with pytest.raises(RuntimeError, match="starts once"):
+        live.start()
+
+
+def test_live_view_renders_a_frame_with_the_settings_it_began_with_then_again(tiny_viewer,
+                                                                             monkeypatch):
+    """A settings change while a frame renders: that frame keeps the settings it began with,
+    and the view is rendered again with the new ones (not taken for up to date). stop() waits
+    for a frame in flight."""
+    from osrt_fast.view import CameraState
+    rendered, began, release = [], threading.Event(), threading.Event()
+    render, slow_s = tiny_viewer.render, [0.0]
+
+    def held_render(position, rot, fov_y, height, width, settings):
+        rendered.append((settings.mode, height, width))
+        began.set()
+        release.wait(30)
+        time.sleep(slow_s[0])
+        return render(position, rot, fov_y, height, width, settings)
+
+    monkeypatch.setattr(tiny_viewer, "render", held_render)
+    sent = []
+    client = SimpleNamespace(scene=SimpleNamespace(
+        set_background_image=lambda img, format: sent.append(img.shape)))
+    with LiveView(tiny_viewer, host="127.0.0.1", port=free_port(), height=16) as live:
+        monkeypatch.setattr(live.server, "get_clients", lambda: {7: client})
+        pos, rot, fov = tiny_viewer.home_camera(back=1.3)
+        resting = CameraState(pos.numpy(), rot.numpy(), fov, 1.5, time.monotonic() - 10)
+        with live.wake:
+            live.cameras[7] = resting
+            live.wake.notify()
+        assert began.wait(30)
+        live.mode_box.value = "segmentation"
+        release.set()
+        end = time.monotonic() + 30
+        while len(sent) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.3)                 # time for a frame too many, were one rendered
+        assert rendered == [("render", 16, 24), ("segmentation", 16, 24)]
+        assert sent == [(16, 24, 3)] * 2
+        began.clear()
+        slow_s[0] = 1.0
+        with live.wake:
+            live.cameras[7] = CameraState(pos.numpy(), rot.numpy(), fov, 1.5, time.monotonic())
+            live.wake.notify()
+        assert began.wait(30)
+    assert not live.thread.is_alive() and sent[2:] == [(16, 24, 3)]
 
 
 @pytest.mark.slow
