@@ -15,13 +15,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .errors import UserError
 from .files import explain_write_error, remove_files
 
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or does not fit the model; the message says why."""
 
 

@@ -9,11 +9,13 @@ import shutil
 import tempfile
 from typing import Optional
 
+from .errors import UserError
+
 # Prefix of the temporary files `write_atomic` writes beside their targets.
 TMP_PREFIX = ".tmp-"
 
 
-class WriteError(RuntimeError):
+class WriteError(UserError, RuntimeError):
     """A file of the run could not be written; the message names the cause and the fix."""
 
 

@@ -14,10 +14,12 @@ import socket
 import sys
 import time
 
+from .errors import UserError
+
 LOCK_FILE = ".lock"
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another process holds the folder's lock; the message names it and what to do."""
 
 
