@@ -16,10 +16,9 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .files import explain_write_error, remove_files
+from .files import TMP_PREFIX, explain_write_error
 
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -174,12 +173,6 @@ def _raise_os_error(f) -> None:
     f.write(bytes(1 << 16))
     f.flush()
     os.fsync(f.fileno())
-
-
-def remove_stale_temporaries(folder: str) -> int:
-    """Deletes the temporary files that saves killed mid-write left in `folder` (call it only
-    while holding the folder's lock, so no save is under way); returns the bytes freed."""
-    return remove_files(folder, lambda name: name.startswith(TMP_PREFIX) and name.endswith(".pt"))[1]
 
 
 def capture_rng_state() -> dict:

@@ -35,10 +35,12 @@ def _free_bytes(path: str) -> Optional[int]:
         return None
 
 
-def explain_write_error(e: BaseException, path: str, needed: Optional[int] = None) -> Optional[str]:
+def explain_write_error(e: BaseException, path: str, needed: Optional[int] = None,
+                        elsewhere: str = "train.py --run-dir DIR") -> Optional[str]:
     """Why writing `path` failed, in words with the fix, for a full disk, an exceeded quota, a
-    read-only file system or missing permission; None for any other error. torch.save reports
-    a full disk as a RuntimeError without errno, so for those the free space decides."""
+    read-only file system or missing permission; None for any other error. `elsewhere`: the
+    flag that writes elsewhere. torch.save reports a full disk as a RuntimeError without errno,
+    so for those the free space decides."""
     code = getattr(e, "errno", None)
     fix = "the existing file, if any, is kept"
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and isinstance(e, RuntimeError)
@@ -49,14 +51,21 @@ def explain_write_error(e: BaseException, path: str, needed: Optional[int] = Non
             [f"about {_size(needed)} needed"] if needed else [])
         room = f" ({', '.join(details)})" if details else ""
         return (f"cannot write {path}: the {what}{room}. Free some space, or write elsewhere "
-                f"(train.py --run-dir DIR); {fix}")
+                f"({elsewhere}); {fix}")
     if code == errno.EROFS:
         return (f"cannot write {path}: the file system is read-only. Choose a writable folder "
-                f"(train.py --run-dir DIR); {fix}")
+                f"({elsewhere}); {fix}")
     if code in (errno.EACCES, errno.EPERM):
         return (f"cannot write {path}: permission denied. Choose a folder you can write "
-                f"(train.py --run-dir DIR) or fix its permissions; {fix}")
+                f"({elsewhere}) or fix its permissions; {fix}")
     return None
+
+
+def write_error(e: OSError, path: str, elsewhere: str) -> WriteError:
+    """The WriteError of a failed write of `path`: explained where `explain_write_error` can,
+    else the OS's words; `elsewhere` names the flag that writes elsewhere."""
+    return WriteError(explain_write_error(e, path, elsewhere=elsewhere)
+                      or f"cannot write {path}: {e.strerror or e}; {elsewhere} writes elsewhere")
 
 
 def _looks_full(path: str, needed: Optional[int]) -> bool:
@@ -79,6 +88,12 @@ def remove_files(folder: str, matches) -> tuple:
                 continue
             count, freed = count + 1, freed + size
     return count, freed
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Deletes the temporary files that checkpoint saves killed mid-write left in `folder` (call
+    it only while holding the folder's lock, so no save is under way); returns the bytes freed."""
+    return remove_files(folder, lambda name: name.startswith(TMP_PREFIX) and name.endswith(".pt"))[1]
 
 
 @functools.lru_cache(maxsize=None)

@@ -768,6 +768,16 @@ class OSRT(nn.Module):
             units.append(self.slot_attention)
         return units + [self.encoder, self.decoder]
 
+    def parameter_counts(self) -> tuple:
+        """(encoder, decoder) parameter counts."""
+        return (sum(p.numel() for p in self.encoder.parameters()),
+                sum(p.numel() for p in self.decoder.parameters()))
+
+    def summary(self) -> str:
+        """The modules, then every parameter's name, shape and size (train.py --print-model)."""
+        rows = [f"{name:80}{str(list(p.shape)):20}{p.numel():10d}" for name, p in self.named_parameters()]
+        return "\n".join([str(self)] + rows)
+
     # -- how it computes ------------------------------------------------------------------------
 
     def set_backend(self, backend: str, ops: Optional[dict] = None) -> "OSRT":

@@ -243,6 +243,29 @@ def all_agree(flag: bool, device) -> bool:
     return bool(t.item() == 0)
 
 
+def any_process(flag: bool, device) -> bool:
+    """True on every process iff `flag` is true on any process."""
+    return not all_agree(not flag, device) if current().distributed else flag
+
+
+def first_process_first(fn, device, elsewhere: Exception) -> None:
+    """fn() on the first process, then on the others (which may read what the first prepared).
+    Every process learns of a failure, so all stop (none waits forever): the failing one raises
+    its error, the others `elsewhere`. One process: fn() as it is."""
+    info = current()
+    if not info.distributed:
+        return fn()
+    for turn in (0, 1):
+        error = None
+        if (turn == 0) == info.is_main:
+            try:
+                fn()
+            except Exception as e:          # every process must reach the agreement below
+                error = e
+        if not all_agree(error is None, device):
+            raise error if error is not None else elsewhere
+
+
 # ----------------------------------------------------------------------------------------------
 # Unsharded state for checkpoints
 

@@ -1,12 +1,17 @@
-"""Run directories: where a config trains, its copy of the config, and its log."""
+"""Run directories (where a config trains, the folder's claim, its copy of the config, its log)
+and train.py's command line (its flags, read into `TrainOptions`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
+from dataclasses import dataclass
 from typing import Optional
 
-from .files import WriteError, explain_write_error
+from .files import WriteError, explain_write_error, remove_stale_temporaries
+from .locks import LOCK_FILE, FolderLock
 
 
 def append_log(run_dir: str, record: dict) -> None:
@@ -25,6 +30,52 @@ def run_dir_for(config_path: str, override: Optional[str] = None) -> str:
     if os.path.basename(config_path) == "config.yaml":
         return os.path.dirname(os.path.abspath(config_path))
     return os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def claim_run_dir(run_dir: str) -> FolderLock:
+    """Makes the run directory and takes its lock (held until the process ends); removes the
+    temporary files of saves that a killed run left. A folder that cannot be written is a
+    WriteError naming the cause."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = FolderLock(run_dir, what="run directory",
+                          hint=", or train in another folder with --run-dir").acquire()
+    except OSError as e:
+        raise WriteError(explain_write_error(e, run_dir) or f"cannot use the run directory "
+                         f"'{run_dir}': {e}") from None
+    freed = remove_stale_temporaries(run_dir)
+    if freed:
+        print(f"Removed temporary files of interrupted saves from {run_dir} ({freed / 2**20:.1f} MB).")
+    return lock
+
+
+@contextlib.contextmanager
+def claimed_run_dir(run_dir: str, config_path: str):
+    """The run directory, claimed (`claim_run_dir`) with the config copied in, for the body of
+    the `with`. A folder this made is removed again when the body fails, unless the run wrote
+    something there (`remove_unstarted_run`)."""
+    made = not os.path.exists(run_dir)
+    lock, finished = claim_run_dir(run_dir), False
+    try:
+        copy_config(config_path, run_dir)
+        print(f"Run directory: {run_dir}")
+        yield run_dir
+        finished = True
+    finally:
+        lock.release()
+        if made and not finished:
+            remove_unstarted_run(run_dir)
+
+
+def remove_unstarted_run(run_dir: str) -> None:
+    """A run folder left by a failure at start-up: removed while it holds only the copied config
+    and the lock file (nothing trained), else left with a note."""
+    left = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if set(left) <= {"config.yaml", LOCK_FILE}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        print(f"note: the run folder {run_dir} keeps what the failed run wrote: {', '.join(left)}",
+              file=sys.stderr)
 
 
 def copy_config(config_path: str, run_dir: str) -> None:
@@ -52,6 +103,26 @@ def start_wandb(cfg, run_dir: str, run_id: Optional[str]):
     return wandb, run_id
 
 
+class RunLog:
+    """Where a run's records go: its log.jsonl and, with `wandb`, Weights and Biases (resuming
+    the run `run_id`; `self.run_id` is the one to keep in checkpoints). Only the process that
+    `writes` (the first) writes anything."""
+
+    def __init__(self, cfg, run_dir: str, writes: bool, wandb: bool = False,
+                 run_id: Optional[str] = None):
+        self.run_dir, self.writes, self.wandb, self.run_id = run_dir, writes, None, run_id
+        if wandb and writes:
+            self.wandb, self.run_id = start_wandb(cfg, run_dir, run_id)
+
+    def write(self, record: dict, step: int, wandb_record: Optional[dict] = None) -> None:
+        """`record` to log.jsonl, and `wandb_record` (default `record`) to wandb at `step`."""
+        if not self.writes:
+            return
+        append_log(self.run_dir, record)
+        if self.wandb:
+            self.wandb.log(record if wandb_record is None else wandb_record, step=step)
+
+
 def resume_notes(path: str, extras: dict, t, schedule: dict, world_size: int) -> list:
     """What a run resumed from the checkpoint `path` (its `osrt_fast` entry: `extras`) should be
     told: a changed seed, learning-rate schedule or process count."""
@@ -66,6 +137,26 @@ def resume_notes(path: str, extras: dict, t, schedule: dict, world_size: int) ->
         notes.append(f"note: {path} was written by {extras.get('world_size', 1)} process(es), this "
                      f"run has {world_size}; the global batch ({t.batch_size} scenes) is the same")
     return notes
+
+
+@dataclass
+class TrainOptions:
+    """What a run does besides its config (train.py's flags; a trainer.Trainer takes them)."""
+    exit_after: Optional[int] = None     # stop (saving) at this iteration, counted from the run's start
+    max_minutes: Optional[float] = None  # stop (saving) once the run's training time reaches this
+    eval_split: str = "val"              # 'test' reports on the test split (never selects on it)
+    evaluate_first: bool = False         # evaluate before the first step
+    visualize_first: bool = False        # visualise before the first step
+    wandb: bool = False                  # log to Weights and Biases
+    max_eval: Optional[int] = None       # evaluate on at most this many items
+    full_scale: bool = False             # evaluate on every pixel of the target views
+    print_model: bool = False            # print the model and its parameters
+
+    @classmethod
+    def from_args(cls, args) -> "TrainOptions":
+        """The options of train.py's parsed command line (`parse_train_args`)."""
+        return cls(args.exit_after, args.max_minutes, "test" if args.test else "val", args.evalnow,
+                   args.visnow, args.wandb, args.max_eval, args.full_scale, args.print_model)
 
 
 def parse_train_args(argv=None):

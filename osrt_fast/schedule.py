@@ -1,4 +1,5 @@
-"""The learning-rate schedule of the reference's training recipe."""
+"""Schedules over training steps: the learning rate of the reference's recipe, and the slot-balance
+loss's weight."""
 from __future__ import annotations
 
 
@@ -21,3 +22,11 @@ class LrSchedule:
     def state_dict(self) -> dict:
         return {"peak_lr": self.peak_lr, "warmup": self.warmup, "decay_rate": self.decay_rate,
                 "decay_it": self.decay_it}
+
+
+def slot_balance_at(t, it: int) -> float:
+    """training.slot_balance at iteration `it` (t: the training config): falling linearly to 0
+    over slot_balance_until steps, where that is set."""
+    if t.slot_balance_until <= 0:
+        return t.slot_balance
+    return t.slot_balance * max(0.0, 1.0 - it / t.slot_balance_until)

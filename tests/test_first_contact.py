@@ -89,7 +89,7 @@ def test_an_image_size_the_encoder_cannot_take_is_refused_before_generating(tmp_
 def test_a_failed_start_says_what_it_left(tmp_path, capsys):
     """A run folder holding only the copied config and the lock is removed; one holding more is
     left, with a note of what is in it."""
-    from osrt_fast.trainer import remove_unstarted_run
+    from osrt_fast.runs import remove_unstarted_run
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("x")

@@ -21,7 +21,7 @@ from osrt_fast.config import ConfigError, RayEncodingConfig, config_from_dict
 from osrt_fast.evaluate import compute_loss, slot_importance_cv2, slot_usage
 from osrt_fast.guards import CollapseWatch
 from osrt_fast.model import RayEncoder, ray_encoding
-from osrt_fast.trainer import slot_balance_at
+from osrt_fast.schedule import slot_balance_at
 from conftest import tiny_model_config, train_tiny, tiny_data_section
 from test_model import tiny_inputs
 from test_model_parity import rebuild_reference_weights, relative_error

@@ -321,3 +321,45 @@ def test_without_a_terminal_progress_is_plain_lines(tmp_path, data_dir, capsys):
     lines = [x for x in captured.out.splitlines() if x.startswith("it ")]
     assert [x.split(":")[0] for x in lines] == ["it 2/4", "it 4/4"]
     assert "loss=" in lines[0] and "scenes_s=" in lines[0]
+
+
+def test_what_is_due_at_a_skipped_step_still_happens(tmp_path, data_dir, monkeypatch):
+    """A step the guard skips still reaches its iteration: the evaluation, the backup and the
+    checkpoint due there happen (the weights are those of the last good step)."""
+    config = write_config(tmp_path, data_dir, print_every=0, checkpoint_every=3, backup_every=3,
+                          validate_every=3)
+    real, calls = trainer.compute_loss, []
+
+    def nan_on_third_step(model, batch, max_rays=None, **kwargs):
+        mse, terms = real(model, batch, max_rays, **kwargs)
+        if model.training:
+            calls.append(1)
+            if len(calls) == 3:                 # the step that reaches iteration 3
+                mse = mse * float("nan")
+        return mse, terms
+    monkeypatch.setattr(trainer, "compute_loss", nan_on_third_step)
+    with pytest.warns(UserWarning, match="non-finite loss .* at iteration 2"):
+        assert trainer.main([config, "--exit-after", "5"]) == 0
+    run = os.path.dirname(config)
+    evaluations = [r["it"] for r in map(json.loads, open(os.path.join(run, "log.jsonl"))) if "split" in r]
+    assert evaluations == [3]
+    model = OSRT(tiny_model_config())
+    assert load_checkpoint(os.path.join(run, "model_3.pt"), model)["it"] == 3
+
+
+def test_test_split_metrics_go_to_wandb_under_its_name(tmp_path, data_dir, monkeypatch):
+    """--test --wandb: the test split's metrics are logged as test/..., never as val/..."""
+    import sys
+    import types
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kw: None, log=lambda rec, step: logged.append(rec),
+                                 util=types.SimpleNamespace(generate_id=lambda: "run-id"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "wandb" else real(name, *a))
+    config = write_config(tmp_path, data_dir, print_every=0, validate_every=2)
+    assert trainer.main([config, "--exit-after", "2", "--test", "--wandb"]) == 0
+    keys = {k for rec in logged for k in rec}
+    assert "test/psnr" in keys and not any(k.startswith("val/") for k in keys), keys
