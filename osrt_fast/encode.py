@@ -16,16 +16,16 @@ import time
 from typing import Optional, Sequence
 
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data import DataError, batch_spec, get_dataset
 from .checkpoint import load_trained_model
+from .data import batch_spec, get_dataset
+from .errors import UsageError, command
+from .files import write_error
 from .runs import run_dir_for
-from .slots import SlotsError, encode_scenes, save_slots
+from .slots import encode_scenes, save_slots
 
 
 def parse_range(text: str) -> tuple:
-    """'A:B' -> (A, B), 'A' -> (A, A + 1); ValueError naming the form."""
+    """'A:B' -> (A, B), 'A' -> (A, A + 1); UsageError naming the form."""
     try:
         if ":" in text:
             a, b = text.split(":")
@@ -34,13 +34,14 @@ def parse_range(text: str) -> tuple:
             start = int(text)
             stop = start + 1
     except ValueError:
-        raise ValueError(f"--scenes takes A:B (scenes A to B-1) or one scene id, got {text!r}") \
+        raise UsageError(f"--scenes takes A:B (scenes A to B-1) or one scene id, got {text!r}") \
             from None
     if start < 0 or stop <= start:
-        raise ValueError(f"--scenes {text}: need 0 <= A < B")
+        raise UsageError(f"--scenes {text}: need 0 <= A < B")
     return start, stop
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m osrt_fast.encode",
                                 description="Write scenes' slots to a safetensors file.")
@@ -52,25 +53,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "e.g. runs/demo/slots.safetensors)")
     p.add_argument("--no-cuda", action="store_true")
     args = p.parse_args(argv)
+    start, stop = parse_range(args.scenes)
+    cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint,
+                                                 "cpu" if args.no_cuda else None)
+    device = next(model.parameters()).device
+    dataset = get_dataset(args.split, cfg.data)
+    spec = batch_spec(cfg.data, dataset)
+    if stop > len(dataset):
+        raise UsageError(f"--scenes {args.scenes}: the {args.split} split has {len(dataset)} "
+                         f"scenes (0-{len(dataset) - 1})")
+    t0 = time.perf_counter()
+    slot_set = encode_scenes(model, dataset, spec, range(start, stop), cfg.to_dict(), device,
+                             args.split, ckpt, state.get("it"))
+    out = args.out or os.path.join(run_dir_for(args.config), "slots.safetensors")
     try:
-        start, stop = parse_range(args.scenes)
-        cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint,
-                                                     "cpu" if args.no_cuda else None)
-        device = next(model.parameters()).device
-        dataset = get_dataset(args.split, cfg.data)
-        spec = batch_spec(cfg.data, dataset)
-        if stop > len(dataset):
-            raise ValueError(f"--scenes {args.scenes}: the {args.split} split has {len(dataset)} "
-                             f"scenes (0-{len(dataset) - 1})")
-        t0 = time.perf_counter()
-        slot_set = encode_scenes(model, dataset, spec, range(start, stop), cfg.to_dict(), device,
-                                 args.split, ckpt, state.get("it"))
-        out = args.out or os.path.join(run_dir_for(args.config), "slots.safetensors")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save_slots(out, slot_set)
-    except (ValueError, ConfigError, CheckpointError, DataError, SlotsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        raise write_error(e, out, "--out FILE") from None
     k, d = slot_set.slots.shape[1:]
     print(f"wrote {len(slot_set)} scenes x {k} slots of width {d} ({args.split} {start}:{stop}, "
           f"iteration {state.get('it')}) to {out} in {time.perf_counter() - t0:.1f} s")

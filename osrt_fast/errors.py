@@ -24,6 +24,11 @@ class UsageError(UserError, ValueError):
     """A command-line argument that cannot be used (argparse's own checks aside)."""
 
 
+class MissingExtra(UserError, ImportError):
+    """An optional extra that the asked-for feature needs is not installed; the message names
+    the pip command."""
+
+
 class DataError(UserError, ValueError):
     """A dataset folder or setting is unusable; the message names the problem and the fix. Below
     the data readers (data/) and the scene generator (scenes.py), which both raise it."""

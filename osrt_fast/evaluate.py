@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from . import parallel
-from .checkpoint import CheckpointError, load_trained_model
-from .config import ConfigError
+from .checkpoint import load_trained_model
 from .data import DataError, batch_spec, get_dataset, make_batch, record_loader, to_device
+from .errors import command
+from .files import write_error
 from .metrics import adjusted_rand_index, fg_ari, lpips_metric, psnr, ssim
 from .progress import progress_bar
 from .runs import run_dir_for
@@ -142,6 +143,7 @@ def evaluate(model, loader, device, spec, max_rays: int = 65536, progress: bool 
     return out
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m osrt_fast.evaluate",
                                 description="Evaluate an OSRT checkpoint (PSNR, ARI, FG-ARI).")
@@ -155,29 +157,29 @@ def main(argv=None) -> int:
     p.add_argument("--output", help="JSON output (default: <run dir>/eval_<split>[_full].json).")
     p.add_argument("--no-cuda", action="store_true")
     args = p.parse_args(argv)
-    try:
-        run_dir = run_dir_for(args.config, args.run_dir)
-        cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint,
-                                                     "cpu" if args.no_cuda else None, run_dir)
-        device = next(model.parameters()).device
-        split = "test" if args.test else "val"
-        dataset = get_dataset(split, cfg.data, max_len=args.max_eval)
-        spec = batch_spec(cfg.data, dataset, full_scale=args.full_scale)
-        bs = args.batch_size or cfg.training.eval_batch_size or max(1, cfg.training.batch_size // 8)
-        loader = record_loader(dataset, bs, {"num_workers": min(cfg.training.num_workers, 4)},
-                               train=False)
-        result = evaluate(model, loader, device, spec,
-                          max_rays=cfg.data.num_points * cfg.training.batch_size)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_dir = run_dir_for(args.config, args.run_dir)
+    cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint,
+                                                 "cpu" if args.no_cuda else None, run_dir)
+    device = next(model.parameters()).device
+    split = "test" if args.test else "val"
+    dataset = get_dataset(split, cfg.data, max_len=args.max_eval)
+    spec = batch_spec(cfg.data, dataset, full_scale=args.full_scale)
+    bs = args.batch_size or cfg.training.eval_batch_size or max(1, cfg.training.batch_size // 8)
+    loader = record_loader(dataset, bs, {"num_workers": min(cfg.training.num_workers, 4)},
+                           train=False)
+    result = evaluate(model, loader, device, spec,
+                      max_rays=cfg.data.num_points * cfg.training.batch_size)
     result = {"split": split, "full_scale": args.full_scale, "checkpoint": ckpt,
               "it": state.get("it"), **result}
-    out = args.output or os.path.join(run_dir, f"eval_{split}{'_full' if args.full_scale else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    # Printed first: a file that cannot be written loses none of what was computed.
     print(json.dumps(result, indent=2))
+    out = args.output or os.path.join(run_dir, f"eval_{split}{'_full' if args.full_scale else ''}.json")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    except OSError as e:
+        raise write_error(e, out, "--output FILE") from None
     print(f"Wrote {out}")
     bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:

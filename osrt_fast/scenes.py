@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from osrt_fast import geometry
-from osrt_fast.errors import DataError
+from osrt_fast.errors import DataError, command
 from osrt_fast.files import TMP_PREFIX, remove_files
 from osrt_fast.files import write_atomic as _write_atomic
 from osrt_fast.locks import FolderLock, LockedError
@@ -645,6 +645,7 @@ def generate_dataset(root: str, num_scenes: int, height: int = 64, width: int = 
     return root
 
 
+@command
 def main(argv: Optional[Iterable[str]] = None) -> int:
     """The CLI; returns the exit code: 0 done, 2 invalid arguments or folder in use."""
     p = argparse.ArgumentParser(prog="python -m osrt_fast.scenes",
@@ -669,13 +670,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                         "same cameras (a nearly 2D task, for studying learning)")
     a = p.parse_args(None if argv is None else list(argv))
     t0 = time.time()
-    try:
-        generate_dataset(a.out, a.num_scenes, a.height, a.width, a.num_views, a.min_objects,
-                         a.max_objects, a.seed, a.device, zoom=a.zoom,
-                         background=a.background, cameras=a.cameras)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    generate_dataset(a.out, a.num_scenes, a.height, a.width, a.num_views, a.min_objects,
+                     a.max_objects, a.seed, a.device, zoom=a.zoom,
+                     background=a.background, cameras=a.cameras)
     dt = time.time() - t0
     print(f"wrote {a.num_scenes} scenes to {a.out} in {dt:.1f} s "
           f"({a.num_scenes / max(dt, 1e-9):.1f} scenes/s)")

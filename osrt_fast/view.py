@@ -15,8 +15,8 @@ scene; sets the resolution; saves the current view as a PNG.
 `Viewer` (no server) holds the model and a scene's slots and renders images: the tested core.
 `LiveView` serves a Viewer: start() starts its server and render thread, stop() ends them (or
 `with LiveView(...) as live:`).
-Exit codes: 0 after Ctrl-C, 2 for bad arguments, config, checkpoint, data or slots file, 3 when
-the viewer extra (viser) is missing.
+Exit codes: 0 after Ctrl-C; 2 for bad arguments, config, checkpoint, data or slots file, a port
+that cannot be served, or the viewer extra (viser) missing.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .errors import MissingExtra, UsageError, command
 from .runs import run_dir_for
 from .slots import SlotSet, SlotsError, check_model_matches, encode_scenes, load_slots, render_view
 from .visualize import segmentation_colors
@@ -141,7 +142,7 @@ def require_viser():
     try:
         import viser
     except ImportError:
-        raise ImportError(INSTALL_HINT) from None
+        raise MissingExtra(INSTALL_HINT) from None
     return viser
 
 
@@ -459,23 +460,17 @@ def open_viewer(args) -> Viewer:
     return viewer
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
+    require_viser()
+    viewer = open_viewer(args)
     try:
-        require_viser()
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    try:
-        viewer = open_viewer(args)
         live = LiveView(viewer, args.host, args.port, args.height, save_dir_of(args),
                         mode=args.mode).start()
-    except (ConfigError, CheckpointError, DataError, SlotsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:            # the port is taken, or the host is not this machine's
+        raise UsageError(f"cannot serve the viewer on {args.host}:{args.port} ({e.strerror or e}); "
+                         f"choose another --port or --host") from None
     print(f"osrt_fast.view: scene {viewer.scene_id}, {viewer.num_slots} slots, on "
           f"{viewer.device}; open {live.url} (Ctrl-C stops)", flush=True)
     try:

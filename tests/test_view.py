@@ -227,5 +227,5 @@ def test_without_viser_the_viewer_names_the_extra(tiny_run, monkeypatch, capsys)
     import sys
     config, _ = tiny_run
     monkeypatch.setitem(sys.modules, "viser", None)
-    assert view_main([config, "--no-cuda"]) == 3
+    assert view_main([config, "--no-cuda"]) == 2
     assert "pip install -e '.[viewer]'" in capsys.readouterr().err

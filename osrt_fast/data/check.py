@@ -26,6 +26,7 @@ import warnings
 from typing import Iterable, Optional
 
 from .errors import CorruptFile, DataError, DataWarning
+from ..errors import command
 
 SPLITS = ("train", "val", "test")
 
@@ -93,8 +94,9 @@ def _open_split(split: str, data_cfg):
     return dataset
 
 
+@command
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    from ..config import ConfigError, load_config
+    from ..config import load_config
     p = argparse.ArgumentParser(prog="python -m osrt_fast.data.check",
                                 description="Read every scene of a dataset and report every "
                                             "problem (file, reason). Exit code 0: clean, 1: "
@@ -107,31 +109,27 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         p.error(f"--max-scenes must be at least 1, got {a.max_scenes}")
     splits = SPLITS if a.split == "all" else (a.split,)
     problems, unopened, scenes_read = 0, 0, 0
-    try:
-        cfg = load_config(a.config)
-        path = cfg.data.resolved_path()
-        if not os.path.exists(path):
-            make = (f"the first training run generates it (python train.py {a.config}), or "
-                    f"`python -m osrt_fast.scenes --out {path}` with the config's settings"
-                    if cfg.data.dataset == "procedural" else
-                    "download or convert the dataset there (docs/datasets.md)")
-            print(f"error: the data folder '{path}' does not exist: {make}; or set data.path "
-                  f"in {a.config} to where the data is", file=sys.stderr)
-            return 1
-        for split in splits:
-            try:
-                ds = _open_split(split, cfg.data)
-            except DataError as e:
-                unopened += 1
-                print(f"{split}: cannot open the split: {e}")
-                continue
-            print(f"checking {split}: {ds.num_scenes} scenes of {cfg.data.dataset} at "
-                  f"'{path}'", flush=True)
-            problems += len(check_split(ds, split, a.max_scenes))
-            scenes_read += min(ds.num_scenes, a.max_scenes or ds.num_scenes)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(a.config)
+    path = cfg.data.resolved_path()
+    if not os.path.exists(path):
+        make = (f"the first training run generates it (python train.py {a.config}), or "
+                f"`python -m osrt_fast.scenes --out {path}` with the config's settings"
+                if cfg.data.dataset == "procedural" else
+                "download or convert the dataset there (docs/datasets.md)")
+        print(f"error: the data folder '{path}' does not exist: {make}; or set data.path "
+              f"in {a.config} to where the data is", file=sys.stderr)
+        return 1
+    for split in splits:
+        try:
+            ds = _open_split(split, cfg.data)
+        except DataError as e:
+            unopened += 1
+            print(f"{split}: cannot open the split: {e}")
+            continue
+        print(f"checking {split}: {ds.num_scenes} scenes of {cfg.data.dataset} at "
+              f"'{path}'", flush=True)
+        problems += len(check_split(ds, split, a.max_scenes))
+        scenes_read += min(ds.num_scenes, a.max_scenes or ds.num_scenes)
     if unopened:
         print(f"{unopened} split(s) of {', '.join(splits)} could not be opened; see above.")
     if problems:

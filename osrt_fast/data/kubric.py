@@ -39,6 +39,7 @@ import glob
 import json
 import os
 import re
+import sys
 from typing import Iterator, Optional
 
 import numpy as np
@@ -46,6 +47,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .errors import DataError, SkipCounter
+from ..errors import command
 from .records import ViewPolicy, pinhole_origin, pinhole_ray_matrix
 
 NAME = "kubric_frames"                  # dataset_info.json `name`: the shard files' prefix
@@ -650,7 +652,8 @@ def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
     return target
 
 
-def main(argv=None) -> None:
+@command
+def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="python -m osrt_fast.data.kubric",
                                 description="Write a small dataset in MSN-Hard's exact TFDS "
@@ -667,7 +670,8 @@ def main(argv=None) -> None:
     path = write_fixture(a.out, {"train": a.train, "val": a.val, "test": a.test},
                          a.height, a.width, seed=a.seed)
     print(f"Wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from typing import Optional
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from .errors import CorruptFile, DataError, SkipCounter
+from ..errors import command
 from .png import read_png
 from .records import ViewPolicy, random_seed
 
@@ -337,7 +339,8 @@ def write_fixture(root: str, categories=("02691156", "04256520"),
     return root
 
 
-def main(argv=None) -> None:
+@command
+def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="python -m osrt_fast.data.nmr",
                                 description="Write a tiny dataset in NMR's exact format "
@@ -355,7 +358,8 @@ def main(argv=None) -> None:
     path = write_fixture(a.out, tuple(a.categories),
                          {"train": a.train, "val": a.val, "test": a.test}, a.size, a.seed)
     print(f"Wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -39,6 +39,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .errors import CorruptFile, DataError, SkipCounter
+from ..errors import command
 from .png import decode_png
 from .records import ViewPolicy, random_seed
 
@@ -441,8 +442,9 @@ class ShardDataset(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
+@command
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    from osrt_fast.config import ConfigError, load_config
+    from osrt_fast.config import load_config
 
     from . import get_dataset
 
@@ -460,16 +462,12 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("--shard-size", type=int, default=1000, help="scenes per shard")
     p.add_argument("--max-scenes", type=int, help="convert at most this many scenes per split")
     a = p.parse_args(argv)
-    try:
-        cfg = load_config(a.config)
-        for split in a.splits:
-            ds = get_dataset(split, cfg.data)
-            out = convert(ds, os.path.join(a.out, split), a.encoding, a.shard_size,
-                          a.max_scenes, source=f"{cfg.data.dataset}:{cfg.data.resolved_path()}")
-            print(f"{split}: {out}")
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(a.config)
+    for split in a.splits:
+        ds = get_dataset(split, cfg.data)
+        out = convert(ds, os.path.join(a.out, split), a.encoding, a.shard_size,
+                      a.max_scenes, source=f"{cfg.data.dataset}:{cfg.data.resolved_path()}")
+        print(f"{split}: {out}")
     return 0
 
 
