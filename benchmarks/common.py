@@ -9,7 +9,9 @@ import subprocess
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# The repository's root: the scripts run from it (python -m benchmarks.<folder>.<script>).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 # Model FLOPs of the reference architecture (docs/PERFORMANCE.md), forward pass,
 # MSN-Hard settings: 5 input views of 128x128, K = 32.
@@ -32,16 +34,16 @@ TINY_MODEL = {
 
 def git_commit() -> str:
     """The checkout's commit (with -dirty for uncommitted changes to tracked files); without git
-    or .git (the GPU machine gets no .git), what benchmarks/prepare_gpu.py wrote to .gpu/COMMIT."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    or .git (the GPU machine gets no .git), what benchmarks/gpu/prepare_gpu.py wrote to
+    .gpu/COMMIT."""
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                          stderr=subprocess.DEVNULL).decode().strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        cwd=root, stderr=subprocess.DEVNULL).strip()
+                                        cwd=ROOT, stderr=subprocess.DEVNULL).strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        written = os.path.join(root, ".gpu", "COMMIT")
+        written = os.path.join(ROOT, ".gpu", "COMMIT")
         return open(written).read().strip() if os.path.exists(written) else "unknown"
 
 

@@ -1,5 +1,5 @@
-"""The GPU suite (benchmarks/suite.py) end to end at tiny shapes on the CPU (--smoke), its report
-and the README table generated from its results, and the documented device command.
+"""The GPU suite (benchmarks/gpu/suite.py) end to end at tiny shapes on the CPU (--smoke), its
+report and the README table generated from its results, and the documented device command.
 No speed is asserted: these check the suite, not the GPU."""
 import json
 import os
@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from benchmarks.gpu import suite_report
+from osrt_fast.config import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import suite_report  # noqa: E402
-from osrt_fast.config import load_config  # noqa: E402
 
 STANDIN = os.path.join(ROOT, "tests", "fixtures", "reference_standin")
 ENV_FIELDS = ("device", "commit", "date", "torch", "triton", "suite_run", "section")
@@ -19,12 +19,12 @@ ENV_FIELDS = ("device", "commit", "date", "torch", "triton", "suite_run", "secti
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """(rows of the run, its results folder, stdout) of `python -m benchmarks.suite --smoke`."""
+    """(rows of the run, its results folder, stdout) of `python -m benchmarks.gpu.suite --smoke`."""
     tmp = tmp_path_factory.mktemp("suite")
     results = tmp / "results"
     env = dict(os.environ, TMPDIR=str(tmp), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--smoke", "--reference", STANDIN,
-                           "--results-dir", str(results)], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu.suite", "--smoke", "--reference",
+                           STANDIN, "--results-dir", str(results)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     [jsonl] = results.glob("suite_*.jsonl")
@@ -167,11 +167,11 @@ def test_headline_targets():
 
 
 def test_readme_table_is_generated_from_the_committed_results():
-    assert suite_report.main(["--check"]) == 0, "run: python -m benchmarks.suite_report"
+    assert suite_report.main(["--check"]) == 0, "run: python -m benchmarks.gpu.suite_report"
 
 
 def test_device_command_is_documented_and_fits_the_tool():
-    from benchmarks.prepare_gpu import DEVICE_COMMAND
+    from benchmarks.gpu.prepare_gpu import DEVICE_COMMAND
     assert len(DEVICE_COMMAND) <= 2000
     assert DEVICE_COMMAND in open(os.path.join(ROOT, "docs", "GPU.md")).read()
 

@@ -1,8 +1,8 @@
 """Training step at the paper's scale: speed, MFU, peak memory, and the largest batch that fits.
 
-    python benchmarks/bench_train_step.py [--paths eager-fp32 eager-bf16 fast fast-ckpt]
+    python -m benchmarks.speed.bench_train_step [--paths eager-fp32 eager-bf16 fast fast-ckpt]
         [--scenes 32] [--rays 8192] [--max-scenes 512] [--profile] [--no-save]
-    python benchmarks/bench_train_step.py --smoke      # tiny model on the CPU: checks the script
+    python -m benchmarks.speed.bench_train_step --smoke    # tiny model, CPU: checks the script
 
 MSN-Hard settings: 5 input views of 128x128, K = 32 slots, the paper's widths, `--rays` target
 rays per scene. One step is what train.py runs: `parallel.parallelize` (activation
@@ -19,7 +19,7 @@ eager-fp32), then the largest number of scenes per step that fits (doubling from
 then bisecting to 8 scenes), and its time. MFU counts the reference model's FLOPs
 (docs/PERFORMANCE.md) against the GPU's dense bf16 peak. `--profile` writes the largest costs
 of one step per path (torch.profiler) next to the results. Appends JSON lines to
-results/train_step.jsonl.
+benchmarks/results/train_step.jsonl.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ if __name__ == "__main__" and "--smoke" in sys.argv[1:]:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (DECODER_FLOPS_PER_RAY, ENCODER_FLOPS_PER_SCENE, MSN_HARD_MODEL,  # noqa: E402
                                RESULTS_DIR, TINY_MODEL, append_result, environment, peak_flops,
                                quantiles)
@@ -204,7 +203,8 @@ def profile(path, scenes, args, shape, device) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.bench_train_step",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--scenes", type=int, default=32, help="scenes per step for the equal-work timing")
     p.add_argument("--rays", type=int, default=8192)

@@ -1,9 +1,9 @@
 """Learning on the built-in scenes: validation PSNR, ARI and FG-ARI against steps, scenes seen
 and wall time, for one config, drawn as curves.
 
-    python benchmarks/bench_learning.py --config configs/demo.yaml --minutes 10 [--eval-every 100]
-        [--max-eval 64] [--name demo] [--out DIR] [--run-dir DIR] [--no-save] [--resume-from CKPT]
-        [--set peak_lr=3e-4 ...]
+    python -m benchmarks.learning.bench_learning --config configs/demo.yaml --minutes 10
+        [--eval-every 100] [--max-eval 64] [--name demo] [--out DIR] [--run-dir DIR] [--no-save]
+        [--resume-from CKPT] [--set peak_lr=3e-4 ...]
 
 It trains with train.py itself, once per invocation (its run directory, default
 benchmarks/results/learning/<name>/run, auto-resumes, so a long run can span several
@@ -32,10 +32,8 @@ import time
 
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.common import append_result, environment  # noqa: E402
-from osrt_fast.signals import STOP_SIGNALS  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment
+from osrt_fast.signals import STOP_SIGNALS
 
 THRESHOLDS = (0.5, 0.9)
 # train.py's exit codes after a stop signal (it saved): 128 + the signal, as a shell reports them
@@ -43,7 +41,8 @@ INTERRUPTED = tuple(128 + int(s) for s in STOP_SIGNALS)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.learning.bench_learning",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--name", help="results folder name (default: the config's file name)")
     p.add_argument("--out", help="results folder (default benchmarks/results/learning/<name>)")
@@ -205,7 +204,7 @@ def save_config_copy(config: str, path: str) -> None:
 def main(argv=None) -> int:
     args = parse(argv)
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", "learning", name)
+    out = args.out or os.path.join(RESULTS_DIR, "learning", name)
     run_dir = args.run_dir or os.path.join(out, "run")
     config = prepare_run(args, run_dir)
     if args.resume_from and not os.path.exists(os.path.join(run_dir, "model.pt")):
