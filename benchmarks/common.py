@@ -1,4 +1,6 @@
-"""Shared benchmark helpers: environment record, timing, JSON-lines results."""
+"""Shared benchmark helpers: environment record, timing, JSON-lines results, the models measured.
+Model FLOPs and the GPUs' peaks are osrt_fast.throughput's (`model_flops_per_scene`, `PEAK_FLOPS`,
+`peak_flops`), the count training logs MFU with."""
 from __future__ import annotations
 
 import datetime
@@ -12,12 +14,6 @@ import torch
 # The repository's root: the scripts run from it (python -m benchmarks.<folder>.<script>).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
-
-# Model FLOPs of the reference architecture (docs/PERFORMANCE.md), forward pass,
-# MSN-Hard settings: 5 input views of 128x128, K = 32.
-ENCODER_FLOPS_PER_SCENE = 168.5e9
-DECODER_FLOPS_PER_RAY = 27.7e6
-from osrt_fast.throughput import PEAK_FLOPS  # noqa: E402,F401  (measured bf16 dense ceilings)
 
 # OSRT at the paper's widths with MSN-Hard's K = 32, and a tiny one for CPU smoke runs.
 MSN_HARD_MODEL = {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 32},
@@ -61,13 +57,6 @@ def environment() -> dict:
     except ImportError:
         env["triton"] = None
     return env
-
-
-def peak_flops(device_name: str) -> float | None:
-    for key, value in PEAK_FLOPS.items():
-        if key in device_name:
-            return value
-    return None
 
 
 def time_cuda(fn, warmup: int = 3, repeat: int = 10) -> list[float]:

@@ -136,6 +136,26 @@ def test_bench_train_step_command_line():
     assert rows[("train_step", "eager-fp32")][-1] == "1.00x"
 
 
+def test_bench_train_step_counts_the_model_flops_training_logs():
+    """Its FLOPs (so its and the suite's MFU) are osrt_fast.throughput's count: at MSN-Hard shapes
+    within 1% of docs/PERFORMANCE.md's 3 x 395 G per scene; a row has model TFLOP/s, and MFU
+    against a peak where one is known."""
+    import types
+
+    import torch
+
+    from benchmarks.common import MSN_HARD_MODEL, TINY_MODEL
+    from benchmarks.speed import bench_train_step as bts
+    assert abs(bts.step_flops_per_scene(MSN_HARD_MODEL, (5, 128, 8192)) / (3 * 395.4e9) - 1) < 0.01
+    shape = (2, 16, 32)
+    args = types.SimpleNamespace(model=TINY_MODEL, slots=5, compile_backend=None, warmup=0,
+                                 repeat=1, flops_per_scene=bts.step_flops_per_scene(TINY_MODEL, shape),
+                                 peak=1e12)
+    rec = bts.measure("eager-fp32", 2, args, {}, shape, torch.device("cpu"))
+    assert rec["tflops_per_s"] == pytest.approx(args.flops_per_scene * rec["scenes_per_s"] / 1e12)
+    assert rec["mfu"] == pytest.approx(rec["tflops_per_s"] * 1e12 / args.peak)
+
+
 # ----------------------------------------------------------------------------------------------
 # python -m benchmarks.learning.bench_learning
 

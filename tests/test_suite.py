@@ -67,6 +67,7 @@ def test_train_step_section_covers_every_path_and_the_paper_batch(smoke):
     for path in ("eager-fp32", "eager-bf16", "fast", "fast-ckpt"):
         [row] = rows_of(rows, bench="train_step", path=path)
         assert measured(row) and row["scenes"] == 2 and row["scenes_per_s"] > 0, row
+        assert row["tflops_per_s"] > 0 and row["mfu"] is None, row      # no peak for a CPU
     assert rows_of(rows, bench="train_step", path="eager-fp32")[0]["speedup_vs_eager_fp32"] == 1.0
     [paper] = rows_of(rows, bench="train_step_paper_batch")
     assert measured(paper) and paper["path"] == "fast-ckpt" and paper["scenes"] == 4

@@ -176,17 +176,13 @@ def section_correctness(ctx) -> None:
 
 def train_args(ctx, **overrides) -> SimpleNamespace:
     """The namespace bench_train_step's measure() reads, for this run's device and scale."""
-    from benchmarks import common
+    from osrt_fast.throughput import peak_flops
     if ctx.smoke:
-        a = dict(model=common.TINY_MODEL, slots=common.TINY_MODEL["encoder_kwargs"]["num_slots"],
-                 compile_backend="aot_eager", warmup=1, repeat=1, peak=None,
-                 encoder_flops=ctx.smoke_flops, decoder_flops_per_ray=0.0)
+        a = dict(compile_backend="aot_eager", warmup=1, repeat=1)
     else:
-        a = dict(model=common.MSN_HARD_MODEL, slots=32, compile_backend=None, warmup=3, repeat=5,
-                 peak=common.peak_flops(ctx.env["device"]),
-                 encoder_flops=common.ENCODER_FLOPS_PER_SCENE,
-                 decoder_flops_per_ray=common.DECODER_FLOPS_PER_RAY)
-    a.update(overrides)
+        a = dict(compile_backend=None, warmup=3, repeat=5)
+    a.update(model=ctx.model, slots=ctx.model["encoder_kwargs"]["num_slots"],
+             flops_per_scene=ctx.flops_per_scene, peak=peak_flops(ctx.device), **overrides)
     return SimpleNamespace(**a)
 
 
@@ -479,14 +475,12 @@ def main(argv=None) -> int:
     rec = Recorder(results_dir, env, args.smoke)
     ctx = SimpleNamespace(smoke=args.smoke, device=device, env=env, rec=rec, budget=budget,
                           reference=args.reference,
+                          model=common.TINY_MODEL if args.smoke else common.MSN_HARD_MODEL,
                           shape=(2, 16, 32) if args.smoke else (5, 128, 8192),
                           have_xdist=importlib.util.find_spec("xdist") is not None,
                           scratch=os.path.join(tempfile.gettempdir(), "osrt_suite"))
-    if args.smoke:
-        from benchmarks.speed.bench_train_step import random_batch
-        from osrt_fast.throughput import model_flops_per_scene
-        one = random_batch(1, *ctx.shape, device)
-        ctx.smoke_flops = model_flops_per_scene(common.TINY_MODEL, one) / 3
+    from benchmarks.speed.bench_train_step import step_flops_per_scene
+    ctx.flops_per_scene = step_flops_per_scene(ctx.model, ctx.shape)    # the count training logs
     print(f"suite run {rec.run} on {env['device']}, commit {env['commit']}, torch {env['torch']}, "
           f"triton {env['triton']}; rows -> {rec.jsonl}", flush=True)
 
