@@ -28,6 +28,17 @@ TINY_MODEL = {
 }
 
 
+def recorded_path(*paths: str) -> str:
+    """The name a result gives a file: the first of `paths` that lies inside the repository,
+    relative to its root; else the first one's file name (a machine's own folders, a temporary
+    one above all, never go into a committed result)."""
+    for path in paths:
+        full = os.path.abspath(path)
+        if os.path.commonpath([full, ROOT]) == ROOT:
+            return os.path.relpath(full, ROOT)
+    return os.path.basename(paths[0])
+
+
 def git_commit() -> str:
     """The checkout's commit (with -dirty for uncommitted changes to tracked files); without git
     or .git (the GPU machine gets no .git), what benchmarks/gpu/prepare_gpu.py wrote to

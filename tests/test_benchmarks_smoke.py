@@ -181,6 +181,7 @@ def test_bench_learning_records_curves_and_resumes(tmp_path):
     assert [p["it"] for p in curves["points"]] == [1, 2, 3]
     assert all({"psnr", "ari", "fg_ari", "scenes_seen", "train_s"} <= set(p) for p in curves["points"])
     assert curves["points"][-1]["scenes_seen"] == 6 and curves["device"] and curves["commit"]
+    assert curves["config"] == "tiny.yaml"          # config and copy outside the repository
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "out" / "curves.png").stat().st_size > 0
@@ -193,6 +194,25 @@ def test_bench_learning_records_curves_and_resumes(tmp_path):
                                          *moved)
     curves = json.load(open(tmp_path / "moved" / "curves.json"))
     assert [p["it"] for p in curves["points"]] == [4] and curves["points"][0]["scenes_seen"] == 8
+
+
+def test_results_name_no_folder_outside_the_repository(tmp_path):
+    """A result names a file by its path in the repository (a config outside it, by its copy
+    beside the curves), never by a machine's folder; no committed result does."""
+    import re
+
+    from benchmarks.common import RESULTS_DIR, recorded_path
+    copy = os.path.join(RESULTS_DIR, "learning", "exp_a", "config.yaml")
+    assert recorded_path(str(tmp_path / "a.yaml"), copy) == "benchmarks/results/learning/exp_a/config.yaml"
+    assert recorded_path(os.path.join(ROOT, "configs", "demo.yaml"), copy) == "configs/demo.yaml"
+    assert recorded_path(str(tmp_path / "a.yaml")) == "a.yaml"
+    machine_path = re.compile(r"(?<![\w.])/(?:tmp|home|root|work|mnt|Users)/|\.\./")
+    # A learning run's own folder (run/, git-ignored but for the demo's log) is not a result.
+    found = [os.path.relpath(os.path.join(folder, f), ROOT)
+             for folder, _, files in os.walk(RESULTS_DIR) if os.path.basename(folder) != "run"
+             for f in files if f.endswith((".json", ".jsonl", ".yaml", ".md", ".txt"))
+             and machine_path.search(open(os.path.join(folder, f), errors="replace").read())]
+    assert not found, f"results that name a machine's folder: {found}"
 
 
 def test_bench_learning_writes_the_curves_of_an_interrupted_run(tmp_path, monkeypatch):

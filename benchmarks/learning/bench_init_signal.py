@@ -25,7 +25,7 @@ import os
 import torch
 import yaml
 
-from benchmarks.common import ROOT, append_result, environment
+from benchmarks.common import ROOT, append_result, environment, recorded_path
 
 
 def parse(argv=None):
@@ -94,9 +94,8 @@ def main(argv=None) -> dict:
     name = args.name or " ".join([os.path.splitext(os.path.basename(args.config))[0], *args.set])
     print(name + ": " + ", ".join(f"{k} {v:.3g}" for k, v in result.items()))
     if not args.no_save:
-        append_result("init_signal", {"bench": "init_signal", "name": name, "config":
-                                      os.path.relpath(os.path.abspath(args.config), ROOT),
-                                      "set": args.set, "seeds": args.seeds, "scenes": args.scenes,
+        append_result("init_signal", {"bench": "init_signal", "name": name,
+                                      "config": recorded_path(args.config), "set": args.set, "seeds": args.seeds, "scenes": args.scenes,
                                       **result, **environment()})
     return result
 

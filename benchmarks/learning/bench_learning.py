@@ -32,7 +32,7 @@ import time
 
 import yaml
 
-from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment
+from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, recorded_path
 from osrt_fast.signals import STOP_SIGNALS
 
 THRESHOLDS = (0.5, 0.9)
@@ -151,6 +151,10 @@ def first_reaching(points: list, threshold: float):
     return next((p for p in points if p.get("fg_ari", 0.0) >= threshold), None)
 
 
+def curves_title(name: str, config: str, sets: list, env: dict) -> str:
+    return f"{name}: {config} {' '.join(sets)} ({env.get('device', '?')}, {env.get('commit', '?')})"
+
+
 def draw(points: list, title: str, path: str, baseline=None) -> bool:
     """curves.png: val PSNR (and the mean image's, `baseline`), (FG-)ARI and the largest slot's
     share against steps; False (with a note) without matplotlib."""
@@ -221,13 +225,15 @@ def main(argv=None) -> int:
     env = {**environment(), "threads": torch_threads()}
     baseline = mean_image_psnr(config, args.max_eval)
     os.makedirs(out, exist_ok=True)
-    save_config_copy(config, os.path.join(out, "config.yaml"))      # what was trained, beside its curves
+    copy = os.path.join(out, "config.yaml")
+    save_config_copy(config, copy)      # what was trained, beside its curves
+    # A config outside the repository (a temporary folder) is named by its copy beside the curves.
+    recorded = recorded_path(args.config, copy)
     with open(os.path.join(out, "curves.json"), "w") as f:
-        json.dump({"config": os.path.relpath(os.path.abspath(args.config), ROOT), "set": args.set,
-                   "mean_image_psnr": baseline, "points": points, **env}, f, indent=1)
-    title = f"{name}: {os.path.relpath(os.path.abspath(args.config), ROOT)} {' '.join(args.set)} ({env.get('device', '?')}, {env.get('commit', '?')})"
-    draw(points, title, os.path.join(out, "curves.png"), baseline)
-    summary = {"bench": "learning", "name": name, "config": os.path.relpath(os.path.abspath(args.config), ROOT),
+        json.dump({"config": recorded, "set": args.set, "mean_image_psnr": baseline,
+                   "points": points, **env}, f, indent=1)
+    draw(points, curves_title(name, recorded, args.set, env), os.path.join(out, "curves.png"), baseline)
+    summary = {"bench": "learning", "name": name, "config": recorded,
                "set": args.set, "steps": points[-1]["it"] if points else 0,
                "train_s": points[-1]["train_s"] if points else 0, "wall_s_this_invocation": wall,
                "best_psnr": max((p["psnr"] for p in points), default=None),

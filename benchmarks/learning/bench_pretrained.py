@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 
-from benchmarks.common import ROOT, append_result, environment
+from benchmarks.common import ROOT, append_result, environment, recorded_path
 from benchmarks.learning.bench_learning import mean_image_psnr
 
 
@@ -51,8 +51,8 @@ def main(argv=None) -> dict:
         if evaluate.main(cmd) != 0:
             raise SystemExit("evaluation failed; its error is above")
         result = json.load(open(out))
-    row = {"bench": "pretrained", "config": os.path.relpath(os.path.abspath(args.config), ROOT),
-           "checkpoint": os.path.relpath(os.path.abspath(args.checkpoint), ROOT),
+    row = {"bench": "pretrained", "config": recorded_path(args.config),
+           "checkpoint": recorded_path(args.checkpoint),
            "sha256": sha256_prefix(args.checkpoint), "it": result["it"], "split": args.split,
            "scenes": result["num_scenes"], "psnr": result["psnr"], "ssim": result.get("ssim"),
            "ari": result["ari"],

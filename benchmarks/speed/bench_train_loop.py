@@ -19,7 +19,7 @@ import time
 
 import yaml
 
-from benchmarks.common import ROOT, append_result, environment
+from benchmarks.common import ROOT, append_result, environment, recorded_path
 from osrt_fast.trainer import main as train_main
 
 
@@ -63,7 +63,7 @@ def main(argv=None):
     rate = steps[-1]["scenes_per_s"] if steps else None
     steady = [r["scenes_per_s"] for r in steps[1:]]
     t, kw = cfg["training"], cfg["data"]["kwargs"]
-    rec = {"bench": "train_loop", "config": os.path.relpath(config, ROOT),
+    rec = {"bench": "train_loop", "config": recorded_path(config),
            "path": cfg["model"].get("backend", "eager"),
            "dtype": t.get("precision", "fp32"), "training_options": args.set,
            "scenes": t["batch_size"], "rays": cfg["data"]["num_points"],
