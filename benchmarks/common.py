@@ -1,4 +1,6 @@
-"""Shared benchmark helpers: environment record, timing, JSON-lines results."""
+"""Shared benchmark helpers: environment record, timing, JSON-lines results, the models measured.
+Model FLOPs and the GPUs' peaks are osrt_fast.throughput's (`model_flops_per_scene`, `PEAK_FLOPS`,
+`peak_flops`), the count training logs MFU with."""
 from __future__ import annotations
 
 import datetime
@@ -9,13 +11,9 @@ import subprocess
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-# Model FLOPs of the reference architecture (docs/PERFORMANCE.md), forward pass,
-# MSN-Hard settings: 5 input views of 128x128, K = 32.
-ENCODER_FLOPS_PER_SCENE = 168.5e9
-DECODER_FLOPS_PER_RAY = 27.7e6
-from osrt_fast.throughput import PEAK_FLOPS  # noqa: E402,F401  (measured bf16 dense ceilings)
+# The repository's root: the scripts run from it (python -m benchmarks.<folder>.<script>).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 # OSRT at the paper's widths with MSN-Hard's K = 32, and a tiny one for CPU smoke runs.
 MSN_HARD_MODEL = {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": 32},
@@ -30,18 +28,29 @@ TINY_MODEL = {
 }
 
 
+def recorded_path(*paths: str) -> str:
+    """The name a result gives a file: the first of `paths` that lies inside the repository,
+    relative to its root; else the first one's file name (a machine's own folders, a temporary
+    one above all, never go into a committed result)."""
+    for path in paths:
+        full = os.path.abspath(path)
+        if os.path.commonpath([full, ROOT]) == ROOT:
+            return os.path.relpath(full, ROOT)
+    return os.path.basename(paths[0])
+
+
 def git_commit() -> str:
     """The checkout's commit (with -dirty for uncommitted changes to tracked files); without git
-    or .git (the GPU machine gets no .git), what benchmarks/prepare_gpu.py wrote to .gpu/COMMIT."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    or .git (the GPU machine gets no .git), what benchmarks/gpu/prepare_gpu.py wrote to
+    .gpu/COMMIT."""
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                          stderr=subprocess.DEVNULL).decode().strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        cwd=root, stderr=subprocess.DEVNULL).strip()
+                                        cwd=ROOT, stderr=subprocess.DEVNULL).strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        written = os.path.join(root, ".gpu", "COMMIT")
+        written = os.path.join(ROOT, ".gpu", "COMMIT")
         return open(written).read().strip() if os.path.exists(written) else "unknown"
 
 
@@ -59,13 +68,6 @@ def environment() -> dict:
     except ImportError:
         env["triton"] = None
     return env
-
-
-def peak_flops(device_name: str) -> float | None:
-    for key, value in PEAK_FLOPS.items():
-        if key in device_name:
-            return value
-    return None
 
 
 def time_cuda(fn, warmup: int = 3, repeat: int = 10) -> list[float]:

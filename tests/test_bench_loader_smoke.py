@@ -1,16 +1,14 @@
-"""benchmarks/bench_loader.py runs end to end in-process on tiny data (16x16 images, 16 scenes,
-batches of 4) and writes one well-formed JSON line per (path, workers). No speed is asserted
-beyond 'positive': this checks the script, not the loaders."""
+"""benchmarks/speed/bench_loader.py runs end to end in-process on tiny data (16x16 images, 16
+scenes, batches of 4) and writes one well-formed JSON line per (path, workers). No speed is
+asserted beyond 'positive': this checks the script, not the loaders."""
 import io
 import json
 import os
-import sys
 from contextlib import redirect_stdout
 
 import pytest
 
 pytestmark = pytest.mark.slow      # left out by the quick run (pytest -m "not slow"); CI runs it
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ("tfds", "png_folder", "shards_raw", "shards_png", "dali")
 WORKERS = (0, 1)
 FIELDS = ("bench", "path", "workers", "batch_size", "scenes_per_s", "median_batch_s", "startup_s",
@@ -20,15 +18,14 @@ FIELDS = ("bench", "path", "workers", "batch_size", "scenes_per_s", "median_batc
 def has_tfds() -> bool:
     """What the benchmark itself decides (an import, not a search: a package that is there but
     fails to import counts as missing for both)."""
-    from benchmarks import bench_loader
+    from benchmarks.speed import bench_loader
     return bench_loader.tf_available()
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """(rows returned by main, rows read back from the output file, printed stdout)."""
-    sys.path.insert(0, ROOT)
-    from benchmarks import bench_loader
+    from benchmarks.speed import bench_loader
 
     tmp = tmp_path_factory.mktemp("bench_loader")
     out = tmp / "loader.jsonl"

@@ -12,14 +12,15 @@ DTYPES = ("fp32", "bf16")
 OPS = ("slot_attention_step", "slot_cross_attention", "slot_mix_render")
 
 
-def run_script(*args: str) -> str:
-    """stdout of `python <args>` from the repository root; fails the test on a non-zero exit."""
+def run_module(module: str, *args: str) -> str:
+    """stdout of `python -m <module> <args>` from the repository root; fails the test on a
+    non-zero exit."""
     # CPU only (hidden GPUs keep both scripts on the path the smoke check is about), Triton in
     # its interpreter, set before the scripts import any kernel.
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, (f"{' '.join(args)} exited with {proc.returncode}\n"
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (f"{module} {' '.join(args)} exited with {proc.returncode}\n"
                                   f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc.stdout
 
@@ -58,12 +59,12 @@ def assert_skipped(rows: dict, key: tuple) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmarks/bench_kernels.py --smoke
+# python -m benchmarks.speed.bench_kernels --smoke
 
 @pytest.fixture(scope="module")
 def kernel_rows():
     """bench | name | path | dtype | mode -> the rest of the row."""
-    return table(run_script("benchmarks/bench_kernels.py", "--smoke", "--no-save"), 5)
+    return table(run_module("benchmarks.speed.bench_kernels", "--smoke", "--no-save"), 5)
 
 
 def test_bench_kernels_ops(kernel_rows):
@@ -95,12 +96,12 @@ def test_bench_kernels_model_triton(kernel_rows):
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmarks/bench_activation_memory.py --small
+# python -m benchmarks.speed.bench_activation_memory --small
 
 @pytest.fixture(scope="module")
 def memory_rows():
     """path | dtype -> bytes/ray, KiB/scene, MiB const, GiB@32x8192, ratios."""
-    return table(run_script("benchmarks/bench_activation_memory.py", "--no-save", "--small"), 2)
+    return table(run_module("benchmarks.speed.bench_activation_memory", "--no-save", "--small"), 2)
 
 
 def test_bench_activation_memory_eager(memory_rows):
@@ -118,12 +119,12 @@ def test_bench_activation_memory_triton(memory_rows):
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmarks/bench_train_step.py --smoke
+# python -m benchmarks.speed.bench_train_step --smoke
 
 def test_bench_train_step_command_line():
     """The script's own loop (search, table) on the baseline and the checkpointed fast path; the
     suite's smoke test (tests/test_suite.py) runs its step for every path."""
-    rows = table(run_script("benchmarks/bench_train_step.py", "--smoke", "--no-save",
+    rows = table(run_module("benchmarks.speed.bench_train_step", "--smoke", "--no-save",
                             "--paths", "eager-fp32", "fast-ckpt"), 2)
     for path in ("eager-fp32", "fast-ckpt"):
         for bench in ("train_step", "train_step_largest"):
@@ -135,8 +136,28 @@ def test_bench_train_step_command_line():
     assert rows[("train_step", "eager-fp32")][-1] == "1.00x"
 
 
+def test_bench_train_step_counts_the_model_flops_training_logs():
+    """Its FLOPs (so its and the suite's MFU) are osrt_fast.throughput's count: at MSN-Hard shapes
+    within 1% of docs/PERFORMANCE.md's 3 x 395 G per scene; a row has model TFLOP/s, and MFU
+    against a peak where one is known."""
+    import types
+
+    import torch
+
+    from benchmarks.common import MSN_HARD_MODEL, TINY_MODEL
+    from benchmarks.speed import bench_train_step as bts
+    assert abs(bts.step_flops_per_scene(MSN_HARD_MODEL, (5, 128, 8192)) / (3 * 395.4e9) - 1) < 0.01
+    shape = (2, 16, 32)
+    args = types.SimpleNamespace(model=TINY_MODEL, slots=5, compile_backend=None, warmup=0,
+                                 repeat=1, flops_per_scene=bts.step_flops_per_scene(TINY_MODEL, shape),
+                                 peak=1e12)
+    rec = bts.measure("eager-fp32", 2, args, {}, shape, torch.device("cpu"))
+    assert rec["tflops_per_s"] == pytest.approx(args.flops_per_scene * rec["scenes_per_s"] / 1e12)
+    assert rec["mfu"] == pytest.approx(rec["tflops_per_s"] * 1e12 / args.peak)
+
+
 # ----------------------------------------------------------------------------------------------
-# benchmarks/bench_learning.py
+# python -m benchmarks.learning.bench_learning
 
 def test_bench_learning_records_curves_and_resumes(tmp_path):
     """Two invocations: the second resumes the run and adds its evaluations to the curves."""
@@ -154,12 +175,13 @@ def test_bench_learning_records_curves_and_resumes(tmp_path):
                      "eval_batch_size": 4, "vis_scenes": 1, "device": "cpu"}}))
     common = ["--config", str(config), "--eval-every", "1", "--max-eval", "4", "--out",
               str(tmp_path / "out"), "--no-save"]
-    run_script("benchmarks/bench_learning.py", "--steps", "2", *common)
-    run_script("benchmarks/bench_learning.py", "--steps", "3", *common)
+    run_module("benchmarks.learning.bench_learning", "--steps", "2", *common)
+    run_module("benchmarks.learning.bench_learning", "--steps", "3", *common)
     curves = json.load(open(tmp_path / "out" / "curves.json"))
     assert [p["it"] for p in curves["points"]] == [1, 2, 3]
     assert all({"psnr", "ari", "fg_ari", "scenes_seen", "train_s"} <= set(p) for p in curves["points"])
     assert curves["points"][-1]["scenes_seen"] == 6 and curves["device"] and curves["commit"]
+    assert curves["config"] == "tiny.yaml"          # config and copy outside the repository
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "out" / "curves.png").stat().st_size > 0
@@ -168,9 +190,29 @@ def test_bench_learning_records_curves_and_resumes(tmp_path):
     # another machine: a fresh run folder continues from the run's last checkpoint
     moved = ["--config", str(config), "--eval-every", "1", "--max-eval", "4", "--out",
              str(tmp_path / "moved"), "--no-save", "--resume-from", str(tmp_path / "out" / "run" / "model.pt")]
-    assert "starting from" in run_script("benchmarks/bench_learning.py", "--steps", "4", *moved)
+    assert "starting from" in run_module("benchmarks.learning.bench_learning", "--steps", "4",
+                                         *moved)
     curves = json.load(open(tmp_path / "moved" / "curves.json"))
     assert [p["it"] for p in curves["points"]] == [4] and curves["points"][0]["scenes_seen"] == 8
+
+
+def test_results_name_no_folder_outside_the_repository(tmp_path):
+    """A result names a file by its path in the repository (a config outside it, by its copy
+    beside the curves), never by a machine's folder; no committed result does."""
+    import re
+
+    from benchmarks.common import RESULTS_DIR, recorded_path
+    copy = os.path.join(RESULTS_DIR, "learning", "exp_a", "config.yaml")
+    assert recorded_path(str(tmp_path / "a.yaml"), copy) == "benchmarks/results/learning/exp_a/config.yaml"
+    assert recorded_path(os.path.join(ROOT, "configs", "demo.yaml"), copy) == "configs/demo.yaml"
+    assert recorded_path(str(tmp_path / "a.yaml")) == "a.yaml"
+    machine_path = re.compile(r"(?<![\w.])/(?:tmp|home|root|work|mnt|Users)/|\.\./")
+    # A learning run's own folder (run/, git-ignored but for the demo's log) is not a result.
+    found = [os.path.relpath(os.path.join(folder, f), ROOT)
+             for folder, _, files in os.walk(RESULTS_DIR) if os.path.basename(folder) != "run"
+             for f in files if f.endswith((".json", ".jsonl", ".yaml", ".md", ".txt"))
+             and machine_path.search(open(os.path.join(folder, f), errors="replace").read())]
+    assert not found, f"results that name a machine's folder: {found}"
 
 
 def test_bench_learning_writes_the_curves_of_an_interrupted_run(tmp_path, monkeypatch):
@@ -178,8 +220,7 @@ def test_bench_learning_writes_the_curves_of_an_interrupted_run(tmp_path, monkey
     the exit code passed on; any other failure stops with its code named."""
     import subprocess as sp
     import types
-    sys.path.insert(0, ROOT)
-    from benchmarks import bench_learning
+    from benchmarks.learning import bench_learning
     args = types.SimpleNamespace(steps=5, minutes=None, max_eval=4)
     monkeypatch.setattr(sp, "run", lambda *a, **k: types.SimpleNamespace(returncode=130))
     assert bench_learning.train_until("c.yaml", args, str(tmp_path)) == 130
@@ -190,8 +231,7 @@ def test_bench_learning_writes_the_curves_of_an_interrupted_run(tmp_path, monkey
 
 def test_bench_pretrained_evaluates_a_checkpoint(tiny_run, tmp_path):
     """bench_pretrained: the evaluation of a checkpoint on a split, beside the mean image."""
-    sys.path.insert(0, ROOT)
-    from benchmarks import bench_pretrained
+    from benchmarks.learning import bench_pretrained
     config, _ = tiny_run
     checkpoint = os.path.join(os.path.dirname(config), "model.pt")
     row = bench_pretrained.main(["--config", config, "--checkpoint", checkpoint, "--split", "val",
@@ -203,8 +243,7 @@ def test_bench_pretrained_evaluates_a_checkpoint(tiny_run, tmp_path):
 def test_bench_slot_usage_records_the_slot_shares(tiny_run):
     """bench_slot_usage trains the tiny config from scratch: one point per --every steps and the
     last, each slot's share of the weight (sorted, summing to 1)."""
-    sys.path.insert(0, ROOT)
-    from benchmarks import bench_slot_usage
+    from benchmarks.learning import bench_slot_usage
     config, _ = tiny_run
     rows = bench_slot_usage.main(["--config", config, "--steps", "3", "--every", "2", "--warmup",
                                   "2", "--set", "decoder_kwargs.layer_norm=true", "--no-save"])
@@ -215,7 +254,7 @@ def test_bench_slot_usage_records_the_slot_shares(tiny_run):
         assert abs(sum(shares) - 1) < 1e-3 and 1 / 3 - 1e-6 <= r["max_weight"] <= 1
 
 
-# benchmarks/learning_study.py and bench_init_signal.py
+# python -m benchmarks.learning.learning_study and bench_init_signal.py
 
 def test_every_study_variant_is_a_valid_config(tmp_path):
     """Each variant's --set options, applied to configs/demo.yaml as bench_learning applies them,
@@ -225,8 +264,7 @@ def test_every_study_variant_is_a_valid_config(tmp_path):
 
     import torch
     import yaml
-    sys.path.insert(0, ROOT)
-    from benchmarks import bench_learning, learning_study
+    from benchmarks.learning import bench_learning, learning_study
     from osrt_fast import OSRT
     from osrt_fast.config import load_config
     recipe = load_config(learning_study.DEMO)
@@ -255,8 +293,7 @@ def test_every_study_variant_is_a_valid_config(tmp_path):
 
 def test_bench_init_signal_measures_the_stem(tiny_run):
     """The reference's conv init leaves the stem's tokens nearly alike; He init does not."""
-    sys.path.insert(0, ROOT)
-    from benchmarks import bench_init_signal
+    from benchmarks.learning import bench_init_signal
     config, _ = tiny_run
     default = bench_init_signal.main(["--config", config, "--scenes", "2", "--seeds", "1", "--no-save"])
     he = bench_init_signal.main(["--config", config, "--scenes", "2", "--seeds", "1", "--no-save",
@@ -269,8 +306,7 @@ def test_bench_init_signal_measures_the_stem(tiny_run):
 
 def test_study_table_reads_the_curves(tmp_path, monkeypatch, capsys):
     import json
-    sys.path.insert(0, ROOT)
-    from benchmarks import learning_study
+    from benchmarks.learning import learning_study
     monkeypatch.setattr(learning_study, "RESULTS", str(tmp_path))
     (tmp_path / "no_plucker").mkdir()
     (tmp_path / "no_plucker" / "curves.json").write_text(json.dumps({

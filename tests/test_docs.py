@@ -8,7 +8,6 @@ import importlib.util
 import io
 import os
 import re
-import sys
 
 import pytest
 
@@ -49,8 +48,8 @@ def test_named_files_exist(page):
 
 
 def help_text(command: str) -> str:
-    """--help of `command`: a module (`osrt_fast.evaluate`) or a script (`render.py`,
-    `benchmarks/bench_learning.py`), run in-process."""
+    """--help of `command`: a module (`osrt_fast.evaluate`, `benchmarks.speed.bench_loader`) or a
+    script (`render.py`), run in-process."""
     if command.endswith(".py"):
         spec = importlib.util.spec_from_file_location("doc_" + re.sub(r"\W", "_", command),
                                                       os.path.join(ROOT, command))
@@ -75,7 +74,8 @@ def commands_and_flags() -> dict:
             command = module or script
             if command == "tests/browser.py":      # CONFIG OUT.png, then the viewer's options
                 command = "osrt_fast.view"
-            if command in ("pip", "pytest", "torch.distributed.run") or command.startswith("benchmarks.suite"):
+            if (command in ("pip", "pytest", "torch.distributed.run")
+                    or command.startswith("benchmarks.gpu.suite")):
                 continue        # not ours, or documented by its own page (docs/GPU.md)
             for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
                 found.setdefault(command, {}).setdefault(flag, set()).add(page_id(page))
@@ -83,7 +83,6 @@ def commands_and_flags() -> dict:
 
 
 def test_every_flag_shown_is_a_flag_of_its_command():
-    sys.path.insert(0, ROOT)
     unknown = []
     for command, flags in sorted(commands_and_flags().items()):
         if not (command.endswith(".py") and os.path.exists(os.path.join(ROOT, command))) \
@@ -98,6 +97,5 @@ def test_every_flag_shown_is_a_flag_of_its_command():
 
 def test_the_learning_study_table_is_the_results():
     """docs/learning.md's study table is what the committed curves give (learning_study --check)."""
-    sys.path.insert(0, ROOT)
-    from benchmarks import learning_study
+    from benchmarks.learning import learning_study
     assert learning_study.main(["--check"]) == 0

@@ -1,6 +1,6 @@
 """The fast path on a GPU: the triton backend with real compiled kernels against fp64 eager, the
 compiled fast path (inductor over the Triton ops, every checkpointing region) against eager,
-training curves, and make_batch on the device. The GPU suite (benchmarks/suite.py) runs these.
+training curves, and make_batch on the device. The GPU suite (benchmarks/gpu/suite.py) runs these.
 
 They need CUDA. `OSRT_TEST_DEVICE=cpu` runs the same checks on the CPU, kernels through Triton's
 interpreter and compile through aot_eager, at the same tiny shapes (the suite's --smoke does)."""

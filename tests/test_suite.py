@@ -1,5 +1,5 @@
-"""The GPU suite (benchmarks/suite.py) end to end at tiny shapes on the CPU (--smoke), its report
-and the README table generated from its results, and the documented device command.
+"""The GPU suite (benchmarks/gpu/suite.py) end to end at tiny shapes on the CPU (--smoke), its
+report and the README table generated from its results, and the documented device command.
 No speed is asserted: these check the suite, not the GPU."""
 import json
 import os
@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from benchmarks.gpu import suite_report
+from osrt_fast.config import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import suite_report  # noqa: E402
-from osrt_fast.config import load_config  # noqa: E402
 
 STANDIN = os.path.join(ROOT, "tests", "fixtures", "reference_standin")
 ENV_FIELDS = ("device", "commit", "date", "torch", "triton", "suite_run", "section")
@@ -19,12 +19,12 @@ ENV_FIELDS = ("device", "commit", "date", "torch", "triton", "suite_run", "secti
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """(rows of the run, its results folder, stdout) of `python -m benchmarks.suite --smoke`."""
+    """(rows of the run, its results folder, stdout) of `python -m benchmarks.gpu.suite --smoke`."""
     tmp = tmp_path_factory.mktemp("suite")
     results = tmp / "results"
     env = dict(os.environ, TMPDIR=str(tmp), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--smoke", "--reference", STANDIN,
-                           "--results-dir", str(results)], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu.suite", "--smoke", "--reference",
+                           STANDIN, "--results-dir", str(results)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     [jsonl] = results.glob("suite_*.jsonl")
@@ -67,6 +67,7 @@ def test_train_step_section_covers_every_path_and_the_paper_batch(smoke):
     for path in ("eager-fp32", "eager-bf16", "fast", "fast-ckpt"):
         [row] = rows_of(rows, bench="train_step", path=path)
         assert measured(row) and row["scenes"] == 2 and row["scenes_per_s"] > 0, row
+        assert row["tflops_per_s"] > 0 and row["mfu"] is None, row      # no peak for a CPU
     assert rows_of(rows, bench="train_step", path="eager-fp32")[0]["speedup_vs_eager_fp32"] == 1.0
     [paper] = rows_of(rows, bench="train_step_paper_batch")
     assert measured(paper) and paper["path"] == "fast-ckpt" and paper["scenes"] == 4
@@ -167,11 +168,11 @@ def test_headline_targets():
 
 
 def test_readme_table_is_generated_from_the_committed_results():
-    assert suite_report.main(["--check"]) == 0, "run: python -m benchmarks.suite_report"
+    assert suite_report.main(["--check"]) == 0, "run: python -m benchmarks.gpu.suite_report"
 
 
 def test_device_command_is_documented_and_fits_the_tool():
-    from benchmarks.prepare_gpu import DEVICE_COMMAND
+    from benchmarks.gpu.prepare_gpu import DEVICE_COMMAND
     assert len(DEVICE_COMMAND) <= 2000
     assert DEVICE_COMMAND in open(os.path.join(ROOT, "docs", "GPU.md")).read()
 

@@ -1,7 +1,7 @@
 """The Slot Mixer decoder's activation memory, counted independently of the device.
 
-    python benchmarks/bench_activation_memory.py [--dtype fp32 bf16] [--rays 64 128] [--small]
-                                                 [--breakdown] [--no-save]
+    python -m benchmarks.speed.bench_activation_memory [--dtype fp32 bf16] [--rays 64 128]
+                                                       [--small] [--breakdown] [--no-save]
 
 Counts the bytes of the tensors autograd saves for backward during one decoder forward
 (torch.autograd.graph.saved_tensors_hooks), each storage once (by its untyped storage's
@@ -21,15 +21,13 @@ paper's widths (K = 32 slots of 1536; --small: the tiny test widths). fp32, and 
 bf16 under torch.autocast(device, bfloat16); camera positions and rays stay fp32.
 Runs on CUDA when available, else on the CPU with the Triton kernels in the interpreter (only the
 forward runs, so a few seconds per count at the paper's widths). Rows are appended to
-results/activation_memory.jsonl unless --no-save.
+benchmarks/results/activation_memory.jsonl unless --no-save.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-import sys
-
 import torch
 
 if not torch.cuda.is_available():
@@ -37,7 +35,6 @@ if not torch.cuda.is_available():
     # decorated, and without a GPU the Triton backend can only run there.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import MSN_HARD_MODEL, TINY_MODEL, append_result, environment  # noqa: E402
 from osrt_fast.model import OSRT  # noqa: E402
 
@@ -116,7 +113,8 @@ def measure(model, path: str, dtype: str, r1: int, r2: int, device, breakdown: b
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.bench_activation_memory",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--rays", nargs=2, type=int, default=[64, 128], metavar=("R1", "R2"))
     p.add_argument("--small", action="store_true", help="the tiny test widths instead of the paper's")

@@ -1,7 +1,7 @@
 """Triton kernels and the blocks built on them, against their eager twins and torch.compile.
 
-    python benchmarks/bench_kernels.py [--only op block render encoder] [--dtype fp32 bf16]
-                                       [--repeat 10] [--no-save] [--smoke]
+    python -m benchmarks.speed.bench_kernels [--only op block render encoder] [--dtype fp32 bf16]
+                                             [--repeat 10] [--no-save] [--smoke]
 
 Four groups of rows, each for fp32 (TF32 off: the reference's precision) and bf16:
   op      the public kernels (slot_attention_step, slot_cross_attention, slot_mix_render) at
@@ -24,7 +24,7 @@ the eager path's median / this path's median, measured in the same process.
 
 --smoke runs every group on the CPU at tiny shapes (Triton through its interpreter), one call
 each, timed with time.perf_counter; it checks that the script works, its numbers mean nothing.
-Rows are appended to results/kernels.jsonl unless --no-save (never with --smoke).
+Rows are appended to benchmarks/results/kernels.jsonl unless --no-save (never with --smoke).
 """
 from __future__ import annotations
 
@@ -40,8 +40,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import MSN_HARD_MODEL, TINY_MODEL, append_result, environment, quantiles  # noqa: E402
+from benchmarks.common import MSN_HARD_MODEL, TINY_MODEL, append_result, environment, quantiles
 
 # kernels/ and osrt_fast.model are imported in main(), after --smoke has set TRITON_INTERPRET:
 # Triton reads it when a kernel is decorated, i.e. when the kernel module is imported.
@@ -459,7 +458,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.bench_kernels",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--repeat", type=int, default=10)

@@ -1,6 +1,6 @@
 """Scene-loading throughput of each data path at MSN-Hard shapes, as training sees it.
 
-    python benchmarks/bench_loader.py [--paths tfds png_folder shards_raw shards_png dali]
+    python -m benchmarks.speed.bench_loader [--paths tfds png_folder shards_raw shards_png dali]
         [--workers 1 4 16] [--batch-size 32] [--batches 20] [--warmup N] [--scenes 256]
         [--data-dir .scratch/bench_loader] [--out benchmarks/results/loader.jsonl]
         [--device cpu|cuda] [--quick] [--height 128 --width 128 --points 8192] [--sizes-only]
@@ -54,17 +54,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.common import RESULTS_DIR, environment  # noqa: E402
-from osrt_fast.data import make_batch, to_device  # noqa: E402
-from osrt_fast.data.records import BatchSpec  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ROOT, environment
+from osrt_fast.data import make_batch, to_device
+from osrt_fast.data.records import BatchSpec
 
 PATHS = ("tfds", "png_folder", "shards_raw", "shards_png", "dali")
 NUM_VIEWS, NUM_INPUT_VIEWS, NUM_ENTITIES = 10, 5, 34
@@ -364,7 +361,8 @@ def print_table(rows: list) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.bench_loader",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--workers", nargs="+", type=int, help="DataLoader workers (default 1 4 16; "
                    "--quick: 0 1); for dali, its num_threads")

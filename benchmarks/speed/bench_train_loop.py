@@ -1,11 +1,11 @@
 """The real training loop (train.py) at paper size on the built-in data, for N steps.
 
-Unlike bench_eager.py (a synthetic step), this includes data loading, logging and checkpoints:
-it checks the whole CUDA path and reports the loop's scenes/s from log.jsonl.
+Unlike bench_train_step (a synthetic step), this includes data loading, logging and
+checkpoints: it checks the whole CUDA path and reports the loop's scenes/s from log.jsonl.
 
-    python benchmarks/bench_train_loop.py --steps 40 --batch 32 --scenes 800 --root /tmp/osrt_loop
-        [--set precision=bf16 compile=true ...]
-    python benchmarks/bench_train_loop.py --config configs/demo.yaml --steps 300 --device cpu
+    python -m benchmarks.speed.bench_train_loop --steps 40 --batch 32 --scenes 800
+        --root /tmp/osrt_loop [--set precision=bf16 compile=true ...]
+    python -m benchmarks.speed.bench_train_loop --config configs/demo.yaml --steps 300 --device cpu
 
 With --config, that config runs as it is (its data generated under --root/data; --batch,
 --scenes and --workers then leave it alone); the record gives the steady rate (the mean of the
@@ -19,13 +19,12 @@ import time
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_result, environment  # noqa: E402
-from osrt_fast.trainer import main as train_main  # noqa: E402
+from benchmarks.common import ROOT, append_result, environment, recorded_path
+from osrt_fast.trainer import main as train_main
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.bench_train_loop")
     p.add_argument("--config", help="run this config as it is (default: configs/procedural.yaml "
                    "at --batch / --scenes / --workers)")
     p.add_argument("--steps", type=int, default=40)
@@ -38,7 +37,7 @@ def main(argv=None):
                    help="more training options, YAML values, e.g. precision=bf16 compile=true "
                         "'activation_checkpointing={encoder_blocks: true}'")
     args = p.parse_args(argv)
-    config = args.config or os.path.join(os.path.dirname(__file__), "..", "configs", "procedural.yaml")
+    config = args.config or os.path.join(ROOT, "configs", "procedural.yaml")
     with open(config) as f:
         cfg = yaml.safe_load(f)
     cfg["data"]["path"] = os.path.join(args.root, "data")
@@ -64,8 +63,8 @@ def main(argv=None):
     rate = steps[-1]["scenes_per_s"] if steps else None
     steady = [r["scenes_per_s"] for r in steps[1:]]
     t, kw = cfg["training"], cfg["data"]["kwargs"]
-    rec = {"bench": "train_loop", "config": os.path.relpath(config, os.path.dirname(os.path.dirname(
-               os.path.abspath(__file__)))), "path": cfg["model"].get("backend", "eager"),
+    rec = {"bench": "train_loop", "config": recorded_path(config),
+           "path": cfg["model"].get("backend", "eager"),
            "dtype": t.get("precision", "fp32"), "training_options": args.set,
            "scenes": t["batch_size"], "rays": cfg["data"]["num_points"],
            "views_in": kw.get("num_input_views", 1), "image": kw.get("height"),

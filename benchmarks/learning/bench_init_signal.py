@@ -10,8 +10,8 @@ training data, with freshly initialised weights (no training), measures
 - `slot_similarity`, `top_slot_share`: the slots' mean cosine similarity, and the largest slot's
   share of the Slot Mixer's weights.
 
-    python benchmarks/bench_init_signal.py [--config configs/demo.yaml] [--set KEY=VALUE ...]
-        [--name NAME] [--scenes 8] [--seeds 3] [--no-save]
+    python -m benchmarks.learning.bench_init_signal [--config configs/demo.yaml]
+        [--set KEY=VALUE ...] [--name NAME] [--scenes 8] [--seeds 3] [--no-save]
 
 --set takes model options as dotted paths from the model section
 (`encoder_kwargs.conv_init=default`). Results, the mean over --seeds initialisations, append to
@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.common import append_result, environment  # noqa: E402
+from benchmarks.common import ROOT, append_result, environment, recorded_path
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.learning.bench_init_signal",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--name", help="label (default: the config's name and the --set options)")
@@ -96,9 +94,8 @@ def main(argv=None) -> dict:
     name = args.name or " ".join([os.path.splitext(os.path.basename(args.config))[0], *args.set])
     print(name + ": " + ", ".join(f"{k} {v:.3g}" for k, v in result.items()))
     if not args.no_save:
-        append_result("init_signal", {"bench": "init_signal", "name": name, "config":
-                                      os.path.relpath(os.path.abspath(args.config), ROOT),
-                                      "set": args.set, "seeds": args.seeds, "scenes": args.scenes,
+        append_result("init_signal", {"bench": "init_signal", "name": name,
+                                      "config": recorded_path(args.config), "set": args.set, "seeds": args.seeds, "scenes": args.scenes,
                                       **result, **environment()})
     return result
 

@@ -1,7 +1,7 @@
 """Prepares what the GPU machine needs for the suite that is not in the repository, in .gpu/
 (git-ignored; carried to the machine with the working tree). See docs/GPU.md.
 
-    python -m benchmarks.prepare_gpu --reference PATH [--wheel NAME==VERSION ...] [--no-wheels]
+    python -m benchmarks.gpu.prepare_gpu --reference PATH [--wheel NAME==VERSION ...] [--no-wheels]
 
 .gpu/reference/   the reference's `osrt` package and licence, copied from a checkout of
                   stelzner/osrt at PATH (for the suite's "vs reference" row; never committed)
@@ -20,9 +20,8 @@ import shutil
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.common import git_commit  # noqa: E402
+from benchmarks.common import ROOT, git_commit
+
 GPU_DIR = os.path.join(ROOT, ".gpu")
 LIMIT_BYTES = 64 * 2 ** 20
 # imageio-ffmpeg 0.6.0's wheel is 28 MiB; 0.8.x's is 65 MiB, more than the device tool carries.
@@ -38,7 +37,7 @@ DEVICE_COMMAND = (
     "if ls .gpu/wheels/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps "
     "--no-compile --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site; fi; "
     "nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv; "
-    "python3 -m benchmarks.suite --reference .gpu/reference --results-dir $OUT --budget-s 450 "
+    "python3 -m benchmarks.gpu.suite --reference .gpu/reference --results-dir $OUT --budget-s 450 "
     "2>&1 | tee $OUT/suite.log")
 
 
@@ -83,7 +82,8 @@ def download_wheels(specs, dest: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.prepare_gpu",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--reference", required=True, help="a checkout of stelzner/osrt")
     p.add_argument("--wheel", action="append", help=f"a wheel to carry (default {DEFAULT_WHEELS})")
     p.add_argument("--no-wheels", action="store_true", help="carry no wheels")
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     if gpu + tree > LIMIT_BYTES:
         sys.exit("error: too large to carry; drop wheels (--no-wheels) or untracked files")
     print(f"\nOn the GPU machine (device tool: carry [\".gpu\"], timeout_s 570), run:\n\n{DEVICE_COMMAND}\n"
-          f"\nThen here: python -m benchmarks.suite_report --import <the folder its files came back to>")
+          f"\nThen here: python -m benchmarks.gpu.suite_report --import <the folder its files came "
+          f"back to>")
     return 0
 
 

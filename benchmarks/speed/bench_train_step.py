@@ -1,8 +1,8 @@
 """Training step at the paper's scale: speed, MFU, peak memory, and the largest batch that fits.
 
-    python benchmarks/bench_train_step.py [--paths eager-fp32 eager-bf16 fast fast-ckpt]
+    python -m benchmarks.speed.bench_train_step [--paths eager-fp32 eager-bf16 fast fast-ckpt]
         [--scenes 32] [--rays 8192] [--max-scenes 512] [--profile] [--no-save]
-    python benchmarks/bench_train_step.py --smoke      # tiny model on the CPU: checks the script
+    python -m benchmarks.speed.bench_train_step --smoke    # tiny model, CPU: checks the script
 
 MSN-Hard settings: 5 input views of 128x128, K = 32 slots, the paper's widths, `--rays` target
 rays per scene. One step is what train.py runs: `parallel.parallelize` (activation
@@ -16,10 +16,11 @@ global gradient norm (the non-finite check), fused Adam. Paths:
 
 For each path: the time of a step at `--scenes` scenes (equal work across paths; ratio to
 eager-fp32), then the largest number of scenes per step that fits (doubling from `--scenes`,
-then bisecting to 8 scenes), and its time. MFU counts the reference model's FLOPs
-(docs/PERFORMANCE.md) against the GPU's dense bf16 peak. `--profile` writes the largest costs
+then bisecting to 8 scenes), and its time. Model FLOPs are the count training logs MFU with
+(`osrt_fast.throughput.model_flops_per_scene`: the eager reference architecture, forward x 3,
+docs/PERFORMANCE.md), MFU is against the GPU's dense bf16 peak (`throughput.PEAK_FLOPS`). `--profile` writes the largest costs
 of one step per path (torch.profiler) next to the results. Appends JSON lines to
-results/train_step.jsonl.
+benchmarks/results/train_step.jsonl.
 """
 from __future__ import annotations
 
@@ -34,14 +35,13 @@ if __name__ == "__main__" and "--smoke" in sys.argv[1:]:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (DECODER_FLOPS_PER_RAY, ENCODER_FLOPS_PER_SCENE, MSN_HARD_MODEL,  # noqa: E402
-                               RESULTS_DIR, TINY_MODEL, append_result, environment, peak_flops,
-                               quantiles)
+from benchmarks.common import (MSN_HARD_MODEL, RESULTS_DIR, TINY_MODEL, append_result,  # noqa: E402
+                               environment, quantiles)
 from osrt_fast import parallel  # noqa: E402
 from osrt_fast.config import config_from_dict  # noqa: E402
 from osrt_fast.model import OSRT  # noqa: E402
 from osrt_fast.evaluate import compute_loss  # noqa: E402
+from osrt_fast.throughput import model_flops_per_scene, peak_flops  # noqa: E402
 
 PATHS = {
     "eager-fp32": dict(backend="eager", precision="fp32", compile=False, ckpt={}),
@@ -59,6 +59,13 @@ def random_batch(scenes, views, size, rays, device, seed=0):
             "input_camera_pos": unit(scenes, views) * 10, "input_rays": unit(scenes, views, size, size),
             "target_camera_pos": unit(scenes, rays) * 10, "target_rays": unit(scenes, rays),
             "target_pixels": torch.rand(scenes, rays, 3, device=device, generator=g)}
+
+
+def step_flops_per_scene(model_cfg, shape):
+    """Model FLOPs of one training step per scene at `shape` (input views, image size, target
+    rays): osrt_fast.throughput's count, on the meta device; None where the counter fails."""
+    views, size, rays = shape
+    return model_flops_per_scene(model_cfg, random_batch(1, views, size, rays, torch.device("cpu")))
 
 
 class Step:
@@ -115,7 +122,8 @@ def measure(path, scenes, args, env, shape, device, after=None, build=None):
     """A record for one path at one batch, or an 'oom' record. `build(scenes)` -> (step, batch)
     makes what is timed (default: this script's `Step` of `path` and a random batch; the GPU
     suite passes the reference's trainer); `after(step, batch)`, if given, runs once the step is
-    timed, before it is freed (e.g. a profile of the compiled step)."""
+    timed, before it is freed (e.g. a profile of the compiled step). `args.flops_per_scene` (model
+    FLOPs of a step per scene at `shape`) and `args.peak` (FLOP/s) give model TFLOP/s and MFU."""
     views, size, rays = shape
     spec = PATHS.get(path, {})
     rec = {"bench": "train_step", "path": path, **{k: v for k, v in spec.items() if k != "ckpt"},
@@ -142,11 +150,11 @@ def measure(path, scenes, args, env, shape, device, after=None, build=None):
         del step, batch
         free(device)
     q = quantiles(times)
-    flops = 3 * (args.encoder_flops + args.decoder_flops_per_ray * rays) * scenes
-    peak = args.peak
-    rec.update(q, scenes_per_s=scenes / q["median_ms"] * 1e3,
-               rays_per_s=scenes * rays / q["median_ms"] * 1e3,
-               mfu=flops / (q["median_ms"] * 1e-3) / peak if peak else None,
+    seconds = q["median_ms"] * 1e-3
+    flops_per_s = args.flops_per_scene * scenes / seconds if args.flops_per_scene else None
+    rec.update(q, scenes_per_s=scenes / seconds, rays_per_s=scenes * rays / seconds,
+               tflops_per_s=flops_per_s / 1e12 if flops_per_s else None,
+               mfu=flops_per_s / args.peak if flops_per_s and args.peak else None,
                peak_mem_gib=peak_mem)
     return rec
 
@@ -204,7 +212,8 @@ def profile(path, scenes, args, shape, device) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.bench_train_step",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--scenes", type=int, default=32, help="scenes per step for the equal-work timing")
     p.add_argument("--rays", type=int, default=8192)
@@ -224,8 +233,6 @@ def main(argv=None):
         args.model, args.slots, shape = TINY_MODEL, TINY_MODEL["encoder_kwargs"]["num_slots"], (2, 16, 32)
         args.scenes, args.max_scenes, args.warmup, args.repeat = 2, 2, 1, 1
         args.compile_backend = "aot_eager"         # traces as inductor would, without its C++ build
-        args.encoder_flops = args.decoder_flops_per_ray = None
-        args.peak = None
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_train_step needs a CUDA GPU (or --smoke for a CPU check of the script)")
@@ -235,14 +242,8 @@ def main(argv=None):
         torch._dynamo.config.cache_size_limit = 64
         args.model, args.slots, shape = MSN_HARD_MODEL, 32, (5, 128, args.rays)
         args.compile_backend = None
-        args.encoder_flops, args.decoder_flops_per_ray = ENCODER_FLOPS_PER_SCENE, DECODER_FLOPS_PER_RAY
-        args.peak = peak_flops(env["device"])
-    if args.smoke:
-        # The tiny model's own FLOPs (counted), so MFU-free rates still read sensibly.
-        from osrt_fast.throughput import model_flops_per_scene
-        one = random_batch(1, shape[0], shape[1], shape[2], device)
-        per_scene = model_flops_per_scene(args.model, one) / 3
-        args.encoder_flops, args.decoder_flops_per_ray = per_scene, 0.0
+    args.flops_per_scene = step_flops_per_scene(args.model, shape)
+    args.peak = peak_flops(device)          # None on the CPU: model TFLOP/s without MFU
 
     rows, base = [], None
     for path in args.paths:

@@ -1,9 +1,9 @@
 """The GPU suite's results: its summary, the import of a run's files, and the README's table.
 
-    python -m benchmarks.suite_report --import DIR   # a run's files (e.g. the device's $OUT) into
-                                                     # benchmarks/results/, then the README table
-    python -m benchmarks.suite_report                # regenerate the README table
-    python -m benchmarks.suite_report --check        # exit 1 if the README's table is stale
+    python -m benchmarks.gpu.suite_report --import DIR   # a run's files (e.g. the device's $OUT)
+                                                         # into benchmarks/results/, then the table
+    python -m benchmarks.gpu.suite_report                # regenerate the README table
+    python -m benchmarks.gpu.suite_report --check        # exit 1 if the README's table is stale
 
 The README's performance table sits between the two marker lines below and is written only by
 this script, from the latest non-smoke run of each device in benchmarks/results/suite_*.jsonl,
@@ -18,10 +18,10 @@ import os
 import shutil
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+from benchmarks.common import RESULTS_DIR, ROOT
+
 README = os.path.join(ROOT, "README.md")
-BEGIN = "<!-- suite-table:begin (written by python -m benchmarks.suite_report; do not edit) -->"
+BEGIN = "<!-- suite-table:begin (written by python -m benchmarks.gpu.suite_report; do not edit) -->"
 END = "<!-- suite-table:end -->"
 
 
@@ -186,8 +186,8 @@ def readme_block(results_dir: str = RESULTS_DIR) -> str:
                          f"`{os.path.relpath(path[:-len('.jsonl')] + '.md', ROOT)}`.\n\n"
                          f"{headline_table(rows)}")
     if not parts:
-        parts.append("The GPU suite (`python -m benchmarks.suite`, docs/GPU.md) has not run on a GPU "
-                     "yet: no speed of the fast path is claimed here.")
+        parts.append("The GPU suite (`python -m benchmarks.gpu.suite`, docs/GPU.md) has not run on "
+                     "a GPU yet: no speed of the fast path is claimed here.")
     return "\n\n".join(parts)
 
 
@@ -219,7 +219,8 @@ def import_run(src: str, results_dir: str = RESULTS_DIR) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.suite_report",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--import", dest="src", help="a folder with a suite run's files")
     p.add_argument("--check", action="store_true", help="exit 1 if the README's table is stale")
     p.add_argument("--results-dir", default=RESULTS_DIR)
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
     new = update_readme(text, readme_block(args.results_dir))
     if args.check:
         if new != text:
-            print("README.md's suite table is stale: run python -m benchmarks.suite_report")
+            print("README.md's suite table is stale: run python -m benchmarks.gpu.suite_report")
             return 1
         return 0
     if new != text:

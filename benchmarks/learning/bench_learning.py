@@ -1,9 +1,9 @@
 """Learning on the built-in scenes: validation PSNR, ARI and FG-ARI against steps, scenes seen
 and wall time, for one config, drawn as curves.
 
-    python benchmarks/bench_learning.py --config configs/demo.yaml --minutes 10 [--eval-every 100]
-        [--max-eval 64] [--name demo] [--out DIR] [--run-dir DIR] [--no-save] [--resume-from CKPT]
-        [--set peak_lr=3e-4 ...]
+    python -m benchmarks.learning.bench_learning --config configs/demo.yaml --minutes 10
+        [--eval-every 100] [--max-eval 64] [--name demo] [--out DIR] [--run-dir DIR] [--no-save]
+        [--resume-from CKPT] [--set peak_lr=3e-4 ...]
 
 It trains with train.py itself, once per invocation (its run directory, default
 benchmarks/results/learning/<name>/run, auto-resumes, so a long run can span several
@@ -32,10 +32,8 @@ import time
 
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.common import append_result, environment  # noqa: E402
-from osrt_fast.signals import STOP_SIGNALS  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, recorded_path
+from osrt_fast.signals import STOP_SIGNALS
 
 THRESHOLDS = (0.5, 0.9)
 # train.py's exit codes after a stop signal (it saved): 128 + the signal, as a shell reports them
@@ -43,7 +41,8 @@ INTERRUPTED = tuple(128 + int(s) for s in STOP_SIGNALS)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.learning.bench_learning",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--name", help="results folder name (default: the config's file name)")
     p.add_argument("--out", help="results folder (default benchmarks/results/learning/<name>)")
@@ -152,6 +151,10 @@ def first_reaching(points: list, threshold: float):
     return next((p for p in points if p.get("fg_ari", 0.0) >= threshold), None)
 
 
+def curves_title(name: str, config: str, sets: list, env: dict) -> str:
+    return f"{name}: {config} {' '.join(sets)} ({env.get('device', '?')}, {env.get('commit', '?')})"
+
+
 def draw(points: list, title: str, path: str, baseline=None) -> bool:
     """curves.png: val PSNR (and the mean image's, `baseline`), (FG-)ARI and the largest slot's
     share against steps; False (with a note) without matplotlib."""
@@ -205,7 +208,7 @@ def save_config_copy(config: str, path: str) -> None:
 def main(argv=None) -> int:
     args = parse(argv)
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", "learning", name)
+    out = args.out or os.path.join(RESULTS_DIR, "learning", name)
     run_dir = args.run_dir or os.path.join(out, "run")
     config = prepare_run(args, run_dir)
     if args.resume_from and not os.path.exists(os.path.join(run_dir, "model.pt")):
@@ -222,13 +225,15 @@ def main(argv=None) -> int:
     env = {**environment(), "threads": torch_threads()}
     baseline = mean_image_psnr(config, args.max_eval)
     os.makedirs(out, exist_ok=True)
-    save_config_copy(config, os.path.join(out, "config.yaml"))      # what was trained, beside its curves
+    copy = os.path.join(out, "config.yaml")
+    save_config_copy(config, copy)      # what was trained, beside its curves
+    # A config outside the repository (a temporary folder) is named by its copy beside the curves.
+    recorded = recorded_path(args.config, copy)
     with open(os.path.join(out, "curves.json"), "w") as f:
-        json.dump({"config": os.path.relpath(os.path.abspath(args.config), ROOT), "set": args.set,
-                   "mean_image_psnr": baseline, "points": points, **env}, f, indent=1)
-    title = f"{name}: {os.path.relpath(os.path.abspath(args.config), ROOT)} {' '.join(args.set)} ({env.get('device', '?')}, {env.get('commit', '?')})"
-    draw(points, title, os.path.join(out, "curves.png"), baseline)
-    summary = {"bench": "learning", "name": name, "config": os.path.relpath(os.path.abspath(args.config), ROOT),
+        json.dump({"config": recorded, "set": args.set, "mean_image_psnr": baseline,
+                   "points": points, **env}, f, indent=1)
+    draw(points, curves_title(name, recorded, args.set, env), os.path.join(out, "curves.png"), baseline)
+    summary = {"bench": "learning", "name": name, "config": recorded,
                "set": args.set, "steps": points[-1]["it"] if points else 0,
                "train_s": points[-1]["train_s"] if points else 0, "wall_s_this_invocation": wall,
                "best_psnr": max((p["psnr"] for p in points), default=None),

@@ -3,8 +3,8 @@ from scratch (Adam, linear warm-up to --lr over --warmup steps, as train.py) and
 --every steps on the training batch, the loss, FG-ARI, the mean over rays of the largest slot
 weight, and each slot's share of all weight (sorted, largest first).
 
-    python benchmarks/bench_slot_usage.py --config CONFIG [--steps 150] [--lr 1e-3] [--warmup 100]
-        [--every 25] [--set decoder_kwargs.layer_norm=true ...] [--name NAME] [--no-save]
+    python -m benchmarks.learning.bench_slot_usage --config CONFIG [--steps 150] [--lr 1e-3]
+        [--warmup 100] [--every 25] [--set decoder_kwargs.layer_norm=true ...] [--name NAME] [--no-save]
 
 A share near 1 for one slot in every scene is the collapse that keeps FG-ARI at 0: every ray
 takes that slot, so the segmentation is one region. Results append to
@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.common import append_result, environment  # noqa: E402
+from benchmarks.common import append_result, environment
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.learning.bench_slot_usage",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=1e-3)

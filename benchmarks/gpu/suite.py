@@ -1,9 +1,9 @@
 """The GPU suite: correctness on CUDA, the training step at MSN-Hard shapes beside the published
 reference, the kernels, data loading and a profile, in one process and one time budget.
 
-    python -m benchmarks.suite [--reference DIR] [--results-dir DIR] [--budget-s 450]
-                               [--only SECTION ...] [--commit SHA]
-    python -m benchmarks.suite --smoke [--reference DIR] [--results-dir DIR]
+    python -m benchmarks.gpu.suite [--reference DIR] [--results-dir DIR] [--budget-s 450]
+                                   [--only SECTION ...] [--commit SHA]
+    python -m benchmarks.gpu.suite --smoke [--reference DIR] [--results-dir DIR]
 
 How to prepare a GPU machine and the exact command to run there: docs/GPU.md.
 
@@ -23,13 +23,13 @@ Sections, most needed first (when the budget runs short, the last ones are skipp
                frame from 32 slots: triton vs eager vs torch.compile(eager), fp32 and bf16
   data         make_batch at 256 x 8192 on the device; the training loader's scenes/s from raw and
                png shards of built-in scenes (8 and 16 workers), next to the fast step's
-  viewer       the live viewer's frames/s (benchmarks/bench_viewer.py): 128x128 from 32 slots of
-               the MSN-Hard model, eager and triton, fp32
+  viewer       the live viewer's frames/s (benchmarks/speed/bench_viewer.py): 128x128 from 32
+               slots of the MSN-Hard model, eager and triton, fp32
 
 Every row is appended to <results-dir>/suite_<device>.jsonl as soon as it is measured (run id,
 section, device, commit, date, torch, triton, CUDA), so a run cut short keeps what it measured.
 At the end the summary <results-dir>/suite_<device>.md and the profile
-suite_<device>_profile.txt are written; benchmarks/suite_report.py imports them into
+suite_<device>_profile.txt are written; benchmarks/gpu/suite_report.py imports them into
 benchmarks/results/ and regenerates the README's table.
 
 --smoke runs every section at tiny shapes on the CPU (Triton interpreter; compile through
@@ -51,7 +51,8 @@ import uuid
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import ROOT
+
 SECTIONS = ("correctness", "train_step", "reference", "kernels", "data", "viewer")
 # Seconds each section is expected to take on one H100 with cold compile caches; a section starts
 # only if this much of the budget is left. (Estimates: correct them from the recorded "seconds"
@@ -175,22 +176,18 @@ def section_correctness(ctx) -> None:
 
 def train_args(ctx, **overrides) -> SimpleNamespace:
     """The namespace bench_train_step's measure() reads, for this run's device and scale."""
-    from benchmarks import common
+    from osrt_fast.throughput import peak_flops
     if ctx.smoke:
-        a = dict(model=common.TINY_MODEL, slots=common.TINY_MODEL["encoder_kwargs"]["num_slots"],
-                 compile_backend="aot_eager", warmup=1, repeat=1, peak=None,
-                 encoder_flops=ctx.smoke_flops, decoder_flops_per_ray=0.0)
+        a = dict(compile_backend="aot_eager", warmup=1, repeat=1)
     else:
-        a = dict(model=common.MSN_HARD_MODEL, slots=32, compile_backend=None, warmup=3, repeat=5,
-                 peak=common.peak_flops(ctx.env["device"]),
-                 encoder_flops=common.ENCODER_FLOPS_PER_SCENE,
-                 decoder_flops_per_ray=common.DECODER_FLOPS_PER_RAY)
-    a.update(overrides)
+        a = dict(compile_backend=None, warmup=3, repeat=5)
+    a.update(model=ctx.model, slots=ctx.model["encoder_kwargs"]["num_slots"],
+             flops_per_scene=ctx.flops_per_scene, peak=peak_flops(ctx.device), **overrides)
     return SimpleNamespace(**a)
 
 
 def section_train_step(ctx) -> None:
-    from benchmarks import bench_train_step as bts
+    from benchmarks.speed import bench_train_step as bts
     scenes = 2 if ctx.smoke else EQUAL_WORK_SCENES
     args = train_args(ctx)
     base = None
@@ -248,7 +245,7 @@ def reference_batch(scenes: int, shape, slots: int, device) -> dict:
     the reference computes ARI and FG-ARI of every training batch from them."""
     import torch
 
-    from benchmarks.bench_train_step import random_batch
+    from benchmarks.speed.bench_train_step import random_batch
     views, size, rays = shape
     batch = random_batch(scenes, views, size, rays, device)
     g = torch.Generator(device=device).manual_seed(1)
@@ -260,8 +257,8 @@ def reference_batch(scenes: int, shape, slots: int, device) -> dict:
 def section_reference(ctx) -> None:
     import torch
 
-    from benchmarks import bench_train_step as bts
     from benchmarks import common
+    from benchmarks.speed import bench_train_step as bts
     if not ctx.reference:
         ctx.rec.add("reference", {"bench": "reference", "skipped": "no --reference given (a checkout "
                                   "of stelzner/osrt; docs/GPU.md)"})
@@ -318,7 +315,7 @@ def section_reference(ctx) -> None:
 # kernels
 
 def section_kernels(ctx) -> None:
-    from benchmarks import bench_kernels as bk
+    from benchmarks.speed import bench_kernels as bk
     from osrt_fast.model import OSRT
     S = bk.SMOKE if ctx.smoke else bk.FULL
     args = SimpleNamespace(smoke=ctx.smoke, warmup=3, repeat=10)
@@ -373,7 +370,7 @@ def section_data(ctx) -> None:
     import statistics
 
 
-    from benchmarks import bench_loader as bl
+    from benchmarks.speed import bench_loader as bl
     from osrt_fast.data import make_batch
     from osrt_fast.data.records import BatchSpec
     views, size, rays = 10, (16 if ctx.smoke else 128), ctx.shape[2]
@@ -421,7 +418,7 @@ def section_data(ctx) -> None:
 # viewer
 
 def section_viewer(ctx) -> None:
-    from benchmarks import bench_viewer
+    from benchmarks.speed import bench_viewer
     size = ["--height", "16", "--width", "16", "--frames", "2"] if ctx.smoke else \
         ["--height", "128", "--width", "128", "--frames", "30"]
     model = [] if ctx.smoke else ["--msn-hard"]
@@ -438,7 +435,8 @@ SECTION_FUNCS = {"viewer": section_viewer,
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.suite",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--reference", help="a checkout of stelzner/osrt (the folder holding osrt/)")
     p.add_argument("--results-dir", help="where the JSON lines, summary and profile go "
@@ -454,14 +452,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Before anything imports kernels/: Triton reads this when a kernel is decorated.
     os.environ["TRITON_INTERPRET"] = "1" if args.smoke else "0"
-    sys.path.insert(0, ROOT)
     import importlib.util
 
     import torch
 
     from benchmarks import common
     if not args.smoke and not torch.cuda.is_available():
-        sys.exit("benchmarks.suite needs a CUDA GPU (or --smoke for a CPU check of the suite)")
+        sys.exit("benchmarks.gpu.suite needs a CUDA GPU (or --smoke for a CPU check of the suite)")
     start = time.monotonic()
     budget = Budget(1e9 if args.smoke else args.budget_s)
     env = common.environment()
@@ -478,14 +475,12 @@ def main(argv=None) -> int:
     rec = Recorder(results_dir, env, args.smoke)
     ctx = SimpleNamespace(smoke=args.smoke, device=device, env=env, rec=rec, budget=budget,
                           reference=args.reference,
+                          model=common.TINY_MODEL if args.smoke else common.MSN_HARD_MODEL,
                           shape=(2, 16, 32) if args.smoke else (5, 128, 8192),
                           have_xdist=importlib.util.find_spec("xdist") is not None,
                           scratch=os.path.join(tempfile.gettempdir(), "osrt_suite"))
-    if args.smoke:
-        from benchmarks.bench_train_step import random_batch
-        from osrt_fast.throughput import model_flops_per_scene
-        one = random_batch(1, *ctx.shape, device)
-        ctx.smoke_flops = model_flops_per_scene(common.TINY_MODEL, one) / 3
+    from benchmarks.speed.bench_train_step import step_flops_per_scene
+    ctx.flops_per_scene = step_flops_per_scene(ctx.model, ctx.shape)    # the count training logs
     print(f"suite run {rec.run} on {env['device']}, commit {env['commit']}, torch {env['torch']}, "
           f"triton {env['triton']}; rows -> {rec.jsonl}", flush=True)
 
@@ -509,7 +504,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    from benchmarks import suite_report
+    from benchmarks.gpu import suite_report
     summary = suite_report.markdown(rec.rows)
     with open(rec.summary, "w") as f:
         f.write(summary)

@@ -1,9 +1,10 @@
 """The learning study: every variant tried on the way to configs/demo.yaml, each a learning-benchmark
-run (benchmarks/bench_learning.py) with its config and curves in benchmarks/results/learning/<name>/
-and a summary line in benchmarks/results/learning.jsonl.
+run (benchmarks/learning/bench_learning.py) with its config and curves in
+benchmarks/results/learning/<name>/ and a summary line in benchmarks/results/learning.jsonl.
 
-    python benchmarks/learning_study.py [--only NAME ...] [--list] [--steps N] [--threads T]
-    python benchmarks/learning_study.py --table | --write | --check
+    python -m benchmarks.learning.learning_study [--only NAME ...] [--list] [--steps N]
+        [--threads T]
+    python -m benchmarks.learning.learning_study --table | --write | --check
 
 Variants are the demo config with a few options changed (`SET`), so each differs from the recipe
 in what its name says; the ladder runs the slot-free SRT (encoder and decoder `srt`) on the same
@@ -23,8 +24,9 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "learning")
+from benchmarks.common import RESULTS_DIR, ROOT
+
+RESULTS = os.path.join(RESULTS_DIR, "learning")
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 
 # The slot-free SRT at the demo's widths: the recipe's ray encoding, normalisation and init; two
@@ -105,7 +107,8 @@ VARIANTS = {
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.learning.learning_study",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="*", help="run these variants (default: all)")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--table", action="store_true", help="print the results as a Markdown table")
@@ -123,7 +126,7 @@ def run(name: str, steps: int, eval_every: int, threads) -> int:
     """Runs (or resumes) one variant; train.py's exit code."""
     _, sets = VARIANTS[name]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_learning.py"), "--config", DEMO,
+    cmd = [sys.executable, "-m", "benchmarks.learning.bench_learning", "--config", DEMO,
            "--name", name, "--steps", str(steps), "--eval-every", str(eval_every), "--max-eval", "64",
            "--set", *sets]
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
@@ -154,7 +157,8 @@ def table_rows(names) -> list:
 
 
 DOC = os.path.join(ROOT, "docs", "learning.md")
-BEGIN = "<!-- study-table:begin (written by python benchmarks/learning_study.py --write) -->"
+BEGIN = ("<!-- study-table:begin (written by python -m benchmarks.learning.learning_study "
+         "--write) -->")
 END = "<!-- study-table:end -->"
 
 
@@ -188,8 +192,8 @@ def main(argv=None) -> int:
         new = head + BEGIN + "\n" + table(names) + "\n" + END + rest.split(END, 1)[1]
         if args.check:
             if new != text:
-                print(f"{DOC}'s study table is stale: python benchmarks/learning_study.py --write",
-                      file=sys.stderr)
+                print(f"{DOC}'s study table is stale: "
+                      "python -m benchmarks.learning.learning_study --write", file=sys.stderr)
                 return 1
             return 0
         with open(DOC, "w") as f:

@@ -2,7 +2,7 @@
 every pixel from the slots, compose the shown image) plus the PNG encoding the page receives, for
 a camera orbiting the scene, one frame after the other (as the viewer's render loop does).
 
-    python benchmarks/bench_viewer.py [--config configs/demo.yaml] [--checkpoint P]
+    python -m benchmarks.speed.bench_viewer [--config configs/demo.yaml] [--checkpoint P]
         [--height 64 --width 64] [--frames 30] [--mode render] [--backend eager|triton]
         [--device cpu|cuda] [--msn-hard] [--no-save]
 
@@ -16,18 +16,16 @@ import argparse
 import io
 import math
 import os
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.common import MSN_HARD_MODEL, append_result, environment  # noqa: E402
+from benchmarks.common import MSN_HARD_MODEL, ROOT, append_result, environment
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.bench_viewer",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--checkpoint")
     p.add_argument("--msn-hard", action="store_true", help="the paper's MSN-Hard model (K = 32)")

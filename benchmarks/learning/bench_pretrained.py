@@ -2,8 +2,8 @@
 trained nor selected on (by default configs/demo.pt on the demo's test split, 250 scenes of 2-3
 objects, whole target images), beside the mean image's PSNR on the same scenes.
 
-    python benchmarks/bench_pretrained.py [--config configs/demo.yaml] [--checkpoint configs/demo.pt]
-        [--split test] [--max-eval N] [--no-save]
+    python -m benchmarks.learning.bench_pretrained [--config configs/demo.yaml]
+        [--checkpoint configs/demo.pt] [--split test] [--max-eval N] [--no-save]
 
 It runs `python -m osrt_fast.evaluate CONFIG --checkpoint P --full-scale [--test]` in-process and
 appends a line to benchmarks/results/pretrained.jsonl (with the checkpoint's step and the first
@@ -15,17 +15,15 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.bench_learning import mean_image_psnr  # noqa: E402
-from benchmarks.common import append_result, environment  # noqa: E402
+from benchmarks.common import ROOT, append_result, environment, recorded_path
+from benchmarks.learning.bench_learning import mean_image_psnr
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.learning.bench_pretrained",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--checkpoint", default=os.path.join(ROOT, "configs", "demo.pt"))
     p.add_argument("--split", default="test", choices=("val", "test"))
@@ -53,8 +51,8 @@ def main(argv=None) -> dict:
         if evaluate.main(cmd) != 0:
             raise SystemExit("evaluation failed; its error is above")
         result = json.load(open(out))
-    row = {"bench": "pretrained", "config": os.path.relpath(os.path.abspath(args.config), ROOT),
-           "checkpoint": os.path.relpath(os.path.abspath(args.checkpoint), ROOT),
+    row = {"bench": "pretrained", "config": recorded_path(args.config),
+           "checkpoint": recorded_path(args.checkpoint),
            "sha256": sha256_prefix(args.checkpoint), "it": result["it"], "split": args.split,
            "scenes": result["num_scenes"], "psnr": result["psnr"], "ssim": result.get("ssim"),
            "ari": result["ari"],
