@@ -49,8 +49,7 @@ def spread(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def measure(model, batch) -> dict:
     from osrt_fast.evaluate import slot_usage
-    from osrt_fast.model import OSRTEncoder
-    encoder = model.encoder.srt_encoder if isinstance(model.encoder, OSRTEncoder) else model.encoder
+    encoder = model.srt_encoder
     images, cam, rays = batch["input_images"], batch["input_camera_pos"], batch["input_rays"]
     tokens = encoder.stem(images, cam, rays)
     flat = images.mean((3, 4), keepdim=True).expand_as(images)        # each view its mean colour
@@ -58,7 +57,7 @@ def measure(model, batch) -> dict:
     out = {"token_spread": spread(tokens).item(),
            "image_share": ((tokens - tokens_flat).norm(dim=-1).mean()
                            / (tokens - tokens.mean(1, keepdim=True)).norm(dim=-1).mean()).item()}
-    if isinstance(model.encoder, OSRTEncoder):
+    if model.slot_attention is not None:
         slots = model.encoder(images, cam, rays)
         out["slot_scene_share"] = ((slots - slots.mean(0)).norm(dim=-1).mean() / slots.norm(dim=-1).mean()).item()
         _, extras = model.decoder(slots, batch["target_camera_pos"], batch["target_rays"])

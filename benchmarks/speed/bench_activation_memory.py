@@ -75,7 +75,7 @@ class SavedTensors:
 def count_saved(model, dtype: str, scenes: int, rays: int, device, seed: int = 0) -> SavedTensors:
     """One decoder forward (autograd recording) on random inputs: slots [scenes, K, D] (requiring
     grad, as the encoder's output does in training), camera_pos and rays [scenes, rays, 3]."""
-    K, D = model.encoder.slot_attention.num_slots, model.encoder.slot_attention.slot_dim
+    K, D = model.slot_attention.num_slots, model.slot_attention.slot_dim
     g = torch.Generator(device).manual_seed(seed)
     low = torch.bfloat16 if dtype == "bf16" else torch.float32
     slots = torch.randn(scenes, K, D, generator=g, device=device).to(low).requires_grad_()

@@ -261,10 +261,6 @@ def unit_vectors(g, *shape, device):
 
 def set_backend(model, backend: str) -> Optional[str]:
     """Switches the model's backend; returns why it cannot, or None."""
-    if backend == "eager" and not hasattr(model, "set_backend"):
-        return None
-    if not hasattr(model, "set_backend"):
-        return "osrt_fast.model.OSRT has no set_backend() yet (no triton backend)"
     try:
         model.set_backend(backend)
     except Exception as e:
@@ -332,7 +328,7 @@ def slot_attention_cases(model, S, dtype, args, device) -> list[tuple[str, Case]
 
     setup = rotating(make)
     shapes = dict(B=B, N=N, L=L, K=S["K"], D=S["D"])
-    module = model.encoder.slot_attention
+    module = model.slot_attention
     compiled = None if args.smoke else torch.compile(module)
     return [
         ("eager", model_step_case("block", "slot_attention", "eager", dtype, shapes, setup,
@@ -386,7 +382,7 @@ def encoder_rows(model, S, args, device) -> list[dict]:
     with encoder_attention sdpa vs xformers (same weights: the model is switched in place)."""
     B, N, L = S["B"], S["N"], S["L"]
     shapes = dict(B=B, N=N, L=L)
-    transformer = model.encoder.srt_encoder.transformer
+    transformer = model.srt_encoder.transformer
 
     def make(seed):
         g = torch.Generator(device).manual_seed(seed)

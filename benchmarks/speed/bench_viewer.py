@@ -56,7 +56,7 @@ def build_viewer(args):
     if args.checkpoint:
         from osrt_fast.checkpoint import load_checkpoint
         load_checkpoint(args.checkpoint, model, map_location=device)
-    attention = model.encoder.slot_attention
+    attention = model.slot_attention
     # A scene without data: random slots of the model's shape.
     g = torch.Generator().manual_seed(0)
     pos = torch.tensor([[[8.0, -6.0, 6.0]]])
