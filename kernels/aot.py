@@ -6,7 +6,7 @@ JIT gives it at run time (constexprs, 16-divisible integers and aligned pointers
 ptxas bundled with Triton. The report says, per kernel, whether it compiled, its registers,
 spill stack, shared memory, and whether Hopper's wgmma instructions are in it.
 
-    python -m kernels.aot [--arch 90] [--dtype bf16 fp32] [--shapes paper small] [--json FILE]
+    python -m osrt_fast.kernels.aot [--arch 90] [--dtype bf16 fp32] [--shapes paper small] [--json FILE]
 
 Not usable under TRITON_INTERPRET=1 (the interpreter replaces the compiler); the tests run it in
 a subprocess.
@@ -164,9 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the reports here as JSON lines")
     args = p.parse_args(argv)
     if not HAVE_TRITON:
-        sys.exit("kernels.aot needs the triton package (pip install 'osrt-fast[triton]')")
+        sys.exit("osrt_fast.kernels.aot needs the triton package (pip install 'osrt-fast[triton]')")
     if interpreting():
-        sys.exit("kernels.aot compiles kernels; unset TRITON_INTERPRET")
+        sys.exit("osrt_fast.kernels.aot compiles kernels; unset TRITON_INTERPRET")
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
     reports = []
     for shapes in args.shapes:

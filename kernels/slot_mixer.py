@@ -271,7 +271,7 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 # Launch configurations per kernel and dtype class ("lowp": bf16/fp16, "fp32": 3xTF32 dots need
 # about twice the registers and shared memory). Chosen from the ahead-of-time compile report
-# (python -m kernels.aot, sm_90, paper shapes; spills noted where no tried shape avoids them):
+# (python -m osrt_fast.kernels.aot, sm_90, paper shapes; spills noted where no tried shape avoids them):
 # shared memory within Hopper's 227 KB, with the ray feature dimension C padded to 256.
 CONFIGS = {
     ("cross_fwd", "lowp"): dict(BLOCK_R=64, num_warps=8, num_stages=2),     # 241 regs, no spill

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import IMPLEMENTATIONS, OPS, op as kernel_op
-from kernels.slot_attention import slot_attention_step_eager
+from .kernels import IMPLEMENTATIONS, OPS, op as kernel_op
+from .kernels.slot_attention import slot_attention_step_eager
 
 from .config import (BACKENDS, CONV_INITS, ENCODER_ATTENTION, NUM_OCTAVES, CheckpointingConfig,
                      ConfigError, ModelConfig, OSRTEncoderConfig, RayEncodingConfig, SlotMixerConfig,
@@ -795,7 +795,7 @@ class OSRT(nn.Module):
             chosen[name] = implementation
         modules = [m for m in self.modules() if isinstance(m, FastPath)]
         if backend == "triton":
-            from kernels._triton import HAVE_TRITON, triton_missing_message
+            from .kernels._triton import HAVE_TRITON, triton_missing_message
             if not HAVE_TRITON and "triton" in chosen.values():
                 raise ConfigError(f"model.backend 'triton': {triton_missing_message()}")
             if not modules:
@@ -828,7 +828,7 @@ class OSRT(nn.Module):
 
     def check_device(self, device: torch.device) -> None:
         """A ConfigError, before any work, where the configured kernels cannot run on device."""
-        from kernels._triton import interpreting
+        from .kernels._triton import interpreting
         if self.cfg.backend == "triton" and device.type != "cuda" and not interpreting():
             raise ConfigError(f"model.backend 'triton' runs on CUDA GPUs, but the device is {device}; "
                               "use backend: eager (TRITON_INTERPRET=1 runs the kernels on the CPU for "

@@ -14,8 +14,8 @@ import types
 import pytest
 import torch
 
-from kernels._triton import poisoned_outputs
-from kernels import OPS
+from osrt_fast.kernels._triton import poisoned_outputs
+from osrt_fast.kernels import OPS
 from osrt_fast import OSRT
 from osrt_fast.config import ConfigError, config_from_dict
 from conftest import tiny_model_config
@@ -150,7 +150,7 @@ def test_set_backend_switches_and_keeps_parameters():
 
 
 def test_backend_errors_are_clear(monkeypatch):
-    from kernels import _triton
+    from osrt_fast.kernels import _triton
     monkeypatch.setattr(_triton, "HAVE_TRITON", False)
     with pytest.raises(ConfigError, match=r"osrt-fast\[triton\]"):
         OSRT({**tiny_model_config(), "backend": "triton"})
@@ -246,7 +246,7 @@ def test_kernels_compile_for_hopper(tmp_path):
         pytest.skip("this Triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "aot.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--shapes", "paper", "small",
+    proc = subprocess.run([sys.executable, "-m", "osrt_fast.kernels.aot", "--shapes", "paper", "small",
                            "--json", str(report)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

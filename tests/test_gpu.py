@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import scene_inputs, tiny_model_config
-from kernels._triton import poisoned_outputs
+from osrt_fast.kernels._triton import poisoned_outputs
 from osrt_fast import OSRT
 from osrt_fast.config import config_from_dict
 from osrt_fast.data import BatchSpec, collate, make_batch, to_device

@@ -4,10 +4,10 @@ twin in fp64; on a GPU the same tests also run compiled, in fp32 and bf16."""
 import pytest
 import torch
 
-from kernels import _triton
-from kernels._triton import TritonUnavailable, poisoned_outputs
-from kernels.slot_attention import slot_attention_step, slot_attention_step_eager
-from kernels.slot_mixer import (slot_cross_attention, slot_cross_attention_eager, slot_mix_render,
+from osrt_fast.kernels import _triton
+from osrt_fast.kernels._triton import TritonUnavailable, poisoned_outputs
+from osrt_fast.kernels.slot_attention import slot_attention_step, slot_attention_step_eager
+from osrt_fast.kernels.slot_mixer import (slot_cross_attention, slot_cross_attention_eager, slot_mix_render,
                                 slot_mix_render_eager)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

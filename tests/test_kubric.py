@@ -258,7 +258,7 @@ def test_reading_msn_hard_then_building_the_model_survives():
     interpreter (as a script that opens the data before importing the trainer does)."""
     pytest.importorskip("triton")
     code = ("from osrt_fast.data import kubric; kubric.import_tfds(); "
-            "import osrt_fast.model, kernels.slot_attention; print('alive')")
+            "import osrt_fast.model, osrt_fast.kernels.slot_attention; print('alive')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "alive" in out.stdout, out.stderr[-2000:]

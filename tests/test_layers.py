@@ -104,3 +104,18 @@ def test_kernels_know_nothing_of_osrt_fast():
     known = set(modules("osrt_fast")) | set(modules("kernels"))
     for name, path in modules("kernels").items():
         assert not [t for t in imports(name, path, known) if t.startswith("osrt_fast")], name
+
+
+def test_the_kernels_are_imported_by_their_installed_name_only():
+    """kernels/ installs as osrt_fast.kernels (pyproject's package-dir): an import of a top-level
+    `kernels` works in a clone but not in an install, and would register the kernels' custom ops
+    twice beside osrt_fast.kernels."""
+    bad = []
+    for package in ("osrt_fast", "kernels", "tests", "benchmarks"):
+        for name, path in modules(package).items():
+            for node in ast.walk(ast.parse(open(path).read())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                         else [])
+                bad += [(name, n) for n in names if n == "kernels" or n.startswith("kernels.")]
+    assert not bad, f"imports of a top-level kernels package: {bad}"

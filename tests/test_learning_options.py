@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from kernels import OPS
-from kernels._triton import poisoned_outputs
+from osrt_fast.kernels import OPS
+from osrt_fast.kernels._triton import poisoned_outputs
 from osrt_fast import OSRT
 from osrt_fast.config import ConfigError, RayEncodingConfig, config_from_dict
 from osrt_fast.evaluate import compute_loss, slot_importance_cv2, slot_usage

@@ -6,7 +6,7 @@ import torch
 
 from osrt_fast import OSRT
 from osrt_fast.config import ConfigError
-from kernels.slot_attention import slot_attention_step_eager
+from osrt_fast.kernels.slot_attention import slot_attention_step_eager
 from osrt_fast.model import MixingBlock, SlotAttention, ray_encoding
 from conftest import tiny_model_config
 

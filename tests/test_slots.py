@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kernels._triton import poisoned_outputs
+from osrt_fast.kernels._triton import poisoned_outputs
 from osrt_fast import OSRT, geometry
 from osrt_fast.slots import (SlotsError, check_model_matches, load_slots, look_at_rotation,
                              pinhole_rays, pose_from_rays, render_view, swap_slots,

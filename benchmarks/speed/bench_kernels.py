@@ -193,8 +193,8 @@ def primary(out):
 def op_specs(S: dict, device) -> list[dict]:
     """Per op: its name, shapes, paths (triton op, eager twin) and a maker of random inputs
     (tensors, static arguments, gradient of the primary output)."""
-    from kernels.slot_attention import slot_attention_step, slot_attention_step_eager
-    from kernels.slot_mixer import (slot_cross_attention, slot_cross_attention_eager, slot_mix_render,
+    from osrt_fast.kernels.slot_attention import slot_attention_step, slot_attention_step_eager
+    from osrt_fast.kernels.slot_mixer import (slot_cross_attention, slot_cross_attention_eager, slot_mix_render,
                                     slot_mix_render_eager)
     B, K, N, R, C, H, F, D = (S[k] for k in ("B", "K", "N", "R", "C", "H", "F", "op_D"))
 
