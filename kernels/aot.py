@@ -157,7 +157,8 @@ def op_cases(dtype: torch.dtype, shapes: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Compile every kernel for a GPU architecture, ahead of time.")
+    p = argparse.ArgumentParser(prog="python -m osrt_fast.kernels.aot",
+                                description="Compile every kernel for a GPU architecture, ahead of time.")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"])
     p.add_argument("--shapes", nargs="+", default=["paper"], choices=["paper", "small"])

@@ -1,5 +1,5 @@
 """MSN-Hard (Kubric TFDS) reader, end to end on a fixture in the exact on-disk TFDS format
-(docs: /work/shared/spec/DATA.md, MSN-Hard): the fixture's names against the real layout, records,
+(docs/datasets.md, MSN-Hard): the fixture's names against the real layout, records,
 views, rays and colours checked against the raw TFDS examples, sharding, skipping, streaming
 through DataLoader workers, bad input, sunds reading the fixture as the reference does, and
 `train.py configs/msn_hard.yaml` + `render.py` on it."""
