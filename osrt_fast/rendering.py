@@ -31,7 +31,7 @@ from .data.records import to_device
 from .geometry import rotate_about_z
 from .metrics import fg_ari
 from .progress import progress_bar
-from .visualize import colorize_segmentation, draw_visualization_grid, to_uint8
+from .drawing import colorize_segmentation, draw_visualization_grid, to_uint8
 
 MOTIONS = ("rotate", "zoom", "closeup", "rotate_and_closeup", "eyeroll")
 

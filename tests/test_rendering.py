@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from osrt_fast import geometry, rendering, visualize
+from osrt_fast import drawing, geometry, rendering
 from osrt_fast.model import RayDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,20 +167,20 @@ def test_write_video_rejects_mismatched_frames(tmp_path):
 
 
 def test_segmentation_palette():
-    c = visualize.segmentation_colors(40)
+    c = drawing.segmentation_colors(40)
     assert c.shape == (40, 3) and c.dtype == np.uint8
     assert len({tuple(x) for x in c}) == 40
-    np.testing.assert_array_equal(visualize.segmentation_colors(5), c[:5])
-    img = visualize.colorize_segmentation(np.array([[[0, 1], [2, 0]]]))
+    np.testing.assert_array_equal(drawing.segmentation_colors(5), c[:5])
+    img = drawing.colorize_segmentation(np.array([[[0, 1], [2, 0]]]))
     assert img.shape == (1, 2, 2, 3) and img.dtype == np.uint8
     np.testing.assert_array_equal(img[0, 0, 0], c[0])
     assert not np.array_equal(c[0], c[1])
 
 
 def test_to_uint8():
-    out = visualize.to_uint8(np.array([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan]))
+    out = drawing.to_uint8(np.array([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan]))
     np.testing.assert_array_equal(out, [0, 0, 128, 255, 255, 0])
-    assert visualize.to_uint8(torch.ones(2, 2)).dtype == np.uint8
+    assert drawing.to_uint8(torch.ones(2, 2)).dtype == np.uint8
 
 
 def test_grid_png(tmp_path):
@@ -189,21 +189,21 @@ def test_grid_png(tmp_path):
     labels = np.random.default_rng(1).integers(0, 5, (b, h, w))
     columns = [("input", images, "image"), ("render 60°", images, "image"),
                ("pred seg", labels, "clustering"), ("depth", images[..., :1], "image")]
-    path = visualize.draw_visualization_grid(columns, str(tmp_path / "renders-val"),
-                                             row_labels=None, scale=2)
+    path = drawing.draw_visualization_grid(columns, str(tmp_path / "renders-val"),
+                                           row_labels=None, scale=2)
     assert path.endswith("renders-val.png")
-    pad, head = visualize.GRID_PAD, visualize.GRID_HEADER_H
+    pad, head = drawing.GRID_PAD, drawing.GRID_HEADER_H
     with Image.open(path) as im:
         assert im.size == (pad + 4 * (2 * w + pad), pad + head + b * (2 * h + pad))
         arr = np.asarray(im.convert("RGB"))
     # The first cell holds the first image, upscaled.
     cell = arr[pad + head:pad + head + 2 * h, pad:pad + 2 * w]
-    np.testing.assert_array_equal(cell[::2, ::2], visualize.to_uint8(images[0]))
+    np.testing.assert_array_equal(cell[::2, ::2], drawing.to_uint8(images[0]))
 
-    labelled = visualize.draw_visualization_grid(
+    labelled = drawing.draw_visualization_grid(
         columns, str(tmp_path / "with_labels.png"), row_labels=["a=1", "b=22", "c=333"])
     with Image.open(labelled) as im:
-        scale = math.ceil(visualize.GRID_MIN_CELL / h)
+        scale = math.ceil(drawing.GRID_MIN_CELL / h)
         assert im.size[1] == pad + head + b * (h * scale + pad)
         assert im.size[0] > pad + 4 * (w * scale + pad)      # room for the labels
 

@@ -13,7 +13,7 @@ from osrt_fast import OSRT, geometry
 from osrt_fast.slots import (SlotsError, check_model_matches, load_slots, look_at_rotation,
                              pinhole_rays, pose_from_rays, render_view, swap_slots,
                              visible_slots)
-from osrt_fast.visualize import segmentation_colors
+from osrt_fast.drawing import segmentation_colors
 from conftest import tiny_model_config
 from test_model_parity import rebuild_reference_weights
 
