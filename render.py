@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import torch
 
 from osrt_fast.config import ConfigError, load_config
-from osrt_fast.rendering import MOTIONS, check_video_support, render_scene_frames
+from osrt_fast.cameras import MOTIONS
+from osrt_fast.rendering import check_video_support, render_scene_frames
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,5 @@
-"""Rendering novel views: chunked decoding, the reference's camera motions, frames and videos.
-
-Camera motions are pure functions of time t in [0, 1): given the base camera (the first input
-view's position, [1, 3]) they return that frame's (camera_pos [1, 3], rays [1, H, W, 3]), so a
-frame can be reproduced on its own. They follow the reference's `render.py` (same constants and
-easing); rays come from the CLEVR3D camera model in `geometry`.
+"""Rendering novel views: chunked decoding, a scene's frames and videos along a camera motion
+(the motions: `cameras.camera_motion`), and the training visualisation grids (`visualize`).
 
 Output layout of `render_scene_frames` (the reference's, under `<run>/render/<name>/<sceneid>/`):
     input_{i}.png             every input view
@@ -26,19 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import geometry, parallel
+from . import parallel
+from .cameras import MOTIONS, apply_fade, camera_motion, rotate_about_z
 from .data.records import to_device
-from .geometry import rotate_about_z
+from .drawing import colorize_segmentation, draw_visualization_grid, to_uint8
 from .metrics import fg_ari
 from .progress import progress_bar
-from .drawing import colorize_segmentation, draw_visualization_grid, to_uint8
-
-MOTIONS = ("rotate", "zoom", "closeup", "rotate_and_closeup", "eyeroll")
-
-# The reference's 'zoom' motion narrows the sensor from its default width to a fifth of it.
-ZOOM_SENSOR_MAX = geometry.SENSOR_WIDTH
-ZOOM_SENSOR_MIN = geometry.SENSOR_WIDTH / 5
-EYEROLL_RADIUS = 1.5
 
 
 # --------------------------------------------------------------------------- chunked decoding
@@ -77,140 +66,6 @@ def render_image(decoder: Callable, latents, camera_pos: torch.Tensor, rays: tor
     per_ray = {k: v.reshape(batch_size, height, width, *v.shape[2:]) for k, v in (extras or {}).items()
                if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (batch_size, num_rays)}
     return pixels.reshape(batch_size, height, width, -1), per_ray
-
-
-# --------------------------------------------------------------------------- camera motions
-
-def lerp(x, y, t):
-    return x + (y - x) * t
-
-
-def easeout(t: float) -> float:
-    """Starts at speed 1.5, ends at speed 0.5: the reference's easing of the closeup's height."""
-    return -0.5 * t ** 2 + 1.5 * t
-
-
-def apply_fade(t: float, t_fade: float = 0.2) -> float:
-    """Maps t in [0, 1] to a position in [0, 1] with constant acceleration for the first and last
-    `t_fade` and constant speed in between (the reference's ease in/out)."""
-    v_max = 1.0 / (1.0 - t_fade)
-    acc = v_max / t_fade
-    if t <= t_fade:
-        return 0.5 * acc * t ** 2
-    if t <= 1.0 - t_fade:
-        return 0.5 * acc * t_fade ** 2 + v_max * (t - t_fade)
-    return 1.0 - 0.5 * acc * (t - 1.0) ** 2
-
-
-def _as_np(x) -> np.ndarray:
-    if torch.is_tensor(x):
-        return x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def camera_rays_torch(camera_pos: torch.Tensor, height: int, width: int,
-                      sensor_width: float = geometry.SENSOR_WIDTH,
-                      track_point=None) -> torch.Tensor:
-    """Rays [1, H, W, 3] of a camera at camera_pos [1, 3] (torch, same device, float32)."""
-    rays = geometry.camera_rays(_as_np(camera_pos)[0], height, width,
-                                sensor_width=sensor_width, track_point=track_point)
-    return torch.from_numpy(rays)[None].to(device=camera_pos.device, dtype=torch.float32)
-
-
-def rotate_camera(camera_pos: torch.Tensor, rays: torch.Tensor, t: float):
-    """Rotates camera_pos [..., 3] and rays [..., 3] by 2*pi*t about the world z axis."""
-    theta = 2 * math.pi * t
-    return geometry.rotate_about_z(camera_pos, theta), geometry.rotate_about_z(rays, theta)
-
-
-def closeup_camera(camera_pos: torch.Tensor, rays: torch.Tensor, t: float, zoomout: float = 1.0,
-                   closeup: float = 0.2, z_closeup: float = 0.1, lookup: float = 3.0):
-    """The reference's `get_camera_closeup`: fly toward the scene centre while panning up.
-
-    The camera moves from `zoomout * camera_pos` to `closeup` times that (its height eased to
-    `z_closeup` times the original), and the tracked point from the origin to a point on the
-    ground `lookup` times as far along the original view direction, so the camera ends up low
-    and looking across the scene. The base rays [1, H, W, 3] are carried along by the relative
-    rotation between the original and the current extrinsics.
-
-    Args: camera_pos [1, 3], rays [1, H, W, 3], t in [0, 1].
-    Returns: (camera_pos [1, 3], rays [1, H, W, 3]).
-    """
-    orig_pos = _as_np(camera_pos)[0] * zoomout
-    orig_track = np.zeros(3)
-    orig_ext = geometry.world_to_camera(orig_pos, orig_track)
-
-    final_pos = closeup * orig_pos
-    final_pos[2] = z_closeup * orig_pos[2]
-    final_track = orig_pos + (orig_track - orig_pos) * lookup
-    final_track[2] = 0.0
-
-    cur_pos = lerp(orig_pos, final_pos, t)
-    cur_pos[2] = lerp(orig_pos[2], final_pos[2], easeout(t))
-    cur_track = lerp(orig_track, final_track, t)
-    new_ext = geometry.world_to_camera(cur_pos, cur_track)
-
-    # Camera-to-new-camera rotation in float64, then one float32 rotation of the rays.
-    relative = torch.from_numpy(np.linalg.inv(new_ext) @ orig_ext).to(rays.device, rays.dtype)
-    cur_rays = geometry.transform_points(rays, relative, translate=False)
-    cur_pos_t = torch.from_numpy(cur_pos)[None].to(camera_pos.device, camera_pos.dtype)
-    return cur_pos_t, cur_rays
-
-
-def camera_motion(motion: str, camera_pos: torch.Tensor, t: float, height: int, width: int,
-                  transform: Optional[torch.Tensor] = None):
-    """One frame's camera of a motion.
-
-    Args:
-        motion: one of MOTIONS.
-            'rotate': orbit about the z axis by 2*pi*t, tracking the scene centre.
-            'zoom': stationary, the sensor narrows from 0.032 to 0.032/5 (5x zoom).
-            'closeup': `closeup_camera` at t.
-            'rotate_and_closeup': orbit while moving in and out (closeup at
-                (1 - cos(2*pi*t)) / 4 with lookup 1.5).
-            'eyeroll': stationary, tracking a point circling the centre at radius 1.5.
-        camera_pos: [1, 3] base camera (in model coordinates).
-        t: time in [0, 1).
-        height, width: image size.
-        transform: optional [4, 4] world-to-model transform of datasets stored in canonical
-            camera coordinates; motions then happen in world space, as in the reference.
-    Returns:
-        (camera_pos [1, 3], rays [1, H, W, 3]) torch float32 on camera_pos's device.
-    """
-    if motion not in MOTIONS:
-        raise ValueError(f"unknown motion {motion!r}; valid motions are: {', '.join(MOTIONS)}")
-    camera_pos = camera_pos.float()
-    if camera_pos.shape != (1, 3):
-        raise ValueError(f"camera_pos must be [1, 3], got {tuple(camera_pos.shape)}")
-    if transform is not None:
-        transform = transform.to(camera_pos.device, torch.float32)
-        camera_pos = geometry.transform_points(camera_pos, torch.inverse(transform))
-
-    if motion == "rotate":
-        rays = camera_rays_torch(camera_pos, height, width)
-        cur_pos, cur_rays = rotate_camera(camera_pos, rays, t)
-    elif motion == "zoom":
-        sensor = lerp(ZOOM_SENSOR_MAX, ZOOM_SENSOR_MIN, t)
-        cur_pos, cur_rays = camera_pos, camera_rays_torch(camera_pos, height, width,
-                                                          sensor_width=sensor)
-    elif motion == "closeup":
-        rays = camera_rays_torch(camera_pos, height, width)
-        cur_pos, cur_rays = closeup_camera(camera_pos, rays, t)
-    elif motion == "rotate_and_closeup":
-        rays = camera_rays_torch(camera_pos, height, width)
-        t_closeup = (1.0 - math.cos(2 * math.pi * t)) * 0.25
-        cur_pos, cur_rays = closeup_camera(camera_pos, rays, t_closeup, lookup=1.5)
-        cur_pos, cur_rays = rotate_camera(cur_pos, cur_rays, t)
-    else:  # eyeroll
-        theta = -2 * math.pi * t
-        track = EYEROLL_RADIUS * np.array((math.cos(theta), math.sin(theta), 0.0))
-        cur_pos, cur_rays = camera_pos, camera_rays_torch(camera_pos, height, width,
-                                                          track_point=track)
-
-    if transform is not None:
-        cur_pos = geometry.transform_points(cur_pos, transform)
-        cur_rays = geometry.transform_points(cur_rays, transform, translate=False)
-    return cur_pos, cur_rays
 
 
 # --------------------------------------------------------------------------- videos

@@ -11,89 +11,10 @@ import torch
 import yaml
 from PIL import Image
 
-from osrt_fast import drawing, geometry, rendering
+from osrt_fast import cameras, drawing, rendering
 from osrt_fast.model import RayDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_POS = torch.tensor([[7.5, -4.0, 6.0]])
-
-
-@pytest.mark.parametrize("motion", rendering.MOTIONS)
-def test_motions_give_finite_unit_rays(motion):
-    for t in (0.0, 0.25, 0.5, 0.9):
-        pos, rays = rendering.camera_motion(motion, BASE_POS, t, 6, 10)
-        assert pos.shape == (1, 3) and rays.shape == (1, 6, 10, 3)
-        assert pos.dtype == rays.dtype == torch.float32
-        assert torch.isfinite(pos).all() and torch.isfinite(rays).all()
-        torch.testing.assert_close(rays.norm(dim=-1), torch.ones(1, 6, 10), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("motion", ["rotate", "zoom", "closeup", "rotate_and_closeup"])
-def test_motions_start_at_the_input_camera(motion):
-    pos, rays = rendering.camera_motion(motion, BASE_POS, 0.0, 5, 7)
-    base = torch.from_numpy(geometry.camera_rays(BASE_POS[0].numpy(), 5, 7))[None]
-    torch.testing.assert_close(pos, BASE_POS)
-    torch.testing.assert_close(rays, base, atol=1e-6, rtol=0)
-
-
-def test_rotate_is_a_rotation_about_z():
-    pos, rays = rendering.camera_motion("rotate", BASE_POS, 0.25, 4, 4)
-    torch.testing.assert_close(pos, geometry.rotate_about_z(BASE_POS, math.pi / 2))
-    # Rotating the camera and its rays together equals rays of the rotated camera.
-    expect = torch.from_numpy(geometry.camera_rays(pos[0].double().numpy(), 4, 4))[None]
-    torch.testing.assert_close(rays, expect, atol=1e-5, rtol=0)
-
-
-def test_closeup_ends_looking_at_its_track_point():
-    pos, rays = rendering.camera_motion("closeup", BASE_POS, 1.0, 8, 8)
-    p = BASE_POS[0].double()
-    torch.testing.assert_close(pos[0].double(), torch.stack([0.2 * p[0], 0.2 * p[1], 0.1 * p[2]]),
-                               atol=1e-5, rtol=0)
-    track = p - 3 * p
-    track[2] = 0
-    view = (track - pos[0].double())
-    centre = rays[0, 3:5, 3:5].double().mean((0, 1))
-    torch.testing.assert_close(centre / centre.norm(), view / view.norm(), atol=1e-5, rtol=0)
-
-
-def test_zoom_narrows_the_field_of_view():
-    _, r0 = rendering.camera_motion("zoom", BASE_POS, 0.0, 4, 4)
-    _, r1 = rendering.camera_motion("zoom", BASE_POS, 0.75, 4, 4)
-    spread = lambda r: (r[0, 0, 0] * r[0, -1, -1]).sum()  # noqa: E731  cos of the corner angle
-    assert spread(r1) > spread(r0)
-
-
-def test_eyeroll_keeps_the_camera_and_tracks_the_circle():
-    pos, rays = rendering.camera_motion("eyeroll", BASE_POS, 0.25, 8, 8)
-    torch.testing.assert_close(pos, BASE_POS)
-    track = np.array((0.0, -1.5, 0.0))   # theta = -pi/2
-    expect = torch.from_numpy(geometry.camera_rays(BASE_POS[0].numpy(), 8, 8, track_point=track))
-    torch.testing.assert_close(rays[0], expect, atol=1e-6, rtol=0)
-
-
-def test_unknown_motion_names_the_valid_ones():
-    with pytest.raises(ValueError, match="rotate_and_closeup"):
-        rendering.camera_motion("spin", BASE_POS, 0.0, 4, 4)
-
-
-def test_transform_round_trip():
-    # A pure translation of the world: the motion must happen in world space.
-    transform = torch.eye(4)
-    transform[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
-    model_pos = BASE_POS + transform[:3, 3]
-    pos, rays = rendering.camera_motion("rotate", model_pos, 0.25, 3, 3, transform=transform)
-    pos_w, rays_w = rendering.camera_motion("rotate", BASE_POS, 0.25, 3, 3)
-    torch.testing.assert_close(pos, pos_w + transform[:3, 3])
-    torch.testing.assert_close(rays, rays_w)
-
-
-def test_apply_fade_matches_the_reference_curve():
-    assert rendering.apply_fade(0.0) == 0.0
-    assert rendering.apply_fade(1.0) == pytest.approx(1.0)
-    assert rendering.apply_fade(0.5) == pytest.approx(0.5)
-    assert rendering.apply_fade(0.1) == pytest.approx(0.5 * (1.25 / 0.2) * 0.01)
-    ts = np.linspace(0, 1, 101)
-    assert np.all(np.diff([rendering.apply_fade(t) for t in ts]) >= 0)
 
 
 class TinyDecoder(RayDecoder):
@@ -217,10 +138,10 @@ def _tiny_model_cfg():
 
 def _synthetic_item(v=2, h=16, w=16, seed=0):
     rng = np.random.default_rng(seed)
-    pos = geometry.hemisphere_cameras(rng, v).astype(np.float32)
+    pos = cameras.hemisphere_cameras(rng, v).astype(np.float32)
     return {"input_images": rng.random((v, 3, h, w)).astype(np.float32),
             "input_camera_pos": pos,
-            "input_rays": geometry.camera_rays(pos, h, w)}
+            "input_rays": cameras.camera_rays(pos, h, w)}
 
 
 def test_render_scene_frames_layout(tmp_path):
