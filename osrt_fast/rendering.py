@@ -16,7 +16,8 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -156,6 +157,14 @@ def _read_png(path: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- scenes
 
+class SceneInputs(NamedTuple):
+    """A scene's input views as the encoder takes them, batched as one scene, on one device."""
+    images: torch.Tensor                 # [1, V, 3, H, W]
+    camera_pos: torch.Tensor             # [1, V, 3]
+    rays: Optional[torch.Tensor]         # [1, V, H, W, 3]; None when the slots are given
+    transform: Optional[torch.Tensor]    # [4, 4] world to model, for canonical-camera datasets
+
+
 def _batched_tensor(x, device, ndim: int) -> torch.Tensor:
     """Item entry -> float tensor on device with a leading batch dim of 1 (added if missing)."""
     t = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
@@ -168,8 +177,119 @@ def _batched_tensor(x, device, ndim: int) -> torch.Tensor:
     return t
 
 
+def scene_inputs(item: dict, device, with_rays: bool = True) -> SceneInputs:
+    """The input views of a dataset item (numpy or torch, with or without a leading batch dim of
+    1); input_rays is read only `with_rays`."""
+    transform = item.get("transform")
+    return SceneInputs(
+        images=_batched_tensor(item["input_images"], device, 5),
+        camera_pos=_batched_tensor(item["input_camera_pos"], device, 3),
+        rays=_batched_tensor(item["input_rays"], device, 5) if with_rays else None,
+        transform=None if transform is None else _batched_tensor(transform, device, 3)[0])
+
+
+@dataclass(frozen=True)
+class CameraPath:
+    """The camera of each frame of a motion: frame f is at t = f / num_frames, eased by
+    `apply_fade` when `fade` is set. base_pos [1, 3] and transform [4, 4] live on the CPU, where
+    the rays are made (in a worker thread, while the device decodes the frame before)."""
+    motion: str
+    base_pos: torch.Tensor
+    transform: Optional[torch.Tensor]
+    num_frames: int
+    height: int
+    width: int
+    fade: bool = False
+
+    def time(self, frame: int) -> float:
+        t = frame / self.num_frames
+        # The reference's zoom runs on the raw frame fraction even with --fade.
+        return apply_fade(t) if self.fade and self.motion != "zoom" else t
+
+    def camera(self, frame: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(camera_pos [1, 3], rays [1, H, W, 3]) of `frame`, on the CPU."""
+        return camera_motion(self.motion, self.base_pos, self.time(frame), self.height,
+                             self.width, self.transform)
+
+
 def _save_png(img: np.ndarray, path: str) -> None:
     Image.fromarray(img).save(path)
+
+
+def save_frame(out_dir: str, frame: int, rgb: np.ndarray, labels: Optional[np.ndarray],
+               num_slots: int) -> None:
+    """renders/{frame}.png from rgb [H, W, 3] in [0, 1], and segmentations/{frame}.png from
+    labels [H, W] (the argmax over `num_slots` slots) when there are any."""
+    _save_png(to_uint8(rgb), os.path.join(out_dir, "renders", f"{frame}.png"))
+    if labels is not None:
+        _save_png(colorize_segmentation(labels, num_slots),
+                  os.path.join(out_dir, "segmentations", f"{frame}.png"))
+
+
+def render_frames(decode: Callable, latents, path: CameraPath, out_dir: str, device,
+                  max_rays: int = 16384, progress: bool = True) -> bool:
+    """Decodes every frame of `path` into out_dir/renders/ (and out_dir/segmentations/ when the
+    decoder gives a segmentation, which it returns). `decode` and `latents` as `render_image`
+    takes them; call it under torch.no_grad()."""
+    os.makedirs(os.path.join(out_dir, "renders"), exist_ok=True)
+    segmentation = False
+    pending = []
+    # Worker threads compute the next frame's rays and compress PNGs (PIL and numpy release the
+    # GIL) while the accelerator decodes, so the device is not idle between frames.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        next_camera = pool.submit(path.camera, 0)
+        frames = progress_bar(range(path.num_frames), enabled=progress,
+                              desc=f"render {path.motion}", unit="frame")
+        for frame in frames:
+            camera_pos, rays = next_camera.result()
+            if frame + 1 < path.num_frames:
+                next_camera = pool.submit(path.camera, frame + 1)
+            img, extras = render_image(decode, latents, camera_pos.to(device), rays.to(device),
+                                       max_rays)
+            seg = extras.get("segmentation")
+            labels, num_slots = None, 0
+            if seg is not None:
+                if not segmentation:
+                    os.makedirs(os.path.join(out_dir, "segmentations"), exist_ok=True)
+                    segmentation = True
+                labels, num_slots = seg[0].argmax(-1).cpu().numpy(), seg.shape[-1]
+            pending.append(pool.submit(save_frame, out_dir, frame, img[0].float().cpu().numpy(),
+                                       labels, num_slots))
+            # Bounded backlog: surfaces write errors early and caps memory at a few frames.
+            while len(pending) > 4:
+                pending.pop(0).result()
+        for write in pending:
+            write.result()
+    return segmentation
+
+
+def write_videos(out_dir: str, num_frames: int, input_view: np.ndarray, segmentation: bool,
+                 fps: float = 30) -> Tuple[str, str]:
+    """out_dir/renders.mp4 (the renders) and out_dir/video.mp4 (input view 0 scaled to the
+    render height, as the reference's plot video shows it | render | segmentation, when there
+    are segmentations) from the frames `render_frames` wrote; returns their paths."""
+    def frame_png(kind: str, frame: int) -> np.ndarray:
+        return _read_png(os.path.join(out_dir, kind, f"{frame}.png"))
+
+    renders_video = os.path.join(out_dir, "renders.mp4")
+    write_video((frame_png("renders", f) for f in range(num_frames)), renders_video, fps)
+
+    def side_by_side():
+        left = _resize_to_height(input_view, frame_png("renders", 0).shape[0])
+        for f in range(num_frames):
+            parts = [left, frame_png("renders", f)]
+            if segmentation:
+                parts.append(frame_png("segmentations", f))
+            yield np.concatenate(parts, 1)
+
+    video = os.path.join(out_dir, "video.mp4")
+    write_video(side_by_side(), video, fps)
+    return renders_video, video
+
+
+def _device_of(model) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames: int = 360,
@@ -208,102 +328,35 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     if video:
         check_video_support()   # before minutes of rendering, not after
-    if device is None:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
-
-    images = _batched_tensor(item["input_images"], device, 5)        # [1, V, 3, H, W]
-    camera_pos = _batched_tensor(item["input_camera_pos"], device, 3)  # [1, V, 3]
-    rays = None if slots is not None else _batched_tensor(item["input_rays"], device, 5)
-    transform = item.get("transform")
-    if transform is not None:
-        transform = _batched_tensor(transform, device, 3)[0]         # [4, 4]
-    height = int(height or images.shape[3])
-    width = int(width or images.shape[4])
-    decode_kwargs = {} if visible is None else {"visible": visible.to(device)}
+    device = torch.device(device) if device is not None else _device_of(model)
+    scene = scene_inputs(item, device, with_rays=slots is None)
+    height = int(height or scene.images.shape[3])
+    width = int(width or scene.images.shape[4])
+    transform = scene.transform.cpu() if scene.transform is not None else None
+    path = CameraPath(motion, scene.camera_pos[:, 0].cpu(), transform, num_frames, height, width,
+                      fade)
 
     os.makedirs(out_dir, exist_ok=True)
-    render_dir = os.path.join(out_dir, "renders")
-    seg_dir = os.path.join(out_dir, "segmentations")
-    os.makedirs(render_dir, exist_ok=True)
-    inputs_np = to_uint8(images[0].permute(0, 2, 3, 1))              # [V, H, W, 3]
-    for i, img in enumerate(inputs_np):
+    inputs = to_uint8(scene.images[0].permute(0, 2, 3, 1))              # [V, H, W, 3]
+    for i, img in enumerate(inputs):
         _save_png(img, os.path.join(out_dir, f"input_{i}.png"))
 
     model.eval()
-    has_seg = False
-
-    def frame_time(frame: int) -> float:
-        t = frame / num_frames
-        # The reference's zoom runs on the raw frame fraction even with --fade.
-        return apply_fade(t) if fade and motion != "zoom" else t
-
-    def camera(frame: int):
-        cpu_transform = transform.cpu() if transform is not None else None
-        return camera_motion(motion, base_pos.cpu(), frame_time(frame), height, width,
-                             cpu_transform)
-
-    def save_frame(frame: int, rgb: np.ndarray, labels: Optional[np.ndarray], k: int):
-        _save_png(to_uint8(rgb), os.path.join(render_dir, f"{frame}.png"))
-        if labels is not None:
-            _save_png(colorize_segmentation(labels, k), os.path.join(seg_dir, f"{frame}.png"))
-
-    # Worker threads compute the next frame's rays and compress PNGs (PIL and numpy release the
-    # GIL) while the accelerator decodes, so the device is not idle between frames.
+    decode = model.decoder if visible is None else functools.partial(model.decoder,
+                                                                     visible=visible.to(device))
     start = time.perf_counter()
-    pending = []
-    with torch.no_grad(), ThreadPoolExecutor(max_workers=3) as pool:
-        latents = model.encoder(images, camera_pos, rays) if slots is None \
-            else slots.to(device)[None]
-        base_pos = camera_pos[:, 0]                                   # [1, 3]
-        next_camera = pool.submit(camera, 0)
-        bar = progress_bar(range(num_frames), enabled=progress, desc=f"render {motion}", unit="frame")
-        for frame in bar:
-            cur_pos, cur_rays = next_camera.result()
-            if frame + 1 < num_frames:
-                next_camera = pool.submit(camera, frame + 1)
-            img, extras = render_image(functools.partial(model.decoder, **decode_kwargs), latents,
-                                       cur_pos.to(device), cur_rays.to(device), max_rays)
-            seg = extras.get("segmentation")
-            labels, k = None, 0
-            if seg is not None:
-                if not has_seg:
-                    os.makedirs(seg_dir, exist_ok=True)
-                    has_seg = True
-                labels, k = seg[0].argmax(-1).cpu().numpy(), seg.shape[-1]
-            pending.append(pool.submit(save_frame, frame, img[0].float().cpu().numpy(),
-                                       labels, k))
-            # Bounded backlog: surfaces write errors early and caps memory at a few frames.
-            while len(pending) > 4:
-                pending.pop(0).result()
-        for f in pending:
-            f.result()
+    with torch.no_grad():
+        latents = (model.encoder(scene.images, scene.camera_pos, scene.rays) if slots is None
+                   else slots.to(device)[None])
+        segmentation = render_frames(decode, latents, path, out_dir, device, max_rays, progress)
     seconds = time.perf_counter() - start
 
     result = {"dir": out_dir, "num_frames": num_frames, "seconds": seconds,
-              "segmentation": has_seg, "renders_video": None, "video": None,
-              "strip": write_strip(out_dir, num_frames, inputs_np[0], has_seg)}
-    if not video:
-        return result
-
-    def renders():
-        for f in range(num_frames):
-            yield _read_png(os.path.join(render_dir, f"{f}.png"))
-
-    def side_by_side():
-        # Input view 0 scaled to the render height, as the reference's plot video shows it.
-        left = _resize_to_height(inputs_np[0], height)
-        for f in range(num_frames):
-            parts = [left, _read_png(os.path.join(render_dir, f"{f}.png"))]
-            if has_seg:
-                parts.append(_read_png(os.path.join(seg_dir, f"{f}.png")))
-            yield np.concatenate(parts, 1)
-
-    result["renders_video"] = os.path.join(out_dir, "renders.mp4")
-    write_video(renders(), result["renders_video"], fps)
-    result["video"] = os.path.join(out_dir, "video.mp4")
-    write_video(side_by_side(), result["video"], fps)
+              "segmentation": segmentation, "renders_video": None, "video": None,
+              "strip": write_strip(out_dir, num_frames, inputs[0], segmentation)}
+    if video:
+        result["renders_video"], result["video"] = write_videos(out_dir, num_frames, inputs[0],
+                                                                segmentation, fps)
     return result
 
 
