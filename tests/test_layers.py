@@ -12,7 +12,7 @@ LAYERS = {
     1: ["data", "scenes"],           # data: the package and all its modules
     2: ["model", "fast"],
     3: ["parallel", "checkpoint", "throughput", "evaluate", "rendering", "slots"],
-    4: ["trainer", "encode", "view"],
+    4: ["trainer", "encode", "view", "render"],
 }
 ENTRY_POINTS = ("train.py", "render.py")
 

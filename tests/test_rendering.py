@@ -1,4 +1,5 @@
-"""Rendering: camera motions, chunked decoding, video and grid writing, render.py end to end."""
+"""Rendering: chunked decoding, video and grid writing, render.py end to end and its errors."""
+import errno
 import importlib
 import importlib.util
 import math
@@ -302,3 +303,81 @@ def test_render_py_finds_train_py_run_dir_for_a_named_config(tmp_path, monkeypat
     main = _import_render_main()
     assert main(["mydemo.yaml", "--num-frames", "2", "--novideo", "--no-cuda"]) == 0
     assert len(os.listdir(tmp_path / "runs" / "mydemo" / "render" / "rotate" / "0" / "renders")) == 2
+
+
+# ----------------------------------------------------------------------------- the command's errors
+
+def _run_folder(tmp_path, **sections) -> str:
+    """A run folder with the tiny model's config.yaml (plus `sections`) and a model.pt; returns
+    the config's path."""
+    from osrt_fast.checkpoint import save_checkpoint
+    from osrt_fast.model import OSRT
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    cfg = {"model": _tiny_model_cfg(), **sections}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    save_checkpoint(str(run / "model.pt"), OSRT(cfg["model"]), it=1)
+    return str(run / "config.yaml")
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_render_data_errors_are_one_line(tmp_path, capsys, data_dir):
+    """A dataset folder that is not there (and not one the generator makes), and scene ids past
+    the split's end: one line on stderr and exit code 2, not a traceback."""
+    from conftest import tiny_data_section
+    from osrt_fast.render import main
+    missing = str(tmp_path / "no_clevr")
+    config = _run_folder(tmp_path / "a", data={"dataset": "clevr3d", "path": missing})
+    assert main([config, "--no-cuda", "--novideo"]) == 2
+    assert missing in _one_error_line(capsys)
+    config = _run_folder(tmp_path / "b", data=tiny_data_section(data_dir))
+    assert main([config, "--no-cuda", "--novideo", "--sceneid", "1000"]) == 2
+    assert "out of range" in _one_error_line(capsys)
+
+
+def test_render_runs_on_the_configs_device_unless_no_cuda(tmp_path, capsys, data_dir):
+    """As evaluate, encode and view: training.device, or the CPU with --no-cuda."""
+    from conftest import tiny_data_section
+    from osrt_fast.render import main
+    flags = ["--num-frames", "1", "--novideo"]
+    config = _run_folder(tmp_path / "cpu", data=tiny_data_section(data_dir),
+                         training={"device": "cpu"})
+    assert main([config] + flags) == 0
+    assert " on cpu" in capsys.readouterr().out
+    config = _run_folder(tmp_path / "cuda", data=tiny_data_section(data_dir),
+                         training={"device": "cuda"})
+    if torch.cuda.is_available():
+        assert main([config] + flags) == 0
+        assert " on cuda" in capsys.readouterr().out
+    else:
+        # The config's device is taken at its word: no CUDA is an error, not a quiet fallback.
+        assert main([config] + flags) == 2
+        assert "CUDA is not available" in _one_error_line(capsys)
+    assert main([config, "--no-cuda"] + flags) == 0
+    assert " on cpu" in capsys.readouterr().out
+
+
+def test_render_into_a_folder_it_cannot_write_is_one_line(tmp_path, capsys, monkeypatch,
+                                                           data_dir):
+    """A read-only file system names the cause and what to do; any other failed write names the
+    path. (Simulated: tests may run as root, whom a read-only mode does not stop.)"""
+    from conftest import tiny_data_section
+    from osrt_fast import render
+    config = _run_folder(tmp_path, data=tiny_data_section(data_dir))
+    flags = ["--no-cuda", "--novideo", "--num-frames", "1"]
+    # 'render' a file where the folder should be.
+    (tmp_path / "run" / "render").write_text("")
+    assert render.main([config] + flags) == 2
+    assert "cannot write" in _one_error_line(capsys)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / "render"))
+    monkeypatch.setattr(render, "render_scene_frames", read_only)
+    assert render.main([config] + flags) == 2
+    err = _one_error_line(capsys)
+    assert "the file system is read-only" in err and "copy the run folder" in err
