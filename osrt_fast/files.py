@@ -36,13 +36,16 @@ def _free_bytes(path: str) -> Optional[int]:
 
 
 def explain_write_error(e: BaseException, path: str, needed: Optional[int] = None,
-                        elsewhere: str = "train.py --run-dir DIR") -> Optional[str]:
+                        elsewhere: str = "train.py --run-dir DIR",
+                        kept: Optional[str] = "the existing file, if any, is kept"
+                        ) -> Optional[str]:
     """Why writing `path` failed, in words with the fix, for a full disk, an exceeded quota, a
-    read-only file system or missing permission; None for any other error. `elsewhere`: the
-    flag that writes elsewhere. torch.save reports a full disk as a RuntimeError without errno,
-    so for those the free space decides."""
+    read-only file system or missing permission; None for any other error. torch.save reports
+    a full disk as a RuntimeError without errno, so for those the free space decides.
+    `elsewhere` says how the command writes to another folder; `kept`, what is left of the
+    earlier file (None: nothing to say)."""
     code = getattr(e, "errno", None)
-    fix = "the existing file, if any, is kept"
+    fix = f"; {kept}" if kept else ""
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and isinstance(e, RuntimeError)
                                                  and _looks_full(path, needed)):
         free = _free_bytes(path)
@@ -51,13 +54,13 @@ def explain_write_error(e: BaseException, path: str, needed: Optional[int] = Non
             [f"about {_size(needed)} needed"] if needed else [])
         room = f" ({', '.join(details)})" if details else ""
         return (f"cannot write {path}: the {what}{room}. Free some space, or write elsewhere "
-                f"({elsewhere}); {fix}")
+                f"({elsewhere}){fix}")
     if code == errno.EROFS:
         return (f"cannot write {path}: the file system is read-only. Choose a writable folder "
-                f"({elsewhere}); {fix}")
+                f"({elsewhere}){fix}")
     if code in (errno.EACCES, errno.EPERM):
         return (f"cannot write {path}: permission denied. Choose a folder you can write "
-                f"({elsewhere}) or fix its permissions; {fix}")
+                f"({elsewhere}) or fix its permissions{fix}")
     return None
 
 

@@ -1,9 +1,5 @@
-"""Rendering novel views: chunked decoding, the reference's camera motions, frames and videos.
-
-Camera motions are pure functions of time t in [0, 1): given the base camera (the first input
-view's position, [1, 3]) they return that frame's (camera_pos [1, 3], rays [1, H, W, 3]), so a
-frame can be reproduced on its own. They follow the reference's `render.py` (same constants and
-easing); rays come from the CLEVR3D camera model in `geometry`.
+"""Rendering novel views: chunked decoding, a scene's frames and videos along a camera motion
+(the motions: `cameras.camera_motion`), and the training visualisation grids (`visualize`).
 
 Output layout of `render_scene_frames` (the reference's, under `<run>/render/<name>/<sceneid>/`):
     input_{i}.png             every input view
@@ -20,25 +16,19 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import geometry, parallel
+from . import parallel
+from .cameras import MOTIONS, apply_fade, camera_motion, rotate_about_z
 from .data.records import to_device
-from .geometry import rotate_about_z
+from .drawing import colorize_segmentation, draw_visualization_grid, to_uint8
 from .metrics import fg_ari
 from .progress import progress_bar
-from .visualize import colorize_segmentation, draw_visualization_grid, to_uint8
-
-MOTIONS = ("rotate", "zoom", "closeup", "rotate_and_closeup", "eyeroll")
-
-# The reference's 'zoom' motion narrows the sensor from its default width to a fifth of it.
-ZOOM_SENSOR_MAX = geometry.SENSOR_WIDTH
-ZOOM_SENSOR_MIN = geometry.SENSOR_WIDTH / 5
-EYEROLL_RADIUS = 1.5
 
 
 # --------------------------------------------------------------------------- chunked decoding
@@ -77,140 +67,6 @@ def render_image(decoder: Callable, latents, camera_pos: torch.Tensor, rays: tor
     per_ray = {k: v.reshape(batch_size, height, width, *v.shape[2:]) for k, v in (extras or {}).items()
                if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (batch_size, num_rays)}
     return pixels.reshape(batch_size, height, width, -1), per_ray
-
-
-# --------------------------------------------------------------------------- camera motions
-
-def lerp(x, y, t):
-    return x + (y - x) * t
-
-
-def easeout(t: float) -> float:
-    """Starts at speed 1.5, ends at speed 0.5: the reference's easing of the closeup's height."""
-    return -0.5 * t ** 2 + 1.5 * t
-
-
-def apply_fade(t: float, t_fade: float = 0.2) -> float:
-    """Maps t in [0, 1] to a position in [0, 1] with constant acceleration for the first and last
-    `t_fade` and constant speed in between (the reference's ease in/out)."""
-    v_max = 1.0 / (1.0 - t_fade)
-    acc = v_max / t_fade
-    if t <= t_fade:
-        return 0.5 * acc * t ** 2
-    if t <= 1.0 - t_fade:
-        return 0.5 * acc * t_fade ** 2 + v_max * (t - t_fade)
-    return 1.0 - 0.5 * acc * (t - 1.0) ** 2
-
-
-def _as_np(x) -> np.ndarray:
-    if torch.is_tensor(x):
-        return x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def camera_rays_torch(camera_pos: torch.Tensor, height: int, width: int,
-                      sensor_width: float = geometry.SENSOR_WIDTH,
-                      track_point=None) -> torch.Tensor:
-    """Rays [1, H, W, 3] of a camera at camera_pos [1, 3] (torch, same device, float32)."""
-    rays = geometry.camera_rays(_as_np(camera_pos)[0], height, width,
-                                sensor_width=sensor_width, track_point=track_point)
-    return torch.from_numpy(rays)[None].to(device=camera_pos.device, dtype=torch.float32)
-
-
-def rotate_camera(camera_pos: torch.Tensor, rays: torch.Tensor, t: float):
-    """Rotates camera_pos [..., 3] and rays [..., 3] by 2*pi*t about the world z axis."""
-    theta = 2 * math.pi * t
-    return geometry.rotate_about_z(camera_pos, theta), geometry.rotate_about_z(rays, theta)
-
-
-def closeup_camera(camera_pos: torch.Tensor, rays: torch.Tensor, t: float, zoomout: float = 1.0,
-                   closeup: float = 0.2, z_closeup: float = 0.1, lookup: float = 3.0):
-    """The reference's `get_camera_closeup`: fly toward the scene centre while panning up.
-
-    The camera moves from `zoomout * camera_pos` to `closeup` times that (its height eased to
-    `z_closeup` times the original), and the tracked point from the origin to a point on the
-    ground `lookup` times as far along the original view direction, so the camera ends up low
-    and looking across the scene. The base rays [1, H, W, 3] are carried along by the relative
-    rotation between the original and the current extrinsics.
-
-    Args: camera_pos [1, 3], rays [1, H, W, 3], t in [0, 1].
-    Returns: (camera_pos [1, 3], rays [1, H, W, 3]).
-    """
-    orig_pos = _as_np(camera_pos)[0] * zoomout
-    orig_track = np.zeros(3)
-    orig_ext = geometry.world_to_camera(orig_pos, orig_track)
-
-    final_pos = closeup * orig_pos
-    final_pos[2] = z_closeup * orig_pos[2]
-    final_track = orig_pos + (orig_track - orig_pos) * lookup
-    final_track[2] = 0.0
-
-    cur_pos = lerp(orig_pos, final_pos, t)
-    cur_pos[2] = lerp(orig_pos[2], final_pos[2], easeout(t))
-    cur_track = lerp(orig_track, final_track, t)
-    new_ext = geometry.world_to_camera(cur_pos, cur_track)
-
-    # Camera-to-new-camera rotation in float64, then one float32 rotation of the rays.
-    relative = torch.from_numpy(np.linalg.inv(new_ext) @ orig_ext).to(rays.device, rays.dtype)
-    cur_rays = geometry.transform_points(rays, relative, translate=False)
-    cur_pos_t = torch.from_numpy(cur_pos)[None].to(camera_pos.device, camera_pos.dtype)
-    return cur_pos_t, cur_rays
-
-
-def camera_motion(motion: str, camera_pos: torch.Tensor, t: float, height: int, width: int,
-                  transform: Optional[torch.Tensor] = None):
-    """One frame's camera of a motion.
-
-    Args:
-        motion: one of MOTIONS.
-            'rotate': orbit about the z axis by 2*pi*t, tracking the scene centre.
-            'zoom': stationary, the sensor narrows from 0.032 to 0.032/5 (5x zoom).
-            'closeup': `closeup_camera` at t.
-            'rotate_and_closeup': orbit while moving in and out (closeup at
-                (1 - cos(2*pi*t)) / 4 with lookup 1.5).
-            'eyeroll': stationary, tracking a point circling the centre at radius 1.5.
-        camera_pos: [1, 3] base camera (in model coordinates).
-        t: time in [0, 1).
-        height, width: image size.
-        transform: optional [4, 4] world-to-model transform of datasets stored in canonical
-            camera coordinates; motions then happen in world space, as in the reference.
-    Returns:
-        (camera_pos [1, 3], rays [1, H, W, 3]) torch float32 on camera_pos's device.
-    """
-    if motion not in MOTIONS:
-        raise ValueError(f"unknown motion {motion!r}; valid motions are: {', '.join(MOTIONS)}")
-    camera_pos = camera_pos.float()
-    if camera_pos.shape != (1, 3):
-        raise ValueError(f"camera_pos must be [1, 3], got {tuple(camera_pos.shape)}")
-    if transform is not None:
-        transform = transform.to(camera_pos.device, torch.float32)
-        camera_pos = geometry.transform_points(camera_pos, torch.inverse(transform))
-
-    if motion == "rotate":
-        rays = camera_rays_torch(camera_pos, height, width)
-        cur_pos, cur_rays = rotate_camera(camera_pos, rays, t)
-    elif motion == "zoom":
-        sensor = lerp(ZOOM_SENSOR_MAX, ZOOM_SENSOR_MIN, t)
-        cur_pos, cur_rays = camera_pos, camera_rays_torch(camera_pos, height, width,
-                                                          sensor_width=sensor)
-    elif motion == "closeup":
-        rays = camera_rays_torch(camera_pos, height, width)
-        cur_pos, cur_rays = closeup_camera(camera_pos, rays, t)
-    elif motion == "rotate_and_closeup":
-        rays = camera_rays_torch(camera_pos, height, width)
-        t_closeup = (1.0 - math.cos(2 * math.pi * t)) * 0.25
-        cur_pos, cur_rays = closeup_camera(camera_pos, rays, t_closeup, lookup=1.5)
-        cur_pos, cur_rays = rotate_camera(cur_pos, cur_rays, t)
-    else:  # eyeroll
-        theta = -2 * math.pi * t
-        track = EYEROLL_RADIUS * np.array((math.cos(theta), math.sin(theta), 0.0))
-        cur_pos, cur_rays = camera_pos, camera_rays_torch(camera_pos, height, width,
-                                                          track_point=track)
-
-    if transform is not None:
-        cur_pos = geometry.transform_points(cur_pos, transform)
-        cur_rays = geometry.transform_points(cur_rays, transform, translate=False)
-    return cur_pos, cur_rays
 
 
 # --------------------------------------------------------------------------- videos
@@ -301,6 +157,14 @@ def _read_png(path: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- scenes
 
+class SceneInputs(NamedTuple):
+    """A scene's input views as the encoder takes them, batched as one scene, on one device."""
+    images: torch.Tensor                 # [1, V, 3, H, W]
+    camera_pos: torch.Tensor             # [1, V, 3]
+    rays: Optional[torch.Tensor]         # [1, V, H, W, 3]; None when the slots are given
+    transform: Optional[torch.Tensor]    # [4, 4] world to model, for canonical-camera datasets
+
+
 def _batched_tensor(x, device, ndim: int) -> torch.Tensor:
     """Item entry -> float tensor on device with a leading batch dim of 1 (added if missing)."""
     t = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
@@ -313,8 +177,119 @@ def _batched_tensor(x, device, ndim: int) -> torch.Tensor:
     return t
 
 
+def scene_inputs(item: dict, device, with_rays: bool = True) -> SceneInputs:
+    """The input views of a dataset item (numpy or torch, with or without a leading batch dim of
+    1); input_rays is read only `with_rays`."""
+    transform = item.get("transform")
+    return SceneInputs(
+        images=_batched_tensor(item["input_images"], device, 5),
+        camera_pos=_batched_tensor(item["input_camera_pos"], device, 3),
+        rays=_batched_tensor(item["input_rays"], device, 5) if with_rays else None,
+        transform=None if transform is None else _batched_tensor(transform, device, 3)[0])
+
+
+@dataclass(frozen=True)
+class CameraPath:
+    """The camera of each frame of a motion: frame f is at t = f / num_frames, eased by
+    `apply_fade` when `fade` is set. base_pos [1, 3] and transform [4, 4] live on the CPU, where
+    the rays are made (in a worker thread, while the device decodes the frame before)."""
+    motion: str
+    base_pos: torch.Tensor
+    transform: Optional[torch.Tensor]
+    num_frames: int
+    height: int
+    width: int
+    fade: bool = False
+
+    def time(self, frame: int) -> float:
+        t = frame / self.num_frames
+        # The reference's zoom runs on the raw frame fraction even with --fade.
+        return apply_fade(t) if self.fade and self.motion != "zoom" else t
+
+    def camera(self, frame: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(camera_pos [1, 3], rays [1, H, W, 3]) of `frame`, on the CPU."""
+        return camera_motion(self.motion, self.base_pos, self.time(frame), self.height,
+                             self.width, self.transform)
+
+
 def _save_png(img: np.ndarray, path: str) -> None:
     Image.fromarray(img).save(path)
+
+
+def save_frame(out_dir: str, frame: int, rgb: np.ndarray, labels: Optional[np.ndarray],
+               num_slots: int) -> None:
+    """renders/{frame}.png from rgb [H, W, 3] in [0, 1], and segmentations/{frame}.png from
+    labels [H, W] (the argmax over `num_slots` slots) when there are any."""
+    _save_png(to_uint8(rgb), os.path.join(out_dir, "renders", f"{frame}.png"))
+    if labels is not None:
+        _save_png(colorize_segmentation(labels, num_slots),
+                  os.path.join(out_dir, "segmentations", f"{frame}.png"))
+
+
+def render_frames(decode: Callable, latents, path: CameraPath, out_dir: str, device,
+                  max_rays: int = 16384, progress: bool = True) -> bool:
+    """Decodes every frame of `path` into out_dir/renders/ (and out_dir/segmentations/ when the
+    decoder gives a segmentation, which it returns). `decode` and `latents` as `render_image`
+    takes them; call it under torch.no_grad()."""
+    os.makedirs(os.path.join(out_dir, "renders"), exist_ok=True)
+    segmentation = False
+    pending = []
+    # Worker threads compute the next frame's rays and compress PNGs (PIL and numpy release the
+    # GIL) while the accelerator decodes, so the device is not idle between frames.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        next_camera = pool.submit(path.camera, 0)
+        frames = progress_bar(range(path.num_frames), enabled=progress,
+                              desc=f"render {path.motion}", unit="frame")
+        for frame in frames:
+            camera_pos, rays = next_camera.result()
+            if frame + 1 < path.num_frames:
+                next_camera = pool.submit(path.camera, frame + 1)
+            img, extras = render_image(decode, latents, camera_pos.to(device), rays.to(device),
+                                       max_rays)
+            seg = extras.get("segmentation")
+            labels, num_slots = None, 0
+            if seg is not None:
+                if not segmentation:
+                    os.makedirs(os.path.join(out_dir, "segmentations"), exist_ok=True)
+                    segmentation = True
+                labels, num_slots = seg[0].argmax(-1).cpu().numpy(), seg.shape[-1]
+            pending.append(pool.submit(save_frame, out_dir, frame, img[0].float().cpu().numpy(),
+                                       labels, num_slots))
+            # Bounded backlog: surfaces write errors early and caps memory at a few frames.
+            while len(pending) > 4:
+                pending.pop(0).result()
+        for write in pending:
+            write.result()
+    return segmentation
+
+
+def write_videos(out_dir: str, num_frames: int, input_view: np.ndarray, segmentation: bool,
+                 fps: float = 30) -> Tuple[str, str]:
+    """out_dir/renders.mp4 (the renders) and out_dir/video.mp4 (input view 0 scaled to the
+    render height, as the reference's plot video shows it | render | segmentation, when there
+    are segmentations) from the frames `render_frames` wrote; returns their paths."""
+    def frame_png(kind: str, frame: int) -> np.ndarray:
+        return _read_png(os.path.join(out_dir, kind, f"{frame}.png"))
+
+    renders_video = os.path.join(out_dir, "renders.mp4")
+    write_video((frame_png("renders", f) for f in range(num_frames)), renders_video, fps)
+
+    def side_by_side():
+        left = _resize_to_height(input_view, frame_png("renders", 0).shape[0])
+        for f in range(num_frames):
+            parts = [left, frame_png("renders", f)]
+            if segmentation:
+                parts.append(frame_png("segmentations", f))
+            yield np.concatenate(parts, 1)
+
+    video = os.path.join(out_dir, "video.mp4")
+    write_video(side_by_side(), video, fps)
+    return renders_video, video
+
+
+def _device_of(model) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames: int = 360,
@@ -353,102 +328,35 @@ def render_scene_frames(model, item: dict, out_dir: str, motion: str, num_frames
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     if video:
         check_video_support()   # before minutes of rendering, not after
-    if device is None:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
-
-    images = _batched_tensor(item["input_images"], device, 5)        # [1, V, 3, H, W]
-    camera_pos = _batched_tensor(item["input_camera_pos"], device, 3)  # [1, V, 3]
-    rays = None if slots is not None else _batched_tensor(item["input_rays"], device, 5)
-    transform = item.get("transform")
-    if transform is not None:
-        transform = _batched_tensor(transform, device, 3)[0]         # [4, 4]
-    height = int(height or images.shape[3])
-    width = int(width or images.shape[4])
-    decode_kwargs = {} if visible is None else {"visible": visible.to(device)}
+    device = torch.device(device) if device is not None else _device_of(model)
+    scene = scene_inputs(item, device, with_rays=slots is None)
+    height = int(height or scene.images.shape[3])
+    width = int(width or scene.images.shape[4])
+    transform = scene.transform.cpu() if scene.transform is not None else None
+    path = CameraPath(motion, scene.camera_pos[:, 0].cpu(), transform, num_frames, height, width,
+                      fade)
 
     os.makedirs(out_dir, exist_ok=True)
-    render_dir = os.path.join(out_dir, "renders")
-    seg_dir = os.path.join(out_dir, "segmentations")
-    os.makedirs(render_dir, exist_ok=True)
-    inputs_np = to_uint8(images[0].permute(0, 2, 3, 1))              # [V, H, W, 3]
-    for i, img in enumerate(inputs_np):
+    inputs = to_uint8(scene.images[0].permute(0, 2, 3, 1))              # [V, H, W, 3]
+    for i, img in enumerate(inputs):
         _save_png(img, os.path.join(out_dir, f"input_{i}.png"))
 
     model.eval()
-    has_seg = False
-
-    def frame_time(frame: int) -> float:
-        t = frame / num_frames
-        # The reference's zoom runs on the raw frame fraction even with --fade.
-        return apply_fade(t) if fade and motion != "zoom" else t
-
-    def camera(frame: int):
-        cpu_transform = transform.cpu() if transform is not None else None
-        return camera_motion(motion, base_pos.cpu(), frame_time(frame), height, width,
-                             cpu_transform)
-
-    def save_frame(frame: int, rgb: np.ndarray, labels: Optional[np.ndarray], k: int):
-        _save_png(to_uint8(rgb), os.path.join(render_dir, f"{frame}.png"))
-        if labels is not None:
-            _save_png(colorize_segmentation(labels, k), os.path.join(seg_dir, f"{frame}.png"))
-
-    # Worker threads compute the next frame's rays and compress PNGs (PIL and numpy release the
-    # GIL) while the accelerator decodes, so the device is not idle between frames.
+    decode = model.decoder if visible is None else functools.partial(model.decoder,
+                                                                     visible=visible.to(device))
     start = time.perf_counter()
-    pending = []
-    with torch.no_grad(), ThreadPoolExecutor(max_workers=3) as pool:
-        latents = model.encoder(images, camera_pos, rays) if slots is None \
-            else slots.to(device)[None]
-        base_pos = camera_pos[:, 0]                                   # [1, 3]
-        next_camera = pool.submit(camera, 0)
-        bar = progress_bar(range(num_frames), enabled=progress, desc=f"render {motion}", unit="frame")
-        for frame in bar:
-            cur_pos, cur_rays = next_camera.result()
-            if frame + 1 < num_frames:
-                next_camera = pool.submit(camera, frame + 1)
-            img, extras = render_image(functools.partial(model.decoder, **decode_kwargs), latents,
-                                       cur_pos.to(device), cur_rays.to(device), max_rays)
-            seg = extras.get("segmentation")
-            labels, k = None, 0
-            if seg is not None:
-                if not has_seg:
-                    os.makedirs(seg_dir, exist_ok=True)
-                    has_seg = True
-                labels, k = seg[0].argmax(-1).cpu().numpy(), seg.shape[-1]
-            pending.append(pool.submit(save_frame, frame, img[0].float().cpu().numpy(),
-                                       labels, k))
-            # Bounded backlog: surfaces write errors early and caps memory at a few frames.
-            while len(pending) > 4:
-                pending.pop(0).result()
-        for f in pending:
-            f.result()
+    with torch.no_grad():
+        latents = (model.encoder(scene.images, scene.camera_pos, scene.rays) if slots is None
+                   else slots.to(device)[None])
+        segmentation = render_frames(decode, latents, path, out_dir, device, max_rays, progress)
     seconds = time.perf_counter() - start
 
     result = {"dir": out_dir, "num_frames": num_frames, "seconds": seconds,
-              "segmentation": has_seg, "renders_video": None, "video": None,
-              "strip": write_strip(out_dir, num_frames, inputs_np[0], has_seg)}
-    if not video:
-        return result
-
-    def renders():
-        for f in range(num_frames):
-            yield _read_png(os.path.join(render_dir, f"{f}.png"))
-
-    def side_by_side():
-        # Input view 0 scaled to the render height, as the reference's plot video shows it.
-        left = _resize_to_height(inputs_np[0], height)
-        for f in range(num_frames):
-            parts = [left, _read_png(os.path.join(render_dir, f"{f}.png"))]
-            if has_seg:
-                parts.append(_read_png(os.path.join(seg_dir, f"{f}.png")))
-            yield np.concatenate(parts, 1)
-
-    result["renders_video"] = os.path.join(out_dir, "renders.mp4")
-    write_video(renders(), result["renders_video"], fps)
-    result["video"] = os.path.join(out_dir, "video.mp4")
-    write_video(side_by_side(), result["video"], fps)
+              "segmentation": segmentation, "renders_video": None, "video": None,
+              "strip": write_strip(out_dir, num_frames, inputs[0], segmentation)}
+    if video:
+        result["renders_video"], result["video"] = write_videos(out_dir, num_frames, inputs[0],
+                                                                segmentation, fps)
     return result
 
 

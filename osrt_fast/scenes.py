@@ -6,7 +6,7 @@ ObSuRF / CLEVR3D folder layout (see `osrt_fast/data/obsurf.py`), so one loader r
 A scene is a grey ground plane (z = 0) with 2-6 objects (sphere, cube, cylinder) resting on it.
 Sizes are half-extents: a sphere's radius, a cube's half edge, a cylinder's radius and half
 height. Object centres therefore sit at z = size. Cameras come from
-`geometry.hemisphere_cameras` and rays from `geometry.camera_rays`, the CLEVR3D camera.
+`cameras.hemisphere_cameras` and rays from `cameras.camera_rays`, the CLEVR3D camera.
 
 The tracer intersects every ray with every object analytically (float64), so ids and depths
 are exact: the first hit wins, ids are 1-based in object order, 0 is the ground or the sky.
@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from osrt_fast import geometry
+from osrt_fast.cameras import camera_rays, hemisphere_cameras
 from osrt_fast.errors import DataError, command
 from osrt_fast.files import TMP_PREFIX, remove_files
 from osrt_fast.files import write_atomic as _write_atomic
@@ -153,7 +153,7 @@ def sample_cameras(seed: Seed, num_views: int, zoom: float = 1.0) -> np.ndarray:
     closer (distance / zoom), so objects fill more of the image (and some leave it)."""
     rng = np.random.default_rng(_seed_list(seed) + [0x63616D])
     near, far = CAMERA_DISTANCE
-    return geometry.hemisphere_cameras(rng, num_views, radius_range=(near / zoom, far / zoom))
+    return hemisphere_cameras(rng, num_views, radius_range=(near / zoom, far / zoom))
 
 
 def scene_seed(dataset_seed: int, index: int) -> tuple:
@@ -332,7 +332,7 @@ def _render_packed(objs: dict, camera_pos: torch.Tensor, height: int, width: int
     The ground is traced (depths, masks) for either `background`; "plain" only paints it."""
     b, v = camera_pos.shape[:2]
     device = camera_pos.device
-    rays = geometry.camera_rays(camera_pos.cpu().numpy(), height, width)    # float32 [B,V,H,W,3]
+    rays = camera_rays(camera_pos.cpu().numpy(), height, width)    # float32 [B,V,H,W,3]
     # Trace exactly the float32 rays the loader uses, so depth * ray lands on the surface.
     dirs = torch.as_tensor(rays, device=device).double().reshape(b, -1, 3)
     origins = camera_pos[:, :, None, None, :].expand(b, v, height, width, 3).reshape(b, -1, 3)

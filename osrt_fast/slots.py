@@ -12,11 +12,11 @@ ray from them, mixing the slots with per-ray weights (the segmentation). Here:
   slot takes no part in the mixing, so each ray's pixel comes from the remaining slots (object
   removal); solo k hides all others; swapping exchanges a slot between two scenes;
 - `render_view(model, slots, camera_pos, rot, fov_y, height, width, ...)`: an image and the
-  per-pixel slot weights of a pinhole camera anywhere (the viewer's and render.py's renderer).
+  per-pixel slot weights of a pinhole camera anywhere (the viewer's renderer).
 
 Camera poses are camera-to-world rotations in the OpenCV convention (columns: image right, image
-down, viewing direction) with a vertical field of view in radians; `pose_from_rays` reads them off
-a dataset's per-pixel ray directions and `pinhole_rays` makes rays from them.
+down, viewing direction) with a vertical field of view in radians; `cameras.pose_from_rays` reads
+them off a dataset's per-pixel ray directions and `cameras.pinhole_rays` makes rays from them.
 
 The safetensors file (format 'osrt_fast.slots/1'), S scenes of V input views of H x W, K slots of
 width D:
@@ -33,13 +33,13 @@ width D:
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from .cameras import pinhole_rays, pose_from_rays
 from .errors import UserError
 from .files import write_atomic
 
@@ -50,60 +50,6 @@ TENSORS = ("slots", "scene_ids", "input_camera_pos", "input_camera_rot", "input_
 
 class SlotsError(UserError, ValueError):
     """A slots file or a slot edit that cannot be used; the message names the problem."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Camera poses
-
-def pose_from_rays(rays) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pinhole rays [..., H, W, 3] -> (camera-to-world rotations [..., 3, 3] with columns right,
-    down, forward; vertical fields of view [...] in radians)."""
-    rays = torch.as_tensor(rays, dtype=torch.float64)
-    height, width = rays.shape[-3:-1]
-    rays = rays / rays.norm(dim=-1, keepdim=True)
-    # The optical axis: the mean of the central 2x2 (or 1x1) rays, by symmetry of pixel centres.
-    rows = slice((height - 1) // 2, height // 2 + 1)
-    cols = slice((width - 1) // 2, width // 2 + 1)
-    forward = rays[..., rows, cols, :].mean((-3, -2))
-    forward = forward / forward.norm(dim=-1, keepdim=True)
-    right = rays[..., :, -1, :].mean(-2) - rays[..., :, 0, :].mean(-2)
-    right = right - (right * forward).sum(-1, keepdim=True) * forward
-    right = right / right.norm(dim=-1, keepdim=True)
-    down = torch.cross(forward, right, dim=-1)
-    rot = torch.stack((right, down, forward), -1)
-    # Focal length in pixels from the top and bottom rows' central rays: the ray of a pixel
-    # centre at offset (H - 1) / 2 from the axis makes an angle a with tan(a) = offset / f.
-    cam = torch.einsum("...ji,...hwj->...hwi", rot, rays)                   # camera frame
-    tan = (cam[..., -1, cols, 1] / cam[..., -1, cols, 2]).mean(-1)
-    focal = ((height - 1) / 2) / tan
-    fov = 2 * torch.atan(height / 2 / focal)
-    return rot.float(), fov.float()
-
-
-def pinhole_rays(rot, fov_y: float, height: int, width: int) -> torch.Tensor:
-    """Unit ray directions [H, W, 3] (float32) of a pinhole camera with rotation `rot` [3, 3]
-    (camera-to-world, OpenCV axes), vertical field of view `fov_y` (radians), square pixels."""
-    rot = torch.as_tensor(rot, dtype=torch.float64)
-    focal = (height / 2) / math.tan(float(fov_y) / 2)
-    x = (torch.arange(width, dtype=torch.float64) + 0.5 - width / 2) / focal
-    y = (torch.arange(height, dtype=torch.float64) + 0.5 - height / 2) / focal
-    cam = torch.stack((x[None, :].expand(height, width), y[:, None].expand(height, width),
-                       torch.ones(height, width, dtype=torch.float64)), -1)
-    world = cam @ rot.T.to(cam.device)
-    return (world / world.norm(dim=-1, keepdim=True)).float()
-
-
-def look_at_rotation(position, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> torch.Tensor:
-    """Rotation [3, 3] (OpenCV axes) of a camera at `position` looking at `target`, `up` up."""
-    position = torch.as_tensor(position, dtype=torch.float64)
-    forward = torch.as_tensor(target, dtype=torch.float64) - position
-    forward = forward / forward.norm()
-    right = torch.cross(forward, torch.as_tensor(up, dtype=torch.float64), dim=-1)
-    if right.norm() < 1e-9:
-        raise ValueError("the camera looks along `up`; give another up direction")
-    right = right / right.norm()
-    down = torch.cross(forward, right, dim=-1)
-    return torch.stack((right, down, forward), -1).float()
 
 
 # ----------------------------------------------------------------------------------------------

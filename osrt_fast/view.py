@@ -34,7 +34,7 @@ import torch
 from .errors import MissingExtra, UsageError, command
 from .runs import run_dir_for
 from .slots import SlotSet, SlotsError, check_model_matches, encode_scenes, load_slots, render_view
-from .visualize import segmentation_colors
+from .drawing import segmentation_colors
 
 MODES = ("render", "segmentation", "blend", "slot weight")
 HOME_BACK = 1.3     # the start view: input view 0's camera moved back by this factor

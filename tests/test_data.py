@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osrt_fast import data, geometry, scenes
+from osrt_fast import cameras, data, scenes
 from osrt_fast.config import ConfigError, DataConfig
 from osrt_fast.data import BatchSpec, DataError, DataWarning, ObSuRFDataset, model_batch
 
@@ -68,11 +68,11 @@ def test_items_come_from_the_right_scene_and_view(proc):
         cams = meta["camera_pos"][scene]
         np.testing.assert_array_equal(item["input_images"][0], imgs[view].transpose(2, 0, 1))
         np.testing.assert_array_equal(item["input_camera_pos"][0], cams[view])
-        np.testing.assert_allclose(item["input_rays"][0], geometry.camera_rays(cams[view], H, W),
+        np.testing.assert_allclose(item["input_rays"][0], cameras.camera_rays(cams[view], H, W),
                                    atol=1e-6)
         np.testing.assert_array_equal(item["input_masks"][0].argmax(-1), ids[view])
         # Each target ray is some pixel's ray; that pixel's colour and id are the targets.
-        rays = geometry.camera_rays(cams, H, W).reshape(-1, 3)
+        rays = cameras.camera_rays(cams, H, W).reshape(-1, 3)
         cam_of = np.repeat(cams, H * W, 0)
         dist = (np.abs(item["target_rays"][:, None] - rays[None]).sum(-1)
                 + np.abs(item["target_camera_pos"][:, None] - cam_of[None]).sum(-1))
@@ -139,7 +139,7 @@ def test_downsample_and_input_views(proc):
     np.testing.assert_array_equal(item["input_images"][0], imgs[0, 1::2, 1::2].transpose(2, 0, 1))
     cams = np.load(os.path.join(proc, "metadata.npz"))["camera_pos"][ds.idxs[0]]
     np.testing.assert_allclose(item["input_rays"][0],
-                               geometry.camera_rays(cams[0], H, W)[1::2, 1::2], atol=1e-6)
+                               cameras.camera_rays(cams[0], H, W)[1::2, 1::2], atol=1e-6)
     np.testing.assert_array_equal(item["input_masks"][0].argmax(-1), ids[0, 1::2, 1::2])
     assert item["target_rays"].shape == (50, 3)
     n = len(ds.idxs)
@@ -158,7 +158,7 @@ def write_fake_clevr(root, n=6, views=3, o=11, h=24, w=32, rgba=True):
     shape = np.zeros((n, o), np.int64)
     for i in range(n):
         shape[i, 1:2 + i] = 1            # scene i has i + 1 objects
-    cam = np.stack([geometry.hemisphere_cameras(rng, views) for _ in range(n)]).astype(np.float32)
+    cam = np.stack([cameras.hemisphere_cameras(rng, views) for _ in range(n)]).astype(np.float32)
     np.savez(os.path.join(root, "metadata.npz"), shape=shape, camera_pos=cam,
              **{"3d_coords": np.zeros((n, o, 3))})
     for i in range(n):

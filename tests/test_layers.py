@@ -7,12 +7,12 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Layer of each osrt_fast module, bottom = 0. A module may import its own layer and those below.
 LAYERS = {
-    0: ["config", "geometry", "metrics", "visualize", "version", "guards", "schedule", "signals",
+    0: ["config", "cameras", "metrics", "drawing", "version", "guards", "schedule", "signals",
         "runs", "progress", "files", "locks", "errors", "recompute"],
     1: ["data", "scenes"],           # data: the package and all its modules
     2: ["model", "fast"],
     3: ["parallel", "checkpoint", "throughput", "evaluate", "rendering", "slots"],
-    4: ["trainer", "encode", "view"],
+    4: ["trainer", "encode", "view", "render"],
 }
 ENTRY_POINTS = ("train.py", "render.py")
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from osrt_fast.cameras import nmr_ray_matrix, ray_directions
 from osrt_fast.data.errors import DataError, DataWarning
-from osrt_fast.data.nmr import NMRDataset, main, nmr_ray_matrix, write_fixture
-from osrt_fast.data.records import BatchSpec, model_batch, ray_directions
+from osrt_fast.data.nmr import NMRDataset, main, write_fixture
+from osrt_fast.data.records import BatchSpec, model_batch
 
 S = 16          # fixture image size (a multiple of 8, small for speed)
 V = 24

@@ -1,4 +1,5 @@
-"""Rendering: camera motions, chunked decoding, video and grid writing, render.py end to end."""
+"""Rendering: chunked decoding, video and grid writing, render.py end to end and its errors."""
+import errno
 import importlib
 import importlib.util
 import math
@@ -11,89 +12,10 @@ import torch
 import yaml
 from PIL import Image
 
-from osrt_fast import geometry, rendering, visualize
+from osrt_fast import cameras, drawing, rendering
 from osrt_fast.model import RayDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_POS = torch.tensor([[7.5, -4.0, 6.0]])
-
-
-@pytest.mark.parametrize("motion", rendering.MOTIONS)
-def test_motions_give_finite_unit_rays(motion):
-    for t in (0.0, 0.25, 0.5, 0.9):
-        pos, rays = rendering.camera_motion(motion, BASE_POS, t, 6, 10)
-        assert pos.shape == (1, 3) and rays.shape == (1, 6, 10, 3)
-        assert pos.dtype == rays.dtype == torch.float32
-        assert torch.isfinite(pos).all() and torch.isfinite(rays).all()
-        torch.testing.assert_close(rays.norm(dim=-1), torch.ones(1, 6, 10), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("motion", ["rotate", "zoom", "closeup", "rotate_and_closeup"])
-def test_motions_start_at_the_input_camera(motion):
-    pos, rays = rendering.camera_motion(motion, BASE_POS, 0.0, 5, 7)
-    base = torch.from_numpy(geometry.camera_rays(BASE_POS[0].numpy(), 5, 7))[None]
-    torch.testing.assert_close(pos, BASE_POS)
-    torch.testing.assert_close(rays, base, atol=1e-6, rtol=0)
-
-
-def test_rotate_is_a_rotation_about_z():
-    pos, rays = rendering.camera_motion("rotate", BASE_POS, 0.25, 4, 4)
-    torch.testing.assert_close(pos, geometry.rotate_about_z(BASE_POS, math.pi / 2))
-    # Rotating the camera and its rays together equals rays of the rotated camera.
-    expect = torch.from_numpy(geometry.camera_rays(pos[0].double().numpy(), 4, 4))[None]
-    torch.testing.assert_close(rays, expect, atol=1e-5, rtol=0)
-
-
-def test_closeup_ends_looking_at_its_track_point():
-    pos, rays = rendering.camera_motion("closeup", BASE_POS, 1.0, 8, 8)
-    p = BASE_POS[0].double()
-    torch.testing.assert_close(pos[0].double(), torch.stack([0.2 * p[0], 0.2 * p[1], 0.1 * p[2]]),
-                               atol=1e-5, rtol=0)
-    track = p - 3 * p
-    track[2] = 0
-    view = (track - pos[0].double())
-    centre = rays[0, 3:5, 3:5].double().mean((0, 1))
-    torch.testing.assert_close(centre / centre.norm(), view / view.norm(), atol=1e-5, rtol=0)
-
-
-def test_zoom_narrows_the_field_of_view():
-    _, r0 = rendering.camera_motion("zoom", BASE_POS, 0.0, 4, 4)
-    _, r1 = rendering.camera_motion("zoom", BASE_POS, 0.75, 4, 4)
-    spread = lambda r: (r[0, 0, 0] * r[0, -1, -1]).sum()  # noqa: E731  cos of the corner angle
-    assert spread(r1) > spread(r0)
-
-
-def test_eyeroll_keeps_the_camera_and_tracks_the_circle():
-    pos, rays = rendering.camera_motion("eyeroll", BASE_POS, 0.25, 8, 8)
-    torch.testing.assert_close(pos, BASE_POS)
-    track = np.array((0.0, -1.5, 0.0))   # theta = -pi/2
-    expect = torch.from_numpy(geometry.camera_rays(BASE_POS[0].numpy(), 8, 8, track_point=track))
-    torch.testing.assert_close(rays[0], expect, atol=1e-6, rtol=0)
-
-
-def test_unknown_motion_names_the_valid_ones():
-    with pytest.raises(ValueError, match="rotate_and_closeup"):
-        rendering.camera_motion("spin", BASE_POS, 0.0, 4, 4)
-
-
-def test_transform_round_trip():
-    # A pure translation of the world: the motion must happen in world space.
-    transform = torch.eye(4)
-    transform[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
-    model_pos = BASE_POS + transform[:3, 3]
-    pos, rays = rendering.camera_motion("rotate", model_pos, 0.25, 3, 3, transform=transform)
-    pos_w, rays_w = rendering.camera_motion("rotate", BASE_POS, 0.25, 3, 3)
-    torch.testing.assert_close(pos, pos_w + transform[:3, 3])
-    torch.testing.assert_close(rays, rays_w)
-
-
-def test_apply_fade_matches_the_reference_curve():
-    assert rendering.apply_fade(0.0) == 0.0
-    assert rendering.apply_fade(1.0) == pytest.approx(1.0)
-    assert rendering.apply_fade(0.5) == pytest.approx(0.5)
-    assert rendering.apply_fade(0.1) == pytest.approx(0.5 * (1.25 / 0.2) * 0.01)
-    ts = np.linspace(0, 1, 101)
-    assert np.all(np.diff([rendering.apply_fade(t) for t in ts]) >= 0)
 
 
 class TinyDecoder(RayDecoder):
@@ -167,20 +89,20 @@ def test_write_video_rejects_mismatched_frames(tmp_path):
 
 
 def test_segmentation_palette():
-    c = visualize.segmentation_colors(40)
+    c = drawing.segmentation_colors(40)
     assert c.shape == (40, 3) and c.dtype == np.uint8
     assert len({tuple(x) for x in c}) == 40
-    np.testing.assert_array_equal(visualize.segmentation_colors(5), c[:5])
-    img = visualize.colorize_segmentation(np.array([[[0, 1], [2, 0]]]))
+    np.testing.assert_array_equal(drawing.segmentation_colors(5), c[:5])
+    img = drawing.colorize_segmentation(np.array([[[0, 1], [2, 0]]]))
     assert img.shape == (1, 2, 2, 3) and img.dtype == np.uint8
     np.testing.assert_array_equal(img[0, 0, 0], c[0])
     assert not np.array_equal(c[0], c[1])
 
 
 def test_to_uint8():
-    out = visualize.to_uint8(np.array([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan]))
+    out = drawing.to_uint8(np.array([-1.0, 0.0, 0.5, 1.0, 2.0, np.nan]))
     np.testing.assert_array_equal(out, [0, 0, 128, 255, 255, 0])
-    assert visualize.to_uint8(torch.ones(2, 2)).dtype == np.uint8
+    assert drawing.to_uint8(torch.ones(2, 2)).dtype == np.uint8
 
 
 def test_grid_png(tmp_path):
@@ -189,21 +111,21 @@ def test_grid_png(tmp_path):
     labels = np.random.default_rng(1).integers(0, 5, (b, h, w))
     columns = [("input", images, "image"), ("render 60°", images, "image"),
                ("pred seg", labels, "clustering"), ("depth", images[..., :1], "image")]
-    path = visualize.draw_visualization_grid(columns, str(tmp_path / "renders-val"),
-                                             row_labels=None, scale=2)
+    path = drawing.draw_visualization_grid(columns, str(tmp_path / "renders-val"),
+                                           row_labels=None, scale=2)
     assert path.endswith("renders-val.png")
-    pad, head = visualize.GRID_PAD, visualize.GRID_HEADER_H
+    pad, head = drawing.GRID_PAD, drawing.GRID_HEADER_H
     with Image.open(path) as im:
         assert im.size == (pad + 4 * (2 * w + pad), pad + head + b * (2 * h + pad))
         arr = np.asarray(im.convert("RGB"))
     # The first cell holds the first image, upscaled.
     cell = arr[pad + head:pad + head + 2 * h, pad:pad + 2 * w]
-    np.testing.assert_array_equal(cell[::2, ::2], visualize.to_uint8(images[0]))
+    np.testing.assert_array_equal(cell[::2, ::2], drawing.to_uint8(images[0]))
 
-    labelled = visualize.draw_visualization_grid(
+    labelled = drawing.draw_visualization_grid(
         columns, str(tmp_path / "with_labels.png"), row_labels=["a=1", "b=22", "c=333"])
     with Image.open(labelled) as im:
-        scale = math.ceil(visualize.GRID_MIN_CELL / h)
+        scale = math.ceil(drawing.GRID_MIN_CELL / h)
         assert im.size[1] == pad + head + b * (h * scale + pad)
         assert im.size[0] > pad + 4 * (w * scale + pad)      # room for the labels
 
@@ -217,10 +139,10 @@ def _tiny_model_cfg():
 
 def _synthetic_item(v=2, h=16, w=16, seed=0):
     rng = np.random.default_rng(seed)
-    pos = geometry.hemisphere_cameras(rng, v).astype(np.float32)
+    pos = cameras.hemisphere_cameras(rng, v).astype(np.float32)
     return {"input_images": rng.random((v, 3, h, w)).astype(np.float32),
             "input_camera_pos": pos,
-            "input_rays": geometry.camera_rays(pos, h, w)}
+            "input_rays": cameras.camera_rays(pos, h, w)}
 
 
 def test_render_scene_frames_layout(tmp_path):
@@ -381,3 +303,81 @@ def test_render_py_finds_train_py_run_dir_for_a_named_config(tmp_path, monkeypat
     main = _import_render_main()
     assert main(["mydemo.yaml", "--num-frames", "2", "--novideo", "--no-cuda"]) == 0
     assert len(os.listdir(tmp_path / "runs" / "mydemo" / "render" / "rotate" / "0" / "renders")) == 2
+
+
+# ----------------------------------------------------------------------------- the command's errors
+
+def _run_folder(tmp_path, **sections) -> str:
+    """A run folder with the tiny model's config.yaml (plus `sections`) and a model.pt; returns
+    the config's path."""
+    from osrt_fast.checkpoint import save_checkpoint
+    from osrt_fast.model import OSRT
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    cfg = {"model": _tiny_model_cfg(), **sections}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    save_checkpoint(str(run / "model.pt"), OSRT(cfg["model"]), it=1)
+    return str(run / "config.yaml")
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_render_data_errors_are_one_line(tmp_path, capsys, data_dir):
+    """A dataset folder that is not there (and not one the generator makes), and scene ids past
+    the split's end: one line on stderr and exit code 2, not a traceback."""
+    from conftest import tiny_data_section
+    from osrt_fast.render import main
+    missing = str(tmp_path / "no_clevr")
+    config = _run_folder(tmp_path / "a", data={"dataset": "clevr3d", "path": missing})
+    assert main([config, "--no-cuda", "--novideo"]) == 2
+    assert missing in _one_error_line(capsys)
+    config = _run_folder(tmp_path / "b", data=tiny_data_section(data_dir))
+    assert main([config, "--no-cuda", "--novideo", "--sceneid", "1000"]) == 2
+    assert "out of range" in _one_error_line(capsys)
+
+
+def test_render_runs_on_the_configs_device_unless_no_cuda(tmp_path, capsys, data_dir):
+    """As evaluate, encode and view: training.device, or the CPU with --no-cuda."""
+    from conftest import tiny_data_section
+    from osrt_fast.render import main
+    flags = ["--num-frames", "1", "--novideo"]
+    config = _run_folder(tmp_path / "cpu", data=tiny_data_section(data_dir),
+                         training={"device": "cpu"})
+    assert main([config] + flags) == 0
+    assert " on cpu" in capsys.readouterr().out
+    config = _run_folder(tmp_path / "cuda", data=tiny_data_section(data_dir),
+                         training={"device": "cuda"})
+    if torch.cuda.is_available():
+        assert main([config] + flags) == 0
+        assert " on cuda" in capsys.readouterr().out
+    else:
+        # The config's device is taken at its word: no CUDA is an error, not a quiet fallback.
+        assert main([config] + flags) == 2
+        assert "CUDA is not available" in _one_error_line(capsys)
+    assert main([config, "--no-cuda"] + flags) == 0
+    assert " on cpu" in capsys.readouterr().out
+
+
+def test_render_into_a_folder_it_cannot_write_is_one_line(tmp_path, capsys, monkeypatch,
+                                                           data_dir):
+    """A read-only file system names the cause and what to do; any other failed write names the
+    path. (Simulated: tests may run as root, whom a read-only mode does not stop.)"""
+    from conftest import tiny_data_section
+    from osrt_fast import render
+    config = _run_folder(tmp_path, data=tiny_data_section(data_dir))
+    flags = ["--no-cuda", "--novideo", "--num-frames", "1"]
+    # 'render' a file where the folder should be.
+    (tmp_path / "run" / "render").write_text("")
+    assert render.main([config] + flags) == 2
+    assert "cannot write" in _one_error_line(capsys)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / "render"))
+    monkeypatch.setattr(render, "render_scene_frames", read_only)
+    assert render.main([config] + flags) == 2
+    err = _one_error_line(capsys)
+    assert "the file system is read-only" in err and "copy the run folder" in err

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from osrt_fast import geometry, scenes
+from osrt_fast import cameras, scenes
 
 
 def sdf(points, scene):
@@ -78,7 +78,7 @@ def test_geometry_exact(seed):
     assert out["rgb"].shape == (v, h, w, 3) and out["rgb"].dtype == np.float32
     assert out["depth"].dtype == np.float32 and out["instances"].dtype == np.int64
     assert out["rgb"].min() >= 0 and out["rgb"].max() <= 1
-    rays = geometry.camera_rays(cams, h, w).astype(np.float64)             # [V, H, W, 3]
+    rays = cameras.camera_rays(cams, h, w).astype(np.float64)             # [V, H, W, 3]
     depth = out["depth"].astype(np.float64)
     points = cams[:, None, None, :] + depth[..., None] * rays
     ids = out["instances"]

@@ -1,5 +1,5 @@
-"""Slots as data (osrt_fast/slots.py, osrt_fast/encode.py): camera poses, slot editing on both
-backends, the safetensors export and rendering from it."""
+"""Slots as data (osrt_fast/slots.py, osrt_fast/encode.py): slot editing on both backends, the
+safetensors export and rendering from it."""
 import json
 import os
 
@@ -9,32 +9,15 @@ import torch
 from PIL import Image
 
 from osrt_fast.kernels._triton import poisoned_outputs
-from osrt_fast import OSRT, geometry
-from osrt_fast.slots import (SlotsError, check_model_matches, load_slots, look_at_rotation,
-                             pinhole_rays, pose_from_rays, render_view, swap_slots,
+from osrt_fast import OSRT
+from osrt_fast.cameras import look_at_rotation, pinhole_rays
+from osrt_fast.drawing import segmentation_colors
+from osrt_fast.slots import (SlotsError, check_model_matches, load_slots, render_view, swap_slots,
                              visible_slots)
-from osrt_fast.visualize import segmentation_colors
 from conftest import tiny_model_config
 from test_model_parity import rebuild_reference_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.mark.parametrize("size", [(16, 16), (15, 22)])
-def test_pose_from_the_datasets_rays_gives_back_the_same_rays(size):
-    """The dataset's camera (geometry.camera_rays, a pinhole) -> pose -> pinhole_rays: the same
-    unit rays; the pose is the look-at rotation of a camera aimed at the origin."""
-    height, width = size
-    cams = np.array([[7.0, -3.0, 5.0], [-2.0, 9.0, 4.0]])
-    rays = geometry.camera_rays(cams, height, width)
-    rot, fov = pose_from_rays(rays)
-    assert rot.shape == (2, 3, 3) and fov.shape == (2,)
-    for i in range(2):
-        again = pinhole_rays(rot[i], fov[i], height, width)
-        torch.testing.assert_close(again, torch.as_tensor(rays[i]), atol=2e-6, rtol=0)
-        torch.testing.assert_close(rot[i], look_at_rotation(cams[i]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rot @ rot.transpose(1, 2), torch.eye(3).expand(2, 3, 3), atol=1e-6,
-                               rtol=0)
 
 
 def test_visible_slots_and_swap_check_their_arguments():

@@ -15,7 +15,7 @@ from PIL import Image
 
 from osrt_fast.slots import SlotsError, render_view
 from osrt_fast.view import LiveView, MODES, ViewSettings, Viewer, compose, main as view_main
-from osrt_fast.visualize import segmentation_colors
+from osrt_fast.drawing import segmentation_colors
 from browser import ViewerProcess, click_button, find_browser, free_port, open_page
 
 

@@ -348,10 +348,10 @@ def synthetic_records(scenes: int, views: int, size: int, input_views: int, devi
     import numpy as np
     import torch
 
-    from osrt_fast import geometry
+    from osrt_fast import cameras
     rng = np.random.default_rng(0)
-    cams = geometry.hemisphere_cameras(rng, scenes * views).astype(np.float32)
-    mats = geometry.camera_ray_matrix(cams, size, size).reshape(scenes, views, 3, 3)
+    cams = cameras.hemisphere_cameras(rng, scenes * views).astype(np.float32)
+    mats = cameras.camera_ray_matrix(cams, size, size).reshape(scenes, views, 3, 3)
     order = np.argsort(rng.random((scenes, views)), axis=1)
     g = torch.Generator(device=device).manual_seed(0)
     return {"images": torch.randint(0, 256, (scenes, views, size, size, 3), dtype=torch.uint8,

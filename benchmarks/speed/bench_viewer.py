@@ -43,7 +43,8 @@ def parse(argv=None):
 def build_viewer(args):
     from osrt_fast.config import load_config
     from osrt_fast.model import OSRT
-    from osrt_fast.slots import SlotSet, look_at_rotation
+    from osrt_fast.cameras import look_at_rotation
+    from osrt_fast.slots import SlotSet
     from osrt_fast.view import Viewer
     device = torch.device(args.device)
     if args.msn_hard:
@@ -75,7 +76,7 @@ def measure(viewer, height: int, width: int, frames: int, warmup: int, mode: str
     """Frames/s over `frames` frames of a camera orbiting the origin (after `warmup`)."""
     from PIL import Image
 
-    from osrt_fast.slots import look_at_rotation
+    from osrt_fast.cameras import look_at_rotation
     from osrt_fast.view import ViewSettings
     settings = ViewSettings(mode=mode)
     cuda = viewer.device.type == "cuda"

@@ -20,7 +20,7 @@ from .obsurf import GENERATE_HINT, KINDS, SPLIT_RANGES, ObSuRFDataset, procedura
 from .loaders import (first_records, is_stream, loader_kwargs, loader_options, record_loader,
                       scene_records, training_loaders, worker_init, worker_init_fn)
 from .records import (ENCODER_MULTIPLE, BatchSpec, ViewPolicy, check_input_size, collate,
-                      make_batch, model_batch, ray_directions, sample_pixels, to_device)
+                      make_batch, model_batch, sample_pixels, to_device)
 from .samplers import EVAL_SEED, FixedSampler, ResumableBatchSampler, item_seed
 
 GENERATOR_DEFAULTS = dict(num_scenes=1000, height=64, width=64, num_views=4, min_objects=2,

@@ -46,9 +46,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from ..cameras import FOCAL_LENGTH, SENSOR_WIDTH, pinhole_origin, pinhole_ray_matrix, world_to_camera
 from .errors import DataError, SkipCounter
 from ..errors import command
-from .records import ViewPolicy, pinhole_origin, pinhole_ray_matrix
+from .records import ViewPolicy
 
 NAME = "kubric_frames"                  # dataset_info.json `name`: the shard files' prefix
 CONFIG = "multi_shapenet_conditional"   # dataset_info.json `configName`
@@ -540,10 +541,9 @@ def _features(tfds, tf, height: int, width: int, num_cameras: int, categories=FI
 def fixture_cameras(camera_pos: np.ndarray, height: int, width: int):
     """OpenCV K [V, 3, 3], R [V, 3, 3], t [V, 3] of the built-in generator's cameras: the
     35 mm lens on a 32 mm sensor, principal point at the image centre (Kubric's camera)."""
-    from osrt_fast import geometry
-    f = width * geometry.FOCAL_LENGTH / geometry.SENSOR_WIDTH
+    f = width * FOCAL_LENGTH / SENSOR_WIDTH
     k = np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1]])
-    w2c = geometry.world_to_camera(camera_pos)
+    w2c = world_to_camera(camera_pos)
     return (np.broadcast_to(k, w2c.shape[:-2] + (3, 3)).astype(np.float32),
             w2c[..., :3, :3].astype(np.float32), w2c[..., :3, 3].astype(np.float32))
 

@@ -12,7 +12,8 @@ canonical camera transform):
   rot = [[1,0,0,0], [0,0,-1,0], [0,1,0,0], [0,0,0,1]], world_mat_inv <- rot @ world_mat_inv,
   and casts the ray of grid point (x, y), x = linspace(-1, 1, W)[column],
   y = linspace(-1, 1, H)[row], along normalize((world_mat_inv @ camera_mat_inv)[:3, :3] @
-  (x, y, 1)) from world_mat_inv[:3, 3]. Records express this as ray matrices (`nmr_ray_matrix`).
+  (x, y, 1)) from world_mat_inv[:3, 3]. Records express this as ray matrices
+  (`cameras.nmr_ray_matrix`).
 
 Folder layout (the DVR release `NMR_Dataset.zip`, or `write_fixture` for a tiny copy):
 
@@ -32,6 +33,7 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..cameras import nmr_origin, nmr_ray_matrix
 from .errors import CorruptFile, DataError, SkipCounter
 from ..errors import command
 from .png import read_png
@@ -40,9 +42,6 @@ from .records import ViewPolicy, random_seed
 NUM_VIEWS = 24
 SPLITS = ("train", "val", "test")
 VIEW_POLICY = ViewPolicy(inputs="cyclic", num_input_views=1, targets="others")
-
-# The reference's change of frame: the data's y-up world to a z-up one.
-FRAME_ROTATION = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], np.float64)
 
 LAYOUT = ("<root>/metadata.yaml ({synset: {id: synset, ...}}), "
           "<root>/<synset>/softras_{train,val,test}.lst, "
@@ -55,28 +54,6 @@ WHERE = ("NMR is the ShapeNet dataset of Kato et al.'s Neural 3D Mesh Renderer a
          "data/NMR_Dataset.zip and point the path at its NMR_Dataset folder. For a tiny copy in "
          "this format: `python -m osrt_fast.data.nmr --out DIR`. The built-in procedural data "
          "needs no download: set `dataset: procedural` in the config.")
-
-
-def nmr_ray_matrix(world_mat_inv, camera_mat_inv, height: int, width: int) -> np.ndarray:
-    """Ray matrices [..., 3, 3] (float32) of NMR cameras, given their data-frame 4 x 4
-    world_mat_inv and camera_mat_inv [..., 4, 4], for height x width images.
-
-    The reference's ray through grid point (x, y, 1) is A[:3, :3] @ (x, y, 1) with
-    A = rot @ world_mat_inv @ camera_mat_inv; the records' is M @ (column + 0.5, row + 0.5, 1).
-    So M = A[:3, :3] @ P, where P maps pixel centres to the linspace grid:
-    x = -1 + 2 * column / (W - 1) = 2 / (W - 1) * (column + 0.5) - 1 - 1 / (W - 1).
-    """
-    a = FRAME_ROTATION @ np.asarray(world_mat_inv, np.float64) @ np.asarray(camera_mat_inv,
-                                                                            np.float64)
-    sx, sy = 2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)
-    grid = np.array([[sx, 0.0, -1.0 - sx / 2], [0.0, sy, -1.0 - sy / 2], [0.0, 0.0, 1.0]])
-    return (a[..., :3, :3] @ grid).astype(np.float32)
-
-
-def nmr_origin(world_mat_inv) -> np.ndarray:
-    """Camera centres [..., 3] (float32, z-up world) of data-frame world_mat_inv [..., 4, 4]."""
-    a = FRAME_ROTATION @ np.asarray(world_mat_inv, np.float64)
-    return a[..., :3, 3].astype(np.float32)
 
 
 def read_split(path: str, mode: str) -> list:

@@ -24,8 +24,7 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import Dataset
 
-from osrt_fast import geometry
-
+from ..cameras import camera_ray_matrix
 from .errors import CorruptFile, DataError, SkipCounter
 from .png import read_png
 from .records import ViewPolicy, random_seed
@@ -259,7 +258,7 @@ class ObSuRFDataset(Dataset):
             "images": np.stack([a for a, _ in loaded]),
             "ids": np.stack([b for _, b in loaded]),
             "origins": camera_pos,
-            "ray_mats": geometry.camera_ray_matrix(camera_pos, self.height, self.width),
+            "ray_mats": camera_ray_matrix(camera_pos, self.height, self.width),
             "input_views": in_views,
             "target_views": tgt_views,
             "seed": random_seed() if seed is None else int(seed),

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cameras import matrix_rays
 from .errors import DataError
 
 
@@ -150,37 +151,6 @@ class ViewPolicy:
 
 
 # ----------------------------------------------------------------------------------------------
-# Cameras as pixel -> ray matrices
-
-
-def pinhole_ray_matrix(intrinsics, world_to_camera_rotation) -> np.ndarray:
-    """[..., 3, 3] ray matrices of OpenCV pinhole cameras: R_c2w @ K^-1, where X_cam =
-    R X_world + t and pixel (x, y) has centre (x + 0.5, y + 0.5)."""
-    k = np.asarray(intrinsics, np.float64)
-    r = np.asarray(world_to_camera_rotation, np.float64)
-    return (np.swapaxes(r, -1, -2) @ np.linalg.inv(k)).astype(np.float32)
-
-
-def pinhole_origin(world_to_camera_rotation, translation) -> np.ndarray:
-    """Camera centres [..., 3] of X_cam = R X_world + t cameras: -R^T t."""
-    r = np.asarray(world_to_camera_rotation, np.float64)
-    t = np.asarray(translation, np.float64)
-    return (-np.einsum("...ji,...j->...i", r, t)).astype(np.float32)
-
-
-def ray_directions(ray_mats, height: int, width: int, rows=None, cols=None) -> np.ndarray:
-    """Unit ray directions [..., h, w, 3] (numpy) of ray matrices [..., 3, 3] at the given pixel
-    rows and columns (default: all). The numpy twin of what `make_batch` computes."""
-    rows = np.arange(height) if rows is None else np.asarray(rows)
-    cols = np.arange(width) if cols is None else np.asarray(cols)
-    pix = np.stack(np.broadcast_arrays(cols[None, :] + 0.5, rows[:, None] + 0.5,
-                                       np.ones((1, 1))), -1)                   # [h, w, 3]
-    m = np.asarray(ray_mats, np.float64)
-    d = np.einsum("...ij,hwj->...hwi", m, pix)
-    return (d / np.linalg.norm(d, axis=-1, keepdims=True)).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
 # Counter-based sampling
 
 _M64 = 1 << 64
@@ -242,13 +212,6 @@ def _take_views(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
     return x[b, views]
 
 
-def _rays(mats: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Unit rays of ray matrices [..., 3, 3] (broadcast against) pixel columns / rows [...]."""
-    pix = torch.stack(torch.broadcast_tensors(cols + 0.5, rows + 0.5, torch.ones_like(cols)), -1)
-    d = (mats.float() * pix.float()[..., None, :]).sum(-1)
-    return F.normalize(d, dim=-1)
-
-
 def _one_hot(ids: torch.Tensor, n: int) -> torch.Tensor:
     return F.one_hot(ids.long(), n).float()
 
@@ -281,7 +244,7 @@ def make_batch(records: dict, spec: BatchSpec) -> dict:
     out["input_images"] = img.permute(0, 1, 4, 2, 3).float().div_(255)
     out["input_camera_pos"] = _take_views(origins, in_views).float()
     m_in = _take_views(mats, in_views)[:, :, None, None]                     # [B, Vi, 1, 1, 3, 3]
-    out["input_rays"] = _rays(m_in, cols[None, :].float(), rows[:, None].float())
+    out["input_rays"] = matrix_rays(m_in, cols[None, :].float(), rows[:, None].float())
     if ids is not None:
         out["input_masks"] = _one_hot(_take_views(ids, in_views)[:, :, s // 2::s, s // 2::s],
                                       spec.num_entities)
@@ -299,7 +262,7 @@ def make_batch(records: dict, spec: BatchSpec) -> dict:
     b = torch.arange(bsz, device=device)[:, None]
     out["target_pixels"] = images[b, view, y, x].float().div_(255)
     out["target_camera_pos"] = origins[b, view].float()
-    out["target_rays"] = _rays(mats[b, view], x.float(), y.float())
+    out["target_rays"] = matrix_rays(mats[b, view], x.float(), y.float())
     if ids is not None:
         out["target_masks"] = _one_hot(ids[b, view, y, x], spec.num_entities)
     out["sceneid"] = records["sceneid"]

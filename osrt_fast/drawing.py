@@ -1,4 +1,5 @@
-"""Image grids and segmentation colouring for training visualisations and rendered videos.
+"""Drawing: segmentation colours, float to uint8 images, and image grids; used by the training
+visualisation grids, rendered frames and the viewer.
 
 Pure numpy + PIL (no matplotlib): the reference draws its grids with matplotlib subplots; we
 compose the same layout (one column per (header, images, kind), one row per scene, optional
