@@ -39,7 +39,8 @@ ELSEWHERE = ("render.py writes in the run folder: copy the run folder to a writa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Render a video of a scene along a camera motion.")
+    p = argparse.ArgumentParser(prog="python -m osrt_fast.render",
+                                description="Render a video of a scene along a camera motion.")
     p.add_argument("config", type=str, help="Path to the run's config file (its folder is the "
                                             "run directory).")
     p.add_argument("--no-cuda", action="store_true",

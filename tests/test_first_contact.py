@@ -27,7 +27,7 @@ def test_readme_demo_command_trains(tmp_path):
 
 MODULES = ("osrt_fast.evaluate", "osrt_fast.encode", "osrt_fast.view", "osrt_fast.scenes",
            "osrt_fast.data.check", "osrt_fast.data.kubric", "osrt_fast.data.nmr",
-           "osrt_fast.data.shards")
+           "osrt_fast.data.shards", "osrt_fast.render")
 
 
 @pytest.mark.parametrize("module", MODULES)
