@@ -1,7 +1,7 @@
 """The Slot Mixer decoder's ray-to-slot attention, fused, on per-scene folded matrices.
 
 With only K slots as keys, a ray's attention over the slots is a product with a few per-scene
-matrices (docs/PERFORMANCE.md, "exact rewrites"); the caller folds them once per scene:
+matrices (docs/flop_model.md, "exact rewrites"); the caller folds them once per scene:
 
 - `slot_cross_attention`: one allocation-transformer attention sub-block,
       y = x + softmax_per_head(LayerNorm(x) @ mq) @ mv + out_bias

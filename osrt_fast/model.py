@@ -9,7 +9,7 @@ Shapes: B scenes, V input views of H x W pixels, R query rays, K slots, N set-la
 The model owns its structure: callers use `OSRT`'s methods (`regions`, `set_checkpointing`,
 `fsdp_units`, `srt_encoder`, `slot_attention`, `set_backend`), never its children's attributes.
 Two modules have a fast path beside their eager maths (`FastPath`): SlotAttention's step and the
-Slot Mixer decoder on folded matrices (docs/PERFORMANCE.md, "exact rewrites"). Each runs its
+Slot Mixer decoder on folded matrices (docs/flop_model.md, "exact rewrites"). Each runs its
 eager maths, the definition, unless `OSRT.set_backend('triton')` switched it; its ops then run
 through the Triton kernels or their eager twins (kernels/), op by op.
 """

@@ -1,4 +1,4 @@
-"""Throughput: model FLOPs per scene, counted as docs/PERFORMANCE.md defines them, and the
+"""Throughput: model FLOPs per scene, counted as docs/flop_model.md defines them, and the
 measured peaks MFU is reported against."""
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from .model import OSRT
 
 
 # Dense bf16 matrix-product peaks measured on the lent machines, random data (H100:
-# docs/PERFORMANCE.md; H200 likewise, 8192^3 products on random data); MFU is reported
+# docs/flop_model.md; H200 likewise, 8192^3 products on random data); MFU is reported
 # against these whatever dtype the step runs in, so numbers stay comparable.
 PEAK_FLOPS = {"H100": 798e12, "H200": 788e12}
 
 
 def model_flops_per_scene(model_cfg, batch: dict) -> Optional[float]:
     """Model FLOPs of one training step per scene (forward x 3: backward ~ 2x forward), counted
-    as docs/PERFORMANCE.md defines them: on the eager reference architecture, whatever fast path runs
+    as docs/flop_model.md defines them: on the eager reference architecture, whatever fast path runs
     (recomputation and exact rewrites do not change it). Counted on a copy of the model on the
     meta device, so no memory, no collectives and no compiled code are involved. None where the
     counter fails."""

@@ -138,7 +138,7 @@ def test_bench_train_step_command_line():
 
 def test_bench_train_step_counts_the_model_flops_training_logs():
     """Its FLOPs (so its and the suite's MFU) are osrt_fast.throughput's count: at MSN-Hard shapes
-    within 1% of docs/PERFORMANCE.md's 3 x 395 G per scene; a row has model TFLOP/s, and MFU
+    within 1% of docs/flop_model.md's 3 x 395 G per scene; a row has model TFLOP/s, and MFU
     against a peak where one is known."""
     import types
 

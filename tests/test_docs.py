@@ -99,3 +99,14 @@ def test_the_learning_study_table_is_the_results():
     """docs/learning.md's study table is what the committed curves give (learning_study --check)."""
     from benchmarks.learning import learning_study
     assert learning_study.main(["--check"]) == 0
+
+
+def test_no_two_files_differ_only_in_case():
+    """macOS and Windows clones keep one of two names that differ only in case."""
+    seen = {}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("data", "runs", "build")]
+        for name in dirs + files:
+            path = os.path.relpath(os.path.join(folder, name), ROOT)
+            other = seen.setdefault(path.lower(), path)
+            assert other == path, f"{other} and {path} differ only in case"

@@ -10,7 +10,7 @@ LAYERS = {
     0: ["config", "cameras", "metrics", "drawing", "version", "guards", "schedule", "signals",
         "runs", "progress", "files", "locks", "errors", "recompute"],
     1: ["data", "scenes"],           # data: the package and all its modules
-    2: ["model", "fast"],
+    2: ["model"],
     3: ["parallel", "checkpoint", "throughput", "evaluate", "rendering", "slots"],
     4: ["trainer", "encode", "view", "render"],
 }

@@ -18,7 +18,7 @@ For each path: the time of a step at `--scenes` scenes (equal work across paths;
 eager-fp32), then the largest number of scenes per step that fits (doubling from `--scenes`,
 then bisecting to 8 scenes), and its time. Model FLOPs are the count training logs MFU with
 (`osrt_fast.throughput.model_flops_per_scene`: the eager reference architecture, forward x 3,
-docs/PERFORMANCE.md), MFU is against the GPU's dense bf16 peak (`throughput.PEAK_FLOPS`). `--profile` writes the largest costs
+docs/flop_model.md), MFU is against the GPU's dense bf16 peak (`throughput.PEAK_FLOPS`). `--profile` writes the largest costs
 of one step per path (torch.profiler) next to the results. Appends JSON lines to
 benchmarks/results/train_step.jsonl.
 """
