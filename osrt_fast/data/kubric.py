@@ -548,6 +548,45 @@ def fixture_cameras(camera_pos: np.ndarray, height: int, width: int):
             w2c[..., :3, :3].astype(np.float32), w2c[..., :3, 3].astype(np.float32))
 
 
+def fixture_example(i: int, split: str, seed: int, height: int, width: int, num_cameras: int,
+                    min_objects: int, max_objects: int, background_zero: bool,
+                    camera_type: str) -> dict:
+    """Scene `i` of `split` as a Kubric example (sunds' features; see `write_fixture`)."""
+    import binascii
+
+    from osrt_fast import scenes
+
+    # As Kubric's builder: scene i of each split from seed crc32('<i>_<split>').
+    sseed = scenes.scene_seed(seed, binascii.crc32(f"{i}_{split}".encode()))
+    scene = scenes.sample_scene(sseed, min_objects, max_objects)
+    cam_pos = scenes.sample_cameras(sseed, num_cameras).astype(np.float32)
+    views = scenes.render_views(scene, cam_pos.astype(np.float64), height, width)
+    k, r, t = fixture_cameras(cam_pos.astype(np.float64), height, width)
+    inst = views["instances"] + 1
+    shape_of = np.concatenate([[0], scene.shape])        # id -> shape (0 = ground)
+    cat = shape_of[views["instances"]]
+    if background_zero:
+        bg = np.argwhere(inst[0] == 1)[:5]
+        inst[0][bg[:, 0], bg[:, 1]] = 0
+    cams = {}
+    for v in range(num_cameras):
+        cams[f"camera_{v}"] = {
+            "color_image": np.round(views["rgb"][v] * 255).astype(np.uint8),
+            "depth_image": views["depth"][v][..., None].astype(np.float32),
+            "category_image": cat[v][..., None].astype(np.uint8),
+            "instance_image": inst[v][..., None].astype(np.uint8),
+            "intrinsics": {"K": k[v], "image_height": np.int32(height),
+                           "image_width": np.int32(width), "type": camera_type,
+                           "distortion": {"radial": np.zeros(3, np.float32),
+                                          "tangential": np.zeros(2, np.float32)}},
+            "extrinsics": {"R": r[v], "t": t[v]},
+        }
+    name = f"scene_{i}"
+    return {"scene_name": name, "frame_name": name,
+            "pose": {"R": np.eye(3, dtype=np.float32), "t": np.zeros(3, np.float32)},
+            "cameras": cams}
+
+
 def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
                   num_cameras: int = NUM_CAMERAS, seed: int = 0, min_objects: int = 2,
                   max_objects: int = 6, shards: int = 2, background_zero: bool = True,
@@ -570,11 +609,8 @@ def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
     to test the reader's check).
     Needs tensorflow and tensorflow-datasets (the [tfds] extra).
     """
-    import binascii
     import shutil
     import tempfile
-
-    from osrt_fast import scenes
 
     tf, tfds = import_tfds()
     tfds.disable_progress_bar()
@@ -582,36 +618,8 @@ def write_fixture(out: str, splits=None, height: int = 128, width: int = 128,
 
     def generate(split):
         for i in range(splits[split]):
-            # As Kubric's builder: scene i of each split from seed crc32('<i>_<split>').
-            sseed = scenes.scene_seed(seed, binascii.crc32(f"{i}_{split}".encode()))
-            scene = scenes.sample_scene(sseed, min_objects, max_objects)
-            cam_pos = scenes.sample_cameras(sseed, num_cameras).astype(np.float32)
-            views = scenes.render_views(scene, cam_pos.astype(np.float64), height, width)
-            k, r, t = fixture_cameras(cam_pos.astype(np.float64), height, width)
-            inst = views["instances"] + 1
-            shape_of = np.concatenate([[0], scene.shape])        # id -> shape (0 = ground)
-            cat = shape_of[views["instances"]]
-            if background_zero and i == 0:
-                bg = np.argwhere(inst[0] == 1)[:5]
-                inst[0][bg[:, 0], bg[:, 1]] = 0
-            cams = {}
-            for v in range(num_cameras):
-                cams[f"camera_{v}"] = {
-                    "color_image": np.round(views["rgb"][v] * 255).astype(np.uint8),
-                    "depth_image": views["depth"][v][..., None].astype(np.float32),
-                    "category_image": cat[v][..., None].astype(np.uint8),
-                    "instance_image": inst[v][..., None].astype(np.uint8),
-                    "intrinsics": {"K": k[v], "image_height": np.int32(height),
-                                   "image_width": np.int32(width), "type": camera_type,
-                                   "distortion": {"radial": np.zeros(3, np.float32),
-                                                  "tangential": np.zeros(2, np.float32)}},
-                    "extrinsics": {"R": r[v], "t": t[v]},
-                }
-            name = f"scene_{i}"
-            yield str(i), {
-                "scene_name": name, "frame_name": name,
-                "pose": {"R": np.eye(3, dtype=np.float32), "t": np.zeros(3, np.float32)},
-                "cameras": cams}
+            yield str(i), fixture_example(i, split, seed, height, width, num_cameras, min_objects,
+                                          max_objects, background_zero and i == 0, camera_type)
 
     class KubricFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Kubric Frames dataset.
