@@ -35,10 +35,11 @@ def option(default=dataclasses.MISSING, help: str = "", *, choices=None, min=Non
     return field(default=default, metadata=meta)
 
 
-BACKENDS = ("eager", "triton")
+BACKENDS = ("eager", "triton", "folded")
 ENCODER_ATTENTION = ("sdpa", "xformers")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 PARALLEL = ("fsdp", "ddp")
+CACHED_DATASETS = ("procedural", "clevr3d", "obsurf_msn", "nmr")     # readers with a SceneCache
 
 # data.kwargs per dataset: key -> (type, minimum or None, meaning). None as a value means "the
 # dataset's default" for every key.
@@ -73,6 +74,9 @@ class DataConfig:
     kwargs: dict = option(default_factory=dict, help="dataset options (docs/datasets.md)")
     loader: str = option("torch", "how training reads scenes: DataLoader workers, or NVIDIA DALI "
                                   "over png shards", choices=("torch", "dali"))
+    cache: bool = option(False, "keep each scene in memory once decoded (each loader process its "
+                                "own copy), for folder datasets that fit in RAM: later epochs "
+                                "then decode nothing (the demo's 5000 scenes: about 80 MB)")
 
     def resolved_path(self) -> str:
         return self.path if self.path is not None else os.path.join("data", self.dataset)
@@ -244,7 +248,9 @@ class ModelConfig:
     decoder_kwargs: dict = option(default_factory=dict, help="the decoder's widths and depths")
     use_default_init: bool = option(False, "PyTorch's default initialisation instead of the paper's")
     backend: str = option("eager", "how the model is computed (the same function): eager "
-                                   "everywhere, triton on CUDA GPUs", choices=BACKENDS)
+                                   "everywhere; triton, the fast path's kernels, on CUDA GPUs; "
+                                   "folded, the fast path's algebra in plain PyTorch, anywhere",
+                          choices=BACKENDS)
     encoder_attention: str = option("sdpa", "the encoder's self-attention kernel",
                                     choices=ENCODER_ATTENTION)
 
@@ -315,7 +321,9 @@ class TrainingConfig:
                                                   "batch_size // 8)", min=1)
     vis_scenes: int = option(6, "scenes in the visualisation grids", min=1)
     precision: str = option("fp32", "bf16: the forward pass under bf16 autocast, fp32 weights and "
-                                    "Adam state", choices=PRECISIONS)
+                                    "Adam state; auto: bf16 where the device computes it natively "
+                                    "(a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32",
+                            choices=PRECISIONS)
     grad_clip: float = option(0.0, "clip the global gradient norm to this (0 = off)", min=0.0)
     slot_balance: float = option(0.0, "weight of the slot-importance loss (the squared coefficient "
                                       "of variation of each scene's slot shares; Shazeer et al. "
@@ -446,6 +454,11 @@ def validate(cfg: Config) -> None:
     """What involves several keys."""
     cfg.data.kwargs = checked_data_kwargs(cfg.data.dataset, cfg.data.kwargs)
     cfg.model.check()
+    if cfg.data.cache and cfg.data.dataset not in CACHED_DATASETS:
+        raise ConfigError(f"data.cache keeps decoded scenes of the folder datasets "
+                          f"({', '.join(CACHED_DATASETS)}) in memory; {cfg.data.dataset!r} "
+                          f"cannot (shards are memory-mapped, MSN-Hard is a stream): set "
+                          f"data.cache: false")
     if cfg.data.loader == "dali" and cfg.data.dataset != "shards":
         raise ConfigError("data.loader 'dali' reads png shards: convert the dataset first "
                           "(python -m osrt_fast.data.shards CONFIG --out DIR --encoding png) "

@@ -282,3 +282,30 @@ def test_worker_init_fn():
     a = np.random.rand()
     data.worker_init_fn(1)
     assert np.random.rand() != a
+
+
+def test_the_scene_cache_gives_the_same_records_and_reads_each_scene_once(proc, monkeypatch):
+    """data.cache: records equal the uncached reader's, and each scene's files are read once."""
+    cached, plain = ObSuRFDataset(proc, "train"), ObSuRFDataset(proc, "train")
+    assert plain.cache is None
+    assert data.cached(cached, DataConfig(cache=True)).cache == {}      # as get_dataset sets it
+    reads, real = [], cached._read_scene
+    monkeypatch.setattr(cached, "_read_scene", lambda s: reads.append(s) or real(s))
+    for item in [(0, 5), (3, 7), (0, 5), (len(plain.idxs) + 3, 2)]:    # the last: scene 3 again
+        a, b = cached[item], plain[item]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert np.array_equal(a[k], b[k]), k
+    assert reads == [int(cached.idxs[0]), int(cached.idxs[3])]
+    # Every camera's ray matrix is the metadata's, as camera_ray_matrix gives it per scene.
+    scene = int(plain.idxs[4])
+    cam = plain.metadata["camera_pos"][scene].astype(np.float32)
+    assert np.array_equal(plain[4]["ray_mats"], cameras.camera_ray_matrix(cam, H, W))
+
+
+def test_the_cache_is_for_folder_datasets_only():
+    from osrt_fast.config import config_from_dict
+    for name in ("shards", "osrt", "msn"):
+        with pytest.raises(ConfigError, match="data.cache keeps decoded scenes.*data.cache: false"):
+            config_from_dict({"data": {"dataset": name, "cache": True}})
+    assert config_from_dict({"data": {"dataset": "nmr", "cache": True}}).data.cache

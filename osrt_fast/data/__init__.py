@@ -80,7 +80,7 @@ def get_dataset(split: str, data_cfg, max_len: Optional[int] = None):
         return KubricDataset(path, split, masks=name == "osrt", **common, **kwargs)
     if name == "nmr":
         from .nmr import NMRDataset
-        return NMRDataset(path, split, **common, **kwargs)
+        return cached(NMRDataset(path, split, **common, **kwargs), data_cfg)
     if name == "shards":
         from .shards import ShardDataset
         return ShardDataset(path, split, **common, **kwargs)
@@ -90,7 +90,14 @@ def get_dataset(split: str, data_cfg, max_len: Optional[int] = None):
         for k in GENERATOR_DEFAULTS:
             if k != "max_objects":
                 kwargs.pop(k, None)
-    return ObSuRFDataset(path, split, kind=name, **common, **kwargs)
+    return cached(ObSuRFDataset(path, split, kind=name, **common, **kwargs), data_cfg)
+
+
+def cached(dataset, data_cfg):
+    """`dataset` keeping its decoded scenes in memory where data_cfg.cache asks (SceneCache)."""
+    if data_cfg.cache:
+        dataset.cache = {}
+    return dataset
 
 
 def batch_spec(data_cfg, dataset, full_scale: bool = False) -> BatchSpec:

@@ -2,6 +2,7 @@
 (`samplers.py` chooses their scenes), with the options every loader of this project runs with."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -11,6 +12,31 @@ from torch.utils.data import DataLoader
 
 from .records import collate
 from .samplers import EVAL_SEED, FixedSampler, ResumableBatchSampler, item_seed
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose workers start with SIGTERM blocked. A worker may make threads before
+    `worker_init` runs (torch sets its threads there; with the parent's thread count set,
+    one more thread), and a thread that does not block SIGTERM takes a job-wide SIGTERM and
+    kills the worker before `_sigterm_only_from_parent` can tell who sent it. Threads inherit
+    the mask of the thread that makes them, the workers that of the thread that forks them."""
+
+    def _get_iterator(self):
+        with _sigterm_blocked():
+            return super()._get_iterator()
+
+
+@contextlib.contextmanager
+def _sigterm_blocked():
+    """SIGTERM blocked in this thread for the block (delivered at its end if it came)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 def loader_kwargs(dataset, num_workers: int) -> dict:
     """DataLoader options a dataset needs with this many workers ('spawn' for TensorFlow)."""
@@ -96,11 +122,11 @@ def record_loader(dataset, batch_size: int, loader_kw: dict, train: bool, seed: 
     kw = dict(loader_kw, **loader_kwargs(dataset, loader_kw.get("num_workers", 0)))
     if is_stream(dataset):
         micro = batch_size // (world_size * accum) if train else batch_size
-        return DataLoader(dataset, batch_size=micro, drop_last=train, **kw)
+        return WorkerLoader(dataset, batch_size=micro, drop_last=train, **kw)
     sampler = (ResumableBatchSampler(len(dataset), batch_size, seed, start_it=start_it, rank=rank,
                                      world_size=world_size, accum=accum) if train
                else FixedSampler(len(dataset), batch_size, rank, world_size))
-    return DataLoader(dataset, batch_sampler=sampler, **kw)
+    return WorkerLoader(dataset, batch_sampler=sampler, **kw)
 
 
 def first_records(dataset, n: int) -> dict:

@@ -37,7 +37,7 @@ from ..cameras import nmr_origin, nmr_ray_matrix
 from .errors import CorruptFile, DataError, SkipCounter
 from ..errors import command
 from .png import read_png
-from .records import ViewPolicy, random_seed
+from .records import SceneCache, ViewPolicy, random_seed
 
 NUM_VIEWS = 24
 SPLITS = ("train", "val", "test")
@@ -100,7 +100,7 @@ def read_split(path: str, mode: str) -> list:
     return scenes
 
 
-class NMRDataset(Dataset):
+class NMRDataset(SceneCache, Dataset):
     """The NMR dataset as SRT uses it (see the module docstring for layout and semantics).
 
     Args:
@@ -190,7 +190,7 @@ class NMRDataset(Dataset):
         return {k: np.stack([cams[f"{k}_{i}"] for i in range(self.num_views)])
                 for k in ("world_mat_inv", "camera_mat_inv")}
 
-    def _load_scene(self, scene: int):
+    def _read_scene(self, scene: int):
         self._check_files(scene)
         cams = self._load_cameras(scene)
         images = []
@@ -205,7 +205,7 @@ class NMRDataset(Dataset):
 
     def check_scene(self, k: int) -> None:
         """Reads scene k of the split as training does; CorruptFile names the first problem."""
-        self._load_scene(k)
+        self._read_scene(k)
 
     def __getitem__(self, idx):
         seed = None

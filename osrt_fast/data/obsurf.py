@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from ..cameras import camera_ray_matrix
 from .errors import CorruptFile, DataError, SkipCounter
 from .png import read_png
-from .records import ViewPolicy, random_seed
+from .records import SceneCache, ViewPolicy, random_seed
 
 GENERATE_HINT = ("The built-in procedural data needs no download: set `dataset: procedural` in "
                  "the config (it is generated on first use), or generate it with "
@@ -95,7 +95,7 @@ def load_metadata(meta_path: str, hint: str) -> dict:
     return meta
 
 
-class ObSuRFDataset(Dataset):
+class ObSuRFDataset(SceneCache, Dataset):
     """CLEVR3D, ObSuRF-MSN or built-in procedural scenes in the ObSuRF layout.
 
     Args:
@@ -171,6 +171,8 @@ class ObSuRFDataset(Dataset):
                 f"{kind} split ranges are {self._ranges_text()}) or raise max_objects.")
 
         self.height, self.width = self._first_image_size()
+        # Every camera's ray matrix at once: a function of the metadata alone, not of an item.
+        self.ray_mats = camera_ray_matrix(cam.astype(np.float32), self.height, self.width)
 
     @property
     def num_scenes(self) -> int:
@@ -233,13 +235,13 @@ class ObSuRFDataset(Dataset):
                               f"{self.num_entities - 1})")
         return np.ascontiguousarray(img[..., :3], dtype=np.uint8), mask.astype(np.uint8)
 
-    def _load_scene(self, scene: int) -> list:
+    def _read_scene(self, scene: int) -> list:
         return [self._load_view(scene, v) for v in range(self.num_views)]
 
     def check_scene(self, k: int) -> None:
         """Reads scene k of the split (0 <= k < num_scenes) as training does; CorruptFile names
         the first problem."""
-        self._load_scene(int(self.idxs[k]))
+        self._read_scene(int(self.idxs[k]))
 
     def __getitem__(self, idx):
         seed = None
@@ -258,7 +260,7 @@ class ObSuRFDataset(Dataset):
             "images": np.stack([a for a, _ in loaded]),
             "ids": np.stack([b for _, b in loaded]),
             "origins": camera_pos,
-            "ray_mats": camera_ray_matrix(camera_pos, self.height, self.width),
+            "ray_mats": self.ray_mats[scene],
             "input_views": in_views,
             "target_views": tgt_views,
             "seed": random_seed() if seed is None else int(seed),

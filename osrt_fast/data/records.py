@@ -156,6 +156,22 @@ class ViewPolicy:
 _M64 = 1 << 64
 
 
+class SceneCache:
+    """Mixin of the readers that decode a scene's files (`_read_scene(scene)`): with `cache` set
+    to a dict (`data.cache`), each scene is kept in memory once decoded, so later epochs read
+    nothing. Each loader process fills its own copy. Callers must not change what
+    `_load_scene` returns (the readers stack it into new arrays)."""
+
+    cache: Optional[dict] = None
+
+    def _load_scene(self, scene: int):
+        if self.cache is None:
+            return self._read_scene(scene)
+        if scene not in self.cache:
+            self.cache[scene] = self._read_scene(scene)
+        return self.cache[scene]
+
+
 def _i64(c: int) -> int:
     return c - _M64 if c >= 1 << 63 else c
 
