@@ -53,8 +53,9 @@ class Region(nn.Module):
 class FastPath:
     """A module with a fast path beside its eager maths (mixed into SlotAttention and
     SlotMixerDecoder). `backend` 'eager' (the default) runs the eager maths, the definition;
-    'triton' the fast path, whose ops (`fast_ops`, names of kernels.OPS) each run as `ops` says:
-    the Triton kernel ('triton') or its eager twin ('eager'). Set by `OSRT.set_backend`."""
+    'triton' or 'folded' the fast path, whose ops (`fast_ops`, names of kernels.OPS) each run as
+    `ops` says: the Triton kernel ('triton') or its eager twin ('eager'; under 'folded', every
+    op). Set by `OSRT.set_backend`."""
 
     fast_ops: tuple = ()
     backend = "eager"
@@ -66,7 +67,7 @@ class FastPath:
     def set_backend(self, backend: str, ops: dict) -> None:
         self.check_backend(backend)
         self.backend = backend
-        self.ops = {name: ops[name] for name in self.fast_ops} if backend == "triton" else None
+        self.ops = {name: ops[name] for name in self.fast_ops} if backend != "eager" else None
 
     def kernel(self, name: str):
         """Fast op `name` as this module's `ops` choose it."""
@@ -128,6 +129,16 @@ def sinusoidal_encoding(x: torch.Tensor, start_octave: float, num_octaves: int =
     return torch.cat((torch.sin(scaled), torch.cos(scaled)), -1)
 
 
+def write_sinusoids(out: torch.Tensor, x: torch.Tensor, start_octave: float, num_octaves: int):
+    """sinusoidal_encoding(x, ...) written into `out` [..., 2 * D * num_octaves] (x [..., D]
+    broadcasts over out's leading dims): the same values, with no concatenated temporaries."""
+    octaves = torch.arange(start_octave, start_octave + num_octaves, dtype=x.dtype, device=x.device)
+    scaled = (x.unsqueeze(-1) * (2.0 ** octaves * math.pi)).flatten(-2)
+    k = scaled.shape[-1]
+    out[..., :k].copy_(torch.sin(scaled))
+    out[..., k:].copy_(torch.cos(scaled))
+
+
 def ray_encoding(camera_pos: torch.Tensor, rays: torch.Tensor, pos_start_octave: float = 0.0,
                  pos_octaves: int = NUM_OCTAVES, ray_start_octave: float = 0.0,
                  ray_octaves: int = NUM_OCTAVES):
@@ -164,12 +175,20 @@ class RayEncoder(nn.Module):
         self.cfg = cfg = cfg or RayEncodingConfig()
         self.dim = cfg.dim
 
-    def encode(self, camera_pos: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
+    def encode(self, camera_pos: torch.Tensor, rays: torch.Tensor,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`ray_encoding` of the rays [..., 3] from camera_pos (broadcast to them), written into
+        `out` [..., dim] (a new tensor by default; a slice of a larger one, e.g. the encoder's
+        stem input, saves a copy): the same values, without ray_encoding's concatenations."""
         cfg = self.cfg
         if cfg.ray_param == "plucker":
             camera_pos = torch.linalg.cross(camera_pos.expand(rays.shape), rays)
-        return ray_encoding(camera_pos, rays, cfg.pos_start_octave, cfg.pos_octaves,
-                            cfg.ray_start_octave, cfg.ray_octaves)
+        if out is None:
+            out = rays.new_empty(*rays.shape[:-1], self.dim)
+        split = 6 * cfg.pos_octaves
+        write_sinusoids(out[..., :split], camera_pos, cfg.pos_start_octave, cfg.pos_octaves)
+        write_sinusoids(out[..., split:], rays, cfg.ray_start_octave, cfg.ray_octaves)
+        return out
 
     def forward(self, camera_pos: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
         """camera_pos [B, 3], rays [B, H, W, 3] -> [B, dim, H, W]; or [B, R, 3] each -> [B, R, dim]."""
@@ -366,13 +385,18 @@ class ImprovedSRTEncoder(nn.Module):
 
     def stem_region(self, images: torch.Tensor, camera_pos: torch.Tensor, rays: torch.Tensor):
         """Ray encoding, the conv blocks and the per-patch linear: -> tokens [B, V*h*w, latent]."""
-        batch = images.shape[0]
+        batch, views, _, height, width = images.shape
         if self.image_mean != 0.0 or self.image_std != 1.0:
             images = (images - self.image_mean) / self.image_std
-        x = torch.cat((images.flatten(0, 1),
-                       self.ray_encoder(camera_pos.flatten(0, 1), rays.flatten(0, 1))), 1)
-        x = self.per_patch_linear(self.conv_blocks(x))           # [B*V, latent, h, w]
-        return x.flatten(2).transpose(1, 2).reshape(batch, -1, x.shape[1])
+        # The conv blocks' input, channels last (the ray encoding's own layout, written in place:
+        # no concatenation): the image's 3 channels, then the encoding of each pixel's ray.
+        x = images.new_empty(batch * views, height, width, 3 + self.ray_encoder.dim)
+        # (The images transposed first: a copy from a permuted view into a strided slice is slow.)
+        x[..., :3].copy_(images.flatten(0, 1).permute(0, 2, 3, 1).contiguous())
+        self.ray_encoder.encode(camera_pos.flatten(0, 1)[:, None, None, :], rays.flatten(0, 1),
+                                out=x[..., 3:])
+        x = self.per_patch_linear(self.conv_blocks(x.permute(0, 3, 1, 2)))    # [B*V, latent, h, w]
+        return x.permute(0, 2, 3, 1).reshape(batch, -1, x.shape[1])
 
     def stem(self, images, camera_pos, rays):
         """The stem region, checkpointed when `stem_checkpointed`."""
@@ -589,10 +613,10 @@ class SlotMixerDecoder(RayDecoder, FastPath):
         self.render_mlp = RenderMLP(cfg.slot_dim + c, cfg.render_hidden_dim or cfg.slot_dim)
 
     def check_backend(self, backend: str) -> None:
-        if backend == "triton" and self.mixing_block.layer_norm:
-            raise ConfigError("the Slot Mixer's fast path has no folded form for a mixing block "
-                              "with LayerNorms (model.decoder_kwargs.layer_norm: true); use "
-                              "model.backend: eager, or layer_norm: false")
+        if backend != "eager" and self.mixing_block.layer_norm:
+            raise ConfigError(f"model.backend {backend!r}: the Slot Mixer's fast path has no folded "
+                              f"form for a mixing block with LayerNorms (model.decoder_kwargs."
+                              f"layer_norm: true); use model.backend: eager, or layer_norm: false")
 
     def region(self, slot_latents, camera_pos, rays, visible: Optional[torch.Tensor] = None):
         """slots [B, K, D], camera_pos and rays [B, R, 3] -> (pixels [B, R, 3], {'segmentation': [B, R, K]}).
@@ -600,7 +624,7 @@ class SlotMixerDecoder(RayDecoder, FastPath):
         visible: indices [k] of slots; the Slot Mixer then mixes each ray's pixel from those
         slots alone (the others' weights are 0: object removal by slot editing), while the
         allocation transformer still attends to all. None: all slots (OSRT's decoder)."""
-        if self.backend == "triton":
+        if self.backend != "eager":
             return self.folded_region(slot_latents, camera_pos, rays, visible)
         x, queries = self.allocation_transformer(slot_latents, camera_pos, rays)
         if visible is None:
@@ -631,7 +655,9 @@ class SlotMixerDecoder(RayDecoder, FastPath):
             mq, mv = attn.folded(slots_c, dtype)
             x = cross_attention(x, attn_block.norm.weight, attn_block.norm.bias, mq, mv,
                                 attn.to_out[0].bias, attn.heads, attn_block.norm.eps)
-            x = run_checkpointed(_residual, True, ff_block, x)
+            # Under 'triton' (GPU memory at paper scale) the MLP's hidden layer is recomputed in
+            # backward; 'folded' keeps it (on a CPU, time is what is short).
+            x = run_checkpointed(_residual, self.backend == "triton", ff_block, x)
         mix, render = self.mixing_block, list(self.render_mlp.net)
         first, slot_dim, num_slots = render[0], slots.shape[-1], slots.shape[1]
         if visible is not None:
@@ -781,13 +807,18 @@ class OSRT(nn.Module):
     # -- how it computes ------------------------------------------------------------------------
 
     def set_backend(self, backend: str, ops: Optional[dict] = None) -> "OSRT":
-        """'eager' or 'triton' for the modules with fast paths (`FastPath`: SlotAttention,
-        SlotMixerDecoder; the others always run eager); `ops` chooses the Triton kernel or its
-        eager twin per op (default all 'triton'). Parameters and outputs stay the same. A
-        backend that cannot apply is a ConfigError, and the model is left as it was."""
+        """How the modules with fast paths (`FastPath`: SlotAttention, SlotMixerDecoder; the
+        others always run eager) compute: 'eager', their eager maths; 'triton', their fast
+        path with each op the Triton kernel or, as `ops` chooses per op, its eager twin;
+        'folded', their fast path with every op's eager twin (plain PyTorch, any device).
+        Parameters and outputs stay the same. A backend that cannot apply is a ConfigError, and
+        the model is left as it was."""
         if backend not in BACKENDS:
             raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        chosen = dict.fromkeys(OPS, "triton")
+        if ops and backend != "triton":
+            raise ValueError(f"ops choose kernel or twin under backend 'triton'; {backend!r} has "
+                             f"no kernels")
+        chosen = dict.fromkeys(OPS, "eager" if backend == "folded" else "triton")
         for name, implementation in (ops or {}).items():
             if name not in OPS or implementation not in IMPLEMENTATIONS:
                 raise ValueError(f"ops: {name!r}: {implementation!r}; expected ops {OPS} with values "
@@ -798,10 +829,10 @@ class OSRT(nn.Module):
             from .kernels._triton import HAVE_TRITON, triton_missing_message
             if not HAVE_TRITON and "triton" in chosen.values():
                 raise ConfigError(f"model.backend 'triton': {triton_missing_message()}")
-            if not modules:
-                raise ConfigError(f"model.backend 'triton' speeds up Slot Attention and the Slot "
-                                  f"Mixer decoder, and this model (encoder {self.cfg.encoder!r}, "
-                                  f"decoder {self.cfg.decoder!r}) has neither; use backend: eager")
+        if backend != "eager" and not modules:
+            raise ConfigError(f"model.backend {backend!r} speeds up Slot Attention and the Slot "
+                              f"Mixer decoder, and this model (encoder {self.cfg.encoder!r}, "
+                              f"decoder {self.cfg.decoder!r}) has neither; use backend: eager")
         for module in modules:
             module.check_backend(backend)
         for module in modules:

@@ -35,6 +35,7 @@ state is gathered from all ranks), so a run saved by N processes resumes in M.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -172,9 +173,29 @@ def parallelize(model: nn.Module, t, info: Optional[DistInfo] = None, device=Non
 # ----------------------------------------------------------------------------------------------
 # Steps
 
+@functools.lru_cache(maxsize=None)
+def native_bf16(device_type: str) -> bool:
+    """Whether devices of this type compute bf16 products natively: a CUDA GPU that supports
+    bf16, a CPU with AVX512-BF16 or AMX (elsewhere bf16 on the CPU is emulated, and slower)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """'fp32' or 'bf16': training.precision, with 'auto' decided for `device` (native_bf16)."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device.type) else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
-    """The forward pass's precision context: bf16 autocast, or nothing for fp32."""
-    if precision == "bf16":
+    """The forward pass's precision context: bf16 autocast, or nothing for fp32 ('auto': as
+    resolve_precision decides for the device)."""
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -258,3 +258,28 @@ def test_kernels_compile_for_hopper(tmp_path):
         assert r["ok"] and 0 <= r["shared_bytes"] <= 227 * 1024, r
     # The bf16 slot-attention kernels use Hopper's warpgroup matrix instructions.
     assert all(r["wgmma"] for r in rows if r["dtype"] == "bf16" and r["kernel"].startswith("_slot_attention_"))
+
+
+def test_the_folded_backend_is_the_fast_path_through_the_twins_on_any_device():
+    """model.backend 'folded': the fast path with every op's eager twin, on the CPU without
+    Triton's interpreter; the same outputs as backend 'triton' with ops all 'eager'. It takes
+    no `ops`, and a model it cannot apply to is refused, as under 'triton'."""
+    cfg = tiny_model_config()
+    folded = OSRT({**cfg, "backend": "folded"})
+    assert folded.backend == "folded" and folded.decoder.ops == {"cross_attention": "eager",
+                                                                 "mix_render": "eager"}
+    folded.check_device(torch.device("cpu"))
+    twins = OSRT(cfg).set_backend("triton", ops=TWINS)
+    twins.load_state_dict(folded.state_dict())
+    images, cam, dirs, tcam, tdirs = tiny_inputs(batch=2, rays=19)
+    with torch.no_grad():
+        a = folded(images, cam, dirs, tcam, tdirs)
+        b = twins(images, cam, dirs, tcam, tdirs)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["segmentation"], b[1]["segmentation"])
+    with pytest.raises(ValueError, match="ops choose kernel or twin under backend 'triton'"):
+        folded.set_backend("folded", ops=TWINS)
+    layer_norm = {**cfg, "decoder_kwargs": {**cfg["decoder_kwargs"], "layer_norm": True}}
+    with pytest.raises(ConfigError, match="'folded'.*no folded form.*layer_norm: true"):
+        OSRT({**layer_norm, "backend": "folded"})
+    with pytest.raises(ConfigError, match="'folded' speeds up.*has neither"):
+        OSRT({"encoder": "srt", "decoder": "srt", "backend": "folded"})

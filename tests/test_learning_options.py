@@ -293,3 +293,35 @@ def test_max_minutes_stops_on_the_runs_training_time(tmp_path, data_dir, capsys)
     assert "Reached the time budget" in capsys.readouterr().out
     assert trainer.main([config, "--max-minutes", "1e-4"]) == 0
     assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 1
+
+
+@pytest.mark.parametrize("ray_param", ["camera", "plucker"])
+def test_the_encoders_ray_encoding_is_ray_encoding_exactly(ray_param):
+    """RayEncoder.encode writes ray_encoding's values (no concatenations), into a buffer's slice
+    too, bit for bit; the encoder's stem builds its channels-last input from it and computes
+    what the conv blocks give on the concatenated images and encodings."""
+    cfg = RayEncodingConfig(pos_start_octave=-5, pos_octaves=4, ray_start_octave=-1, ray_octaves=3,
+                            ray_param=ray_param)
+    enc = RayEncoder(cfg)
+    cam = torch.randn(5, 1, 1, 3)
+    rays = torch.nn.functional.normalize(torch.randn(5, 6, 7, 3), dim=-1)
+    pos = torch.linalg.cross(cam.expand(rays.shape), rays) if ray_param == "plucker" else cam
+    expected = ray_encoding(pos, rays, -5, 4, -1, 3)
+    assert torch.equal(enc.encode(cam, rays), expected)
+    buffer = torch.full((5, 6, 7, 2 + enc.dim), float("nan"))
+    enc.encode(cam, rays, out=buffer[..., 2:])
+    assert torch.equal(buffer[..., 2:], expected) and buffer[..., :2].isnan().all()
+
+    model = OSRT({**tiny_model_config(), "encoder_kwargs": {
+        **tiny_model_config()["encoder_kwargs"], "pos_octaves": 4, "ray_start_octave": -1,
+        "ray_octaves": 3, "ray_param": ray_param, "image_mean": 0.3, "image_std": 0.2}})
+    srt = model.srt_encoder
+    images, cam, dirs, _, _ = tiny_inputs(batch=2)
+    flat_cam = cam.flatten(0, 1)[:, None, None]
+    flat_rays = dirs.flatten(0, 1)
+    pos = torch.linalg.cross(flat_cam.expand(flat_rays.shape), flat_rays) if ray_param == "plucker" else flat_cam
+    x = torch.cat(((images.flatten(0, 1) - 0.3) / 0.2,
+                   ray_encoding(pos, flat_rays, -5, 4, -1, 3).permute(0, 3, 1, 2)), 1)
+    tokens = srt.per_patch_linear(srt.conv_blocks(x))
+    tokens = tokens.flatten(2).transpose(1, 2).reshape(2, -1, tokens.shape[1])
+    torch.testing.assert_close(srt.stem(images, cam, dirs), tokens, rtol=1e-5, atol=1e-6)
