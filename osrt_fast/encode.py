@@ -16,6 +16,7 @@ import time
 from typing import Optional, Sequence
 
 
+from . import process
 from .checkpoint import load_trained_model
 from .data import batch_spec, get_dataset
 from .errors import UsageError, command
@@ -53,6 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "e.g. runs/demo/slots.safetensors)")
     p.add_argument("--no-cuda", action="store_true")
     args = p.parse_args(argv)
+    process.setup()
     start, stop = parse_range(args.scenes)
     cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint,
                                                  "cpu" if args.no_cuda else None)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import parallel
+from . import parallel, process
 from .checkpoint import load_trained_model
 from .data import DataError, batch_spec, get_dataset, make_batch, record_loader, to_device
 from .errors import command
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", help="JSON output (default: <run dir>/eval_<split>[_full].json).")
     p.add_argument("--no-cuda", action="store_true")
     args = p.parse_args(argv)
+    process.setup()
     run_dir = run_dir_for(args.config, args.run_dir)
     cfg, model, ckpt, state = load_trained_model(args.config, args.checkpoint,
                                                  "cpu" if args.no_cuda else None, run_dir)

@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 
 from .cameras import MOTIONS
+from . import process
 from .checkpoint import CheckpointError, load_trained_model
 from .data import batch_spec, get_dataset, is_stream, model_batch, scene_records
 from .errors import UsageError, command
@@ -169,6 +170,7 @@ def render_one(args, model, item: dict, out_dir: str, device, slots, visible) ->
 @command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    process.setup()
     start, stop = check_args(args)
     # The same run directory as train.py: a config.yaml's folder, else runs/<config name>.
     run_dir = os.path.abspath(run_dir_for(args.config))

@@ -159,6 +159,18 @@ class TrainOptions:
                    args.visnow, args.wandb, args.max_eval, args.full_scale, args.print_model)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def parse_train_args(argv=None):
     """train.py's command line (the reference's flags, and a few of ours)."""
     import argparse
@@ -179,6 +191,10 @@ def parse_train_args(argv=None):
     p.add_argument("--print-model", action="store_true", help="Print the model and its parameters.")
     p.add_argument("--run-dir", help="Run directory (default: the config's folder for config.yaml, "
                                      "else runs/<config name>).")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="Intra-op threads of the training process (default: OMP_NUM_THREADS if "
+                        "set, else one per core less the cores other processes keep busy at the "
+                        "start, chosen once for the run); fewer leaves cores to other work.")
     return p.parse_args(argv)
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import parallel
+from . import parallel, process
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import Config, load_config, micro_batch_size
 from .data import (DataError, batch_spec, first_records, get_dataset, is_stream, make_batch,
@@ -70,7 +70,7 @@ class Trainer:
         self.build_model()
         self.it, self.elapsed, self.run_id = 0, 0.0, None
         # Checkpoints of the current weights waiting for their loss to be measured (`run`).
-        self.pending, self.saved_it = [], None
+        self.pending, self.saved_it, self.last_batch = [], None, None
         self.sign = 1 if self.t.model_selection_mode == "maximize" else -1
         self.best = -self.sign * math.inf
         self.resume()
@@ -132,8 +132,9 @@ class Trainer:
         regions = t.activation_checkpointing.enabled()
         n_enc, n_dec = self.num_params
         self.say(f"Parameters: encoder {n_enc:,}, decoder {n_dec:,}, total {n_enc + n_dec:,}. Device "
-                 f"{self.device}, {strategy}; global batch {t.batch_size} = {info.world_size} x "
-                 f"{t.grad_accum} micro-batches of {self.micro} scenes; {t.precision}"
+                 f"{self.device} ({torch.get_num_threads()} threads), {strategy}; global batch {t.batch_size} = {info.world_size} x "
+                 f"{t.grad_accum} micro-batches of {self.micro} scenes; "
+                 f"{parallel.resolve_precision(self.device, t.precision)}"
                  f"{', compiled' if t.compile else ''}{f', checkpointing {regions}' if regions else ''}.")
 
     def build_loaders(self) -> None:
@@ -180,17 +181,16 @@ class Trainer:
         return (f"{where}. Lower training.peak_lr or set training.grad_clip, check the data, and "
                 f"run the same command to resume.")
 
-    def final_save(self, batches) -> None:
+    def final_save(self) -> None:
         """model.pt at the end of a run or on a stop request. No later step measures these
-        weights, so one micro-batch's loss does (no step is taken): diverged weights are
-        refused and the last good model.pt stays."""
+        weights, so their loss on the last step's batch does (the loader may be gone: a signal
+        to the job stops its workers too): diverged weights are refused and the last good
+        model.pt stays. Without a step in this run, the non-finite check on save remains."""
         if self.saved_it == self.it:
             return
-        records = next(batches, None)    # None: a finite stream; the non-finite check on save remains
-        if records is not None:
-            batch = make_batch(to_device(records, self.device), self.train_spec)
+        if self.last_batch is not None:
             with torch.no_grad(), parallel.autocast(self.device, self.t.precision):
-                mse, _ = compute_loss(self.model, batch)
+                mse, _ = compute_loss(self.model, self.last_batch)
             why = self.guard.weights_are_sane(parallel.all_reduce_mean(mse.mean().float()))
             if why is not None:
                 raise DivergenceError(f"not saving iteration {self.it}: the weights diverged ({why}).")
@@ -236,7 +236,7 @@ class Trainer:
         losses, terms_sum = [], defaultdict(list)
         balance = slot_balance_at(t, self.it)
         for m in range(t.grad_accum):
-            batch = make_batch(to_device(next(batches), self.device), self.train_spec)
+            batch = self.last_batch = make_batch(to_device(next(batches), self.device), self.train_spec)
             self.rates.count_flops(self.cfg.model, batch)
             with parallel.gradient_sync(self.model, m == t.grad_accum - 1):
                 with parallel.autocast(self.device, t.precision):
@@ -339,7 +339,7 @@ class Trainer:
             # Still under the handlers: the SIGTERM torchrun sends after a Ctrl-C must not cut
             # the save short.
             try:
-                self.final_save(batches)
+                self.final_save()
             except DivergenceError as e:
                 return self.diverged(e)
         if code:
@@ -383,6 +383,7 @@ DIVERGED_EXIT = 3       # the run stopped on diverged weights; the last good che
 def main(argv=None) -> int:
     args = parse_train_args(argv)
     options = TrainOptions.from_args(args)
+    process.setup(args.threads)
     cfg = load_config(args.config)
     # Refused before any data is read or a run folder made: the model (on the meta device: no
     # memory, no time) and a missing optional extra.

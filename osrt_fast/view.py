@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import process
 from .errors import MissingExtra, UsageError, command
 from .runs import run_dir_for
 from .slots import SlotSet, SlotsError, check_model_matches, encode_scenes, load_slots, render_view
@@ -463,6 +464,7 @@ def open_viewer(args) -> Viewer:
 @command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    process.setup()
     require_viser()
     viewer = open_viewer(args)
     try:

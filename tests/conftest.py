@@ -38,6 +38,16 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _threads_as_they_are(monkeypatch):
+    """Commands called in this process keep the suite's threads (process.setup would take the
+    cores left idle, measured for 0.25 s): one test's runs then compute alike, whatever else the
+    machine does. Commands in subprocesses choose theirs as they do for users;
+    tests/test_process.py checks the choice itself."""
+    from osrt_fast import process
+    monkeypatch.setattr(process, "auto_threads", torch.get_num_threads)
     yield
 
 

@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Layer of each osrt_fast module, bottom = 0. A module may import its own layer and those below.
 LAYERS = {
     0: ["config", "cameras", "metrics", "drawing", "version", "guards", "schedule", "signals",
-        "runs", "progress", "files", "locks", "errors", "recompute"],
+        "runs", "progress", "files", "locks", "errors", "recompute", "process"],
     1: ["data", "scenes"],           # data: the package and all its modules
     2: ["model"],
     3: ["parallel", "checkpoint", "throughput", "evaluate", "rendering", "slots"],

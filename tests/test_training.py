@@ -363,3 +363,17 @@ def test_test_split_metrics_go_to_wandb_under_its_name(tmp_path, data_dir, monke
     assert trainer.main([config, "--exit-after", "2", "--test", "--wandb"]) == 0
     keys = {k for rec in logged for k in rec}
     assert "test/psnr" in keys and not any(k.startswith("val/") for k in keys), keys
+
+
+def test_threads_sets_the_intra_op_threads_and_refuses_nonsense(tmp_path, data_dir, capsys):
+    from osrt_fast.runs import parse_train_args
+    with pytest.raises(SystemExit) as stop:
+        parse_train_args(["c.yaml", "--threads", "0"])
+    assert stop.value.code == 2 and "expected a whole number >= 1, got '0'" in capsys.readouterr().err
+    config = write_config(tmp_path, data_dir, print_every=0)
+    before = torch.get_num_threads()
+    try:
+        assert trainer.main([config, "--exit-after", "1", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
