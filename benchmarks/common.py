@@ -28,6 +28,18 @@ TINY_MODEL = {
 }
 
 
+def set_option(cfg: dict, key: str, value) -> None:
+    """--set KEY=VALUE: a training key (`peak_lr`), or a dotted path from a section
+    (`model.encoder_kwargs.ray_param`, `data.kwargs.num_input_views`)."""
+    path = key.split(".")
+    if path[0] not in ("data", "model", "training"):
+        path = ["training"] + path
+    node = cfg
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
 def recorded_path(*paths: str) -> str:
     """The name a result gives a file: the first of `paths` that lies inside the repository,
     relative to its root; else the first one's file name (a machine's own folders, a temporary

@@ -267,7 +267,9 @@ def test_every_study_variant_is_a_valid_config(tmp_path):
     from benchmarks.learning import bench_learning, learning_study
     from osrt_fast import OSRT
     from osrt_fast.config import load_config
-    recipe = load_config(learning_study.DEMO)
+    as_studied = types.SimpleNamespace(config=learning_study.DEMO, eval_every=250,
+                                       set=learning_study.STUDIED)
+    recipe = load_config(bench_learning.prepare_run(as_studied, str(tmp_path / "as_studied")))
 
     def comparable(cfg) -> dict:
         """What a variant may change: not the evaluation cadence or the data path's spelling
@@ -280,7 +282,8 @@ def test_every_study_variant_is_a_valid_config(tmp_path):
 
     assert learning_study.main(["--list"]) == 0
     for name, (_, sets) in learning_study.VARIANTS.items():
-        args = types.SimpleNamespace(config=learning_study.DEMO, eval_every=250, set=sets)
+        args = types.SimpleNamespace(config=learning_study.DEMO, eval_every=250,
+                                     set=learning_study.STUDIED + sets)
         cfg = load_config(bench_learning.prepare_run(args, str(tmp_path / name)))
         with torch.device("meta"):
             OSRT(cfg.model)

@@ -32,7 +32,7 @@ import time
 
 import yaml
 
-from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, recorded_path
+from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, recorded_path, set_option
 from osrt_fast.signals import STOP_SIGNALS
 
 THRESHOLDS = (0.5, 0.9)
@@ -60,18 +60,6 @@ def parse(argv=None):
                    help="options, YAML values: training keys (peak_lr=3e-4 batch_size=16) or "
                         "dotted paths (model.encoder_kwargs.conv_init=he)")
     return p.parse_args(argv)
-
-
-def set_option(cfg: dict, key: str, value) -> None:
-    """--set KEY=VALUE: a training key (`peak_lr`), or a dotted path from a section
-    (`model.encoder_kwargs.ray_param`, `data.kwargs.num_input_views`)."""
-    path = key.split(".")
-    if path[0] not in ("data", "model", "training"):
-        path = ["training"] + path
-    node = cfg
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-    node[path[-1]] = value
 
 
 def prepare_run(args, run_dir: str) -> str:

@@ -46,6 +46,9 @@ from osrt_fast.throughput import model_flops_per_scene, peak_flops  # noqa: E402
 PATHS = {
     "eager-fp32": dict(backend="eager", precision="fp32", compile=False, ckpt={}),
     "eager-bf16": dict(backend="eager", precision="bf16", compile=False, ckpt={}),
+    # The fast path's algebra in plain PyTorch: the fastest CPU paths (benchmarks/speed/bench_cpu.py).
+    "folded-fp32": dict(backend="folded", precision="fp32", compile=False, ckpt={}),
+    "folded-bf16": dict(backend="folded", precision="bf16", compile=False, ckpt={}),
     "fast": dict(backend="triton", precision="bf16", compile=True, ckpt={}),
     "fast-ckpt": dict(backend="triton", precision="bf16", compile=True,
                       ckpt={"encoder_blocks": True, "slot_attention": True, "decoder_ray_chunk": 1024}),

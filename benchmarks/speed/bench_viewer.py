@@ -3,7 +3,7 @@ every pixel from the slots, compose the shown image) plus the PNG encoding the p
 a camera orbiting the scene, one frame after the other (as the viewer's render loop does).
 
     python -m benchmarks.speed.bench_viewer [--config configs/demo.yaml] [--checkpoint P]
-        [--height 64 --width 64] [--frames 30] [--mode render] [--backend eager|triton]
+        [--height 64 --width 64] [--frames 30] [--mode render] [--backend eager|triton|folded]
         [--device cpu|cuda] [--msn-hard] [--no-save]
 
 Speed does not depend on the weights, so without --checkpoint the config's model is used with its
@@ -21,6 +21,7 @@ import time
 import torch
 
 from benchmarks.common import MSN_HARD_MODEL, ROOT, append_result, environment
+from osrt_fast.config import BACKENDS
 
 
 def parse(argv=None):
@@ -34,7 +35,7 @@ def parse(argv=None):
     p.add_argument("--frames", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--mode", default="render")
-    p.add_argument("--backend", default="eager", choices=("eager", "triton"))
+    p.add_argument("--backend", choices=BACKENDS, help="default: the config's (MSN-Hard: eager)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
@@ -48,10 +49,10 @@ def build_viewer(args):
     from osrt_fast.view import Viewer
     device = torch.device(args.device)
     if args.msn_hard:
-        model_cfg, label = {**MSN_HARD_MODEL, "backend": args.backend}, "msn_hard"
+        model_cfg, label = {**MSN_HARD_MODEL, "backend": args.backend or "eager"}, "msn_hard"
     else:
         cfg = load_config(args.config).to_dict()
-        model_cfg = {**cfg["model"], "backend": args.backend}
+        model_cfg = {**cfg["model"], "backend": args.backend or cfg["model"]["backend"]}
         label = os.path.splitext(os.path.basename(args.config))[0]
     model = OSRT(model_cfg).to(device)
     if args.checkpoint:
@@ -104,13 +105,14 @@ def measure(viewer, height: int, width: int, frames: int, warmup: int, mode: str
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    threads = torch.get_num_threads()
+    from osrt_fast import process
+    threads = process.setup()          # as the viewer's command sets up its process
     viewer, label, num_slots = build_viewer(args)
     result = measure(viewer, args.height, args.width, args.frames, args.warmup, args.mode)
     row = {"bench": "viewer", "model": label, "slots": num_slots, "height": args.height,
-           "width": args.width, "mode": args.mode, "backend": args.backend,
+           "width": args.width, "mode": args.mode, "backend": viewer.model.backend,
            "threads": threads if args.device == "cpu" else None, **result, **environment()}
-    print(f"viewer {label} K={num_slots} {args.height}x{args.width} {args.backend} on "
+    print(f"viewer {label} K={num_slots} {args.height}x{args.width} {viewer.model.backend} on "
           f"{row['device']}: {result['fps']:.1f} frames/s (median {result['median_ms']:.1f} ms)")
     if not args.no_save:
         append_result("viewer", row)
