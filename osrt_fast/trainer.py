@@ -97,6 +97,16 @@ class Trainer:
             self.eval_spec = batch_spec(self.cfg.data, self.eval_set, self.options.full_scale)
         parallel.first_process_first(load, self.device, DataError("another process could not "
                                                                   "load the data (its message says why)"))
+        if getattr(self.train_set, "cache", None) is not None:
+            self.fill_cache()
+
+    def fill_cache(self) -> None:
+        """With data.cache, the training scenes decoded into memory before the first step."""
+        t0, scenes = time.perf_counter(), self.train_set.split_scenes()
+        with progress_bar(total=len(scenes), desc="caching scenes", unit="scene",
+                          enabled=self.info.is_main) as bar:
+            cached = self.train_set.fill_cache(bar)
+        self.say(f"Cached {cached} training scenes in memory ({time.perf_counter() - t0:.1f} s).")
 
     def build_model(self) -> None:
         model = OSRT(self.cfg.model).to(self.device)

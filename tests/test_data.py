@@ -309,3 +309,41 @@ def test_the_cache_is_for_folder_datasets_only():
         with pytest.raises(ConfigError, match="data.cache keeps decoded scenes.*data.cache: false"):
             config_from_dict({"data": {"dataset": name, "cache": True}})
     assert config_from_dict({"data": {"dataset": "nmr", "cache": True}}).data.cache
+
+
+def test_fill_cache_decodes_every_scene_of_the_split_once_and_leaves_out_damaged_ones(
+        proc, tmp_path, monkeypatch):
+    """The training set's cache filled before the first step: every scene an item can read, each
+    decoded once; a damaged scene is left for the reader's skip, as without the cache."""
+    root = str(tmp_path / "copy")
+    shutil.copytree(proc, root)
+    ds = data.cached(ObSuRFDataset(root, "train"), DataConfig(cache=True))
+    scenes = ds.split_scenes()
+    assert scenes == [int(s) for s in ds.idxs]
+    assert sorted({ds.policy.choose(i, len(ds.idxs), ds.num_views)[0] for i in range(len(ds))}) \
+        == list(range(len(ds.idxs)))                                   # positions, all read
+    bad = scenes[2]
+    with open(os.path.join(root, "images", f"img_{bad}_1.png"), "wb") as f:
+        f.write(b"not a png")
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+    bar = Bar()
+    assert ds.fill_cache(bar) == len(scenes) - 1 and bar.n == len(scenes)
+    assert bad not in ds.cache and set(ds.cache) == set(scenes) - {bad}
+    reads, real = [], ds._read_scene
+    monkeypatch.setattr(ds, "_read_scene", lambda s: reads.append(s) or real(s))
+    for i in (0, 1, 3):
+        ds[i]
+    assert reads == []
+    with pytest.warns(DataWarning, match="skipping a corrupt"):
+        assert np.array_equal(ds[2]["images"], ds[3]["images"])      # its substitute: the next
+    assert reads == [bad]
+    # A few items only (max_len): the scenes they read.
+    few = data.cached(ObSuRFDataset(root, "train", max_len=3), DataConfig(cache=True))
+    assert few.split_scenes() == scenes[:3]
+    with pytest.raises(ValueError, match="data.cache"):
+        ObSuRFDataset(root, "train").fill_cache()

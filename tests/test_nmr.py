@@ -93,6 +93,8 @@ def test_len_and_item_mapping(nmr):
         assert rec["input_views"].tolist() == [idx // n]
         assert rec["target_views"].tolist() == [v for v in range(V) if v != idx // n]
         assert rec["sceneid"] == idx
+    assert ds.split_scenes() == list(range(n))                 # what data.cache fills
+    assert NMRDataset(nmr, "train", max_len=3).split_scenes() == [0, 1, 2]
 
 
 def test_rays_match_the_reference(nmr):

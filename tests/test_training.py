@@ -10,7 +10,7 @@ import yaml
 import osrt_fast.trainer as trainer
 from osrt_fast import OSRT
 from osrt_fast.checkpoint import load_checkpoint, save_checkpoint
-from osrt_fast.config import config_from_dict
+from osrt_fast.config import config_from_dict, load_config
 from osrt_fast.data import ResumableBatchSampler, batch_spec, get_dataset, model_batch
 from osrt_fast.evaluate import compute_loss
 from osrt_fast.evaluate import main as evaluate_main
@@ -377,3 +377,19 @@ def test_threads_sets_the_intra_op_threads_and_refuses_nonsense(tmp_path, data_d
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_with_data_cache_the_training_scenes_are_decoded_before_the_first_step(tmp_path, data_dir,
+                                                                                monkeypatch, capsys):
+    """data.cache: the trainer fills the training set's cache up front (one line says so), so no
+    step decodes a file; the run trains as without it."""
+    from osrt_fast.runs import TrainOptions
+    path = write_config(tmp_path, data_dir, print_every=0)
+    cfg = load_config(path)
+    cfg.data.cache = True
+    run = trainer.Trainer(cfg, str(tmp_path / "run"), TrainOptions(exit_after=2))
+    ds = run.train_set
+    assert set(ds.cache) == set(ds.split_scenes()) and len(ds.cache) > 0
+    assert "Cached %d training scenes" % len(ds.cache) in capsys.readouterr().out
+    monkeypatch.setattr(ds, "_read_scene", lambda s: pytest.fail(f"scene {s} decoded in a step"))
+    assert run.run() == 0 and run.it == 2

@@ -1,7 +1,7 @@
 """The demo's training step on the CPU: scenes/s of ways to run it, side by side in one run, where
 the time goes, and what a busy machine does to it.
 
-    python -m benchmarks.speed.bench_cpu [--variants base folded ...] [--steps 300] [--repeats 3]
+    python -m benchmarks.speed.bench_cpu [--variants base folded ...] [--steps 400] [--repeats 3]
         [--baseline COMMIT] [--busy] [--profile VARIANT] [--config configs/demo.yaml] [--no-save]
     python -m benchmarks.speed.bench_cpu --reference PATH [--ref-shape 4 2 32 512 4]
     python -m benchmarks.speed.bench_cpu --viewer --baseline COMMIT
@@ -11,7 +11,8 @@ Each variant is the config with a few options changed (`VARIANTS`), trained by t
 (`--exit-after --steps`; evaluation, pictures and checkpoints off, so what is timed is the loop:
 loading, the step, logging) in a fresh process, and its rate is the median of the scenes/s that
 train.py logs after the first `--warmup` steps. Variants run round-robin, `--repeats` times, so
-a slow spell of the machine touches all alike; a variant's figure is the median of its repeats.
+a slow spell of the machine touches all alike; a variant's figure is the median of its repeats,
+its ratio to the baseline the median of the ratios within a repeat (runs next to each other).
 `--baseline COMMIT` adds that commit's train.py on the same config and data (a git worktree under
 .scratch/), the reference every ratio is taken against. `--busy` runs each variant again beside
 one CPU-bound process (a pure-Python loop), as on a laptop doing other work. `--profile VARIANT`
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -67,8 +69,8 @@ def parse(argv=None):
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--variants", nargs="+", default=["demo", "before"], choices=sorted(VARIANTS))
-    p.add_argument("--steps", type=int, default=300, help="training steps per run")
-    p.add_argument("--warmup", type=int, default=60, help="steps whose rates are left out")
+    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--warmup", type=int, default=100, help="steps whose rates are left out")
     p.add_argument("--repeats", type=int, default=3, help="runs of each variant, round-robin")
     p.add_argument("--baseline", metavar="COMMIT", help="also run this commit's train.py")
     p.add_argument("--busy", nargs="*", metavar="VARIANT",
@@ -140,7 +142,12 @@ def run_once(args, name: str, code_root: str, busy: bool, scratch: str) -> dict:
         raise SystemExit(f"{name}: train.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     logs = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
     rates = [r["scenes_per_s"] for r in logs if "scenes_per_s" in r and r["it"] > args.warmup]
-    return {"scenes_per_s": statistics.median(rates), "wall_s": wall}
+    # What the run chose, from its announce line (a baseline commit may not name them).
+    threads = re.search(r"\((\d+) threads\)", proc.stdout)
+    precision = re.search(r"micro-batches of \d+ scenes; (\w+)", proc.stdout)
+    return {"scenes_per_s": statistics.median(rates), "wall_s": wall,
+            "threads": int(threads.group(1)) if threads else None,
+            "precision": precision.group(1) if precision else None}
 
 
 def baseline_checkout(commit: str, scratch: str) -> str:
@@ -175,30 +182,46 @@ def measure(args) -> list:
                 print(f"repeat {repeat + 1}, {label}{' (busy)' if busy else ''}: "
                       f"{result['scenes_per_s']:.1f} scenes/s", flush=True)
     env, box = environment(), machine()
+    base = runs[0][0]
     records = []
     for (label, busy), results in found.items():
         name = label if label in VARIANTS else "demo"
         what = VARIANTS[name][0] if label in VARIANTS else f"the code and config of commit {args.baseline}"
         rates = [r["scenes_per_s"] for r in results]
+        # Ratios of runs next to each other in time (one repeat), then their median: the machine's
+        # speed was seen to shift by 25% for tens of seconds, which a ratio of medians takes in.
+        paired = [a / b for a, b in zip(rates, rates_of(found, base, busy))]
+        slowdown = ([a / b for a, b in zip(rates_of(found, label, False), rates)] if busy else [])
         records.append({"bench": "cpu_train", "variant": label, "what": what,
                         "set": VARIANTS[name][1], "flags": VARIANTS[name][2], "busy": busy,
                         "config": recorded_path(args.config), "steps": args.steps,
                         "warmup": args.warmup, "scenes_per_s": statistics.median(rates),
-                        "scenes_per_s_runs": rates, **box, **env})
+                        "scenes_per_s_runs": rates, "baseline": base,
+                        "vs_baseline": statistics.median(paired) if paired else None,
+                        "vs_baseline_runs": paired,
+                        "busy_slowdown": statistics.median(slowdown) if slowdown else None,
+                        "threads": [r["threads"] for r in results],
+                        "precision": results[-1]["precision"],
+                        **box, **env})
     return records
 
 
-def summarise(records: list, baseline: str) -> None:
+def rates_of(found: dict, label: str, busy: bool) -> list:
+    return [r["scenes_per_s"] for r in found.get((label, busy), [])]
+
+
+def summarise(records: list) -> None:
     """Each variant's rate, its ratio to the baseline (idle) and its busy / idle slowdown."""
-    idle = {r["variant"]: r["scenes_per_s"] for r in records if not r["busy"]}
-    busy = {r["variant"]: r["scenes_per_s"] for r in records if r["busy"]}
-    ref = idle.get(baseline)
-    for name, rate in idle.items():
-        parts = [f"{name:24s} {rate:7.1f} scenes/s"]
-        if ref:
-            parts.append(f"{rate / ref:5.2f}x {baseline}")
-        if name in busy:
-            parts.append(f"busy {busy[name]:6.1f} scenes/s ({rate / busy[name]:.2f}x slower)")
+    busy = {r["variant"]: r for r in records if r["busy"]}
+    for r in records:
+        if r["busy"]:
+            continue
+        parts = [f"{r['variant']:24s} {r['scenes_per_s']:7.1f} scenes/s",
+                 f"{r['vs_baseline']:5.2f}x {r['baseline']}"]
+        other = busy.get(r["variant"])
+        if other:
+            parts.append(f"busy {other['scenes_per_s']:6.1f} scenes/s ({other['busy_slowdown']:.2f}x "
+                         f"slower)")
         print("  ".join(parts))
 
 
@@ -209,7 +232,7 @@ def profile(args) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from osrt_fast import parallel
+    from osrt_fast import parallel, process
     from osrt_fast.config import load_config
     from osrt_fast.data import make_batch, to_device
     from osrt_fast.evaluate import compute_loss
@@ -221,8 +244,7 @@ def profile(args) -> dict:
     folder = tempfile.mkdtemp(prefix=f"profile-{name}-", dir=os.path.join(ROOT, ".scratch"))
     cfg = load_config(variant_config(args.config, name, folder))
     flags = VARIANTS[name][2]
-    if "--threads" in flags:
-        torch.set_num_threads(int(flags[flags.index("--threads") + 1]))
+    process.setup(int(flags[flags.index("--threads") + 1]) if "--threads" in flags else None)
     trainer = Trainer(cfg, folder, TrainOptions())
     t, model = cfg.training, trainer.model
     model.train()
@@ -357,18 +379,22 @@ def table_text(records: list) -> str:
     ref = next((r for v, r in idle.items() if v.startswith("main@")), None)
     head = last[0]
     lines = [f"The demo's training loop (`{head['config']}`, train.py as it runs, evaluation and "
-             f"pictures off) on {head['cpu']} ({head['cpu_count']} cores), fp32 unless said, "
-             f"torch {head['torch']}, commit {head['commit']}, {head['date'][:10]}; medians of "
-             f"{len(head['scenes_per_s_runs'])} runs (`benchmarks/results/cpu.jsonl`):", "",
-             "| variant | what | scenes/s | vs " + (ref["variant"] if ref else "demo") +
-             " | beside a busy process |", "| --- | --- | --- | --- | --- |"]
-    base = ref or idle.get("demo")
+             f"pictures off) on {head['cpu']} ({head['cpu_count']} cores), torch {head['torch']}, "
+             f"commit {head['commit']}, {head['date'][:10]}; medians of "
+             f"{len(head['scenes_per_s_runs'])} runs, each ratio the median of ratios between runs "
+             f"next to each other (`benchmarks/results/cpu.jsonl`). Busy: beside one CPU-bound "
+             f"process.", "",
+             "| variant | what | dtype | threads | scenes/s | vs " + (ref["variant"] if ref else "demo") +
+             " | beside a busy process (threads) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def threads(r):
+        return "/".join(sorted({str(n) for n in r["threads"] if n is not None})) or "2 (torch's)"
     for name, r in idle.items():
-        ratio = f"{r['scenes_per_s'] / base['scenes_per_s']:.2f}x" if base else ""
         other = busy.get(name)
-        slow = (f"{other['scenes_per_s']:.0f} scenes/s ({r['scenes_per_s'] / other['scenes_per_s']:.1f}x "
-                f"slower)" if other else "")
-        lines.append(f"| {name} | {r['what']} | {r['scenes_per_s']:.0f} | {ratio} | {slow} |")
+        slow = (f"{other['scenes_per_s']:.0f} scenes/s, {other['busy_slowdown']:.1f}x slower "
+                f"({threads(other)})" if other else "")
+        lines.append(f"| {name} | {r['what']} | {r['precision'] or 'fp32'} | {threads(r)} | "
+                     f"{r['scenes_per_s']:.0f} | {r['vs_baseline']:.2f}x | {slow} |")
     return "\n".join(lines)
 
 
@@ -393,7 +419,7 @@ def main(argv=None) -> int:
                 append_result("cpu", record)
         return 0
     records = measure(args)
-    summarise(records, f"main@{args.baseline}" if args.baseline else "demo")
+    summarise(records)
     if not args.no_save:
         for record in records:
             append_result("cpu", record)

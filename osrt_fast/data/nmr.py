@@ -190,6 +190,9 @@ class NMRDataset(SceneCache, Dataset):
         return {k: np.stack([cams[f"{k}_{i}"] for i in range(self.num_views)])
                 for k in ("world_mat_inv", "camera_mat_inv")}
 
+    def split_scenes(self) -> list:
+        return list(range(min(self.num_scenes, len(self))))
+
     def _read_scene(self, scene: int):
         self._check_files(scene)
         cams = self._load_cameras(scene)

@@ -235,6 +235,10 @@ class ObSuRFDataset(SceneCache, Dataset):
                               f"{self.num_entities - 1})")
         return np.ascontiguousarray(img[..., :3], dtype=np.uint8), mask.astype(np.uint8)
 
+    def split_scenes(self) -> list:
+        n = len(self.idxs)
+        return [int(self.idxs[k]) for k in range(min(n, len(self)))]
+
     def _read_scene(self, scene: int) -> list:
         return [self._load_view(scene, v) for v in range(self.num_views)]
 

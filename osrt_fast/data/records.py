@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cameras import matrix_rays
-from .errors import DataError
+from .errors import CorruptFile, DataError
 
 
 ENCODER_MULTIPLE = 8       # the encoder's stride: input views' sides must be multiples of it
@@ -159,8 +159,9 @@ _M64 = 1 << 64
 class SceneCache:
     """Mixin of the readers that decode a scene's files (`_read_scene(scene)`): with `cache` set
     to a dict (`data.cache`), each scene is kept in memory once decoded, so later epochs read
-    nothing. Each loader process fills its own copy. Callers must not change what
-    `_load_scene` returns (the readers stack it into new arrays)."""
+    nothing; the trainer fills the training set's at once (`fill_cache`), before loader
+    processes start (they inherit it). Callers must not change what `_load_scene` returns (the
+    readers stack it into new arrays)."""
 
     cache: Optional[dict] = None
 
@@ -170,6 +171,28 @@ class SceneCache:
         if scene not in self.cache:
             self.cache[scene] = self._read_scene(scene)
         return self.cache[scene]
+
+    def split_scenes(self) -> list:
+        """The scene numbers this split's items read (`_read_scene`'s argument)."""
+        raise NotImplementedError
+
+    def fill_cache(self, bar=None) -> int:
+        """Decodes every scene of the split into the cache at once (the training set before its
+        first step: without it, the first epoch decodes as it goes, its steps' times vary, and a
+        loader process forked later would start empty). A scene that cannot be read is left out,
+        for the reader's usual skip and warning. `bar`: a tqdm-like progress bar, updated per
+        scene. Returns the number of scenes cached."""
+        if self.cache is None:
+            raise ValueError("fill_cache needs the dataset's cache on (data.cache)")
+        for scene in self.split_scenes():
+            if scene not in self.cache:
+                try:
+                    self.cache[scene] = self._read_scene(scene)
+                except CorruptFile:
+                    pass
+            if bar is not None:
+                bar.update(1)
+        return len(self.cache)
 
 
 def _i64(c: int) -> int:
