@@ -307,6 +307,9 @@ def reference(args) -> list:
 
     from benchmarks.gpu.suite import import_reference, reference_batch
     from benchmarks.speed.bench_train_step import Step
+    from osrt_fast import process
+
+    process.setup()                     # as train.py sets up its process (both steps alike)
 
     scenes, views, size, rays, slots = args.ref_shape
     ReferenceOSRT, SRTTrainer = import_reference(args.reference)
