@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .files import TMP_PREFIX, explain_write_error
+from .files import TMP_PREFIX, explain_write_error, file_mode
 
 FORMAT_VERSION = 1
 
@@ -142,6 +142,7 @@ def _write_verified(path: str, state: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=folder)
     try:
+        os.fchmod(fd, file_mode())            # as readable as any other file (mkstemp: 0600)
         with os.fdopen(fd, "wb") as f:
             try:
                 torch.save(state, f)
@@ -327,7 +328,32 @@ def _mismatch_report(part: str, expected: dict, found: dict) -> list:
     return lines
 
 
-def _hint(state: dict) -> str:
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Model config keys that choose how the model is computed, not its parameters' shapes.
+_NOT_SHAPE = ("backend", "encoder_attention")
+
+
+def config_difference(written: dict, current) -> list:
+    """'key: checkpoint X, config Y' for each model config entry (flattened, `*_kwargs` inside)
+    where the checkpoint's config and `current` (a ModelConfig) differ."""
+    now = _flat(_config_dict(current))
+    then = _flat(written)
+    keys = [k for k in sorted(set(now) | set(then))
+            if now.get(k) != then.get(k) and k.split(".")[-1] not in _NOT_SHAPE]
+    return [f"{k}: checkpoint {then.get(k, '(default)')!r}, config {now.get(k, '(default)')!r}"
+            for k in keys]
+
+
+def _hint(state: dict, current=None) -> str:
     enc, dec = state.get("encoder", {}), state.get("decoder", {})
     hints = []
     slots = enc.get("slot_attention.initial_slots")
@@ -342,6 +368,13 @@ def _hint(state: dict) -> str:
     elif "render_mlp.net.0.weight" in dec:
         hints.append("decoder: srt")
     cfg = state.get("osrt_fast", {}).get("model_config") if isinstance(state.get("osrt_fast"), dict) else None
+    if cfg and current is not None:
+        diff = config_difference(cfg, current)
+        if diff:
+            return ("The checkpoint was written for another model config; where it differs from "
+                    "this one:\n  " + "\n  ".join(diff[:8])
+                    + (f"\n  ... {len(diff) - 8} more" if len(diff) > 8 else "")
+                    + "\nUse the config it was trained with (its run folder's config.yaml).")
     if cfg:
         return f" The checkpoint was written for model config {cfg}."
     return f" The checkpoint looks like: {'; '.join(hints)}." if hints else ""
@@ -373,8 +406,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     for part, module in modules.items():
         problems += _mismatch_report(part, module.state_dict(), state[part])
     if problems and strict:
+        shown = problems[:4] + ([f"... {len(problems) - 4} more"] if len(problems) > 4 else [])
         raise CheckpointError(f"checkpoint '{path}' does not fit this model:\n  "
-                              + "\n  ".join(problems) + "\n" + _hint(state).strip())
+                              + "\n  ".join(shown) + "\n"
+                              + _hint(state, getattr(model, "cfg", None)).strip())
     if problems:
         print(f"warning: loading '{path}' non-strictly; skipped:\n  " + "\n  ".join(problems))
     fitting = {}
@@ -408,12 +443,15 @@ def load_trained_model(config_path: str, checkpoint: Optional[str] = None, devic
     the config's model with `checkpoint` (default <run dir>/model.pt) loaded; `device` defaults
     to the config's training.device. ConfigError or CheckpointError naming the problem and the
     fix."""
-    from .config import load_config
+    from .config import load_config, similar_file
     from .model import model_of_config_file
     from .parallel import resolve_device
     from .runs import run_dir_for
     cfg = load_config(config_path)
     path = checkpoint or os.path.join(run_dir_for(config_path, run_dir), "model.pt")
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise CheckpointError(f"checkpoint file '{checkpoint}' (--checkpoint) does not exist"
+                              f"{similar_file(checkpoint)}")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: train first (python train.py "
                               f"{config_path}) or pass --checkpoint PATH")

@@ -39,7 +39,7 @@ BACKENDS = ("eager", "triton", "folded")
 ENCODER_ATTENTION = ("sdpa", "xformers")
 PRECISIONS = ("fp32", "bf16", "auto")
 PARALLEL = ("fsdp", "ddp")
-CACHED_DATASETS = ("procedural", "clevr3d", "obsurf_msn", "nmr")     # readers with a SceneCache
+CACHED_DATASETS = ("procedural", "clevr3d", "obsurf_msn", "nmr", "posed")     # readers with a SceneCache
 
 # data.kwargs per dataset: key -> (type, minimum or None, meaning). None as a value means "the
 # dataset's default" for every key.
@@ -63,6 +63,9 @@ DATASET_OPTIONS = {
     "clevr3d": _FOLDER, "obsurf_msn": _FOLDER, "osrt": _KUBRIC, "msn": _KUBRIC,
     "nmr": {"downsample": _FOLDER["downsample"]},
     "shards": {"downsample": _FOLDER["downsample"], "num_input_views": _FOLDER["num_input_views"]},
+    "posed": {"downsample": _FOLDER["downsample"], "num_input_views": _FOLDER["num_input_views"],
+              "num_entities": (int, 1, "instance ids the masks hold, background included "
+                                       "(default: transforms.json's, else the masks' largest + 1)")},
 }
 
 
@@ -224,13 +227,15 @@ def part_config(part: str, name: str, kwargs: Optional[dict]):
     reference's flat `<part>_kwargs` (the ray keys gathered into `rays`), every key checked."""
     registry = ENCODER_CONFIGS if part == "encoder" else DECODER_CONFIGS
     if name not in registry:
-        raise ConfigError(f"unknown model.{part} {name!r}; valid: {', '.join(registry)}")
+        raise ConfigError(f"unknown model.{part} {name!r}{nearest(name, registry)}; valid: "
+                          f"{', '.join(registry)}")
     cls, flat = registry[name], dict(kwargs or {})
     valid = [f.name for f in dataclasses.fields(cls) if f.name != "rays"] + list(RAY_KEYS)
     unknown = sorted(set(flat) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in model.{part}_kwargs for {part} {name!r}; "
-                          f"valid keys: {', '.join(sorted(valid))}")
+        raise ConfigError(f"unknown key(s) {unknown_keys_text(unknown, valid)} in "
+                          f"model.{part}_kwargs for {part} {name!r}; valid keys: "
+                          f"{', '.join(sorted(valid))}")
     rays = {k: flat.pop(k) for k in RAY_KEYS if k in flat}
     where = f"model.{part}_kwargs"
     typed = build(cls, flat, where)
@@ -414,6 +419,25 @@ def coerce(where: str, value, kind, *, help: str = "", choices=None, min=None, m
     return value
 
 
+def closest(word: str, choices) -> Optional[str]:
+    """The one of `choices` nearest to a mistyped `word`, if one is close."""
+    import difflib
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def nearest(word: str, choices) -> str:
+    """' (did you mean X?)' for the closest of `choices` to a mistyped `word`, or ''."""
+    near = closest(word, choices)
+    return f" (did you mean {near!r}?)" if near else ""
+
+
+def unknown_keys_text(unknown, valid, where: str = "") -> str:
+    """"'where.a' (did you mean 'c'?), 'where.b'" for the keys `unknown`, each with the nearest of
+    `valid` where one is close."""
+    return ", ".join(repr(f"{where}.{k}" if where else k) + nearest(k, valid) for k in unknown)
+
+
 def build(cls, values: Any, where: str):
     """A `cls` (a config dataclass) from a mapping, every field checked (see `coerce`)."""
     if values is None:
@@ -426,7 +450,7 @@ def build(cls, values: Any, where: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(repr(f'{where}.{k}') for k in unknown)}; "
+            f"unknown key(s) {unknown_keys_text(unknown, fields, where)}; "
             f"valid keys in '{where}' are: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: coerce(f"{where}.{name}", value, hints[name], **fields[name].metadata)
@@ -444,8 +468,8 @@ def checked_data_kwargs(dataset: str, kwargs: Optional[dict]) -> dict:
     valid = DATASET_OPTIONS[dataset]
     unknown = sorted(set(kwargs or {}) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown data.kwargs key(s) {unknown} for dataset '{dataset}'; valid keys "
-                          f"are: {', '.join(valid)}")
+        raise ConfigError(f"unknown data.kwargs key(s) {unknown_keys_text(unknown, valid)} for "
+                          f"dataset '{dataset}'; valid keys are: {', '.join(valid)}")
     return {key: coerce(f"data.kwargs.{key}", value, Optional[valid[key][0]], min=valid[key][1],
                         help=valid[key][2])
             for key, value in (kwargs or {}).items()}
@@ -502,20 +526,58 @@ def micro_batch_size(t: TrainingConfig, world_size: int) -> int:
     return t.batch_size // parts
 
 
+def similar_file(path: str) -> str:
+    """' (did you mean X?)' for the file of `path`'s folder whose name is nearest to its own."""
+    folder = os.path.dirname(path) or "."
+    try:
+        names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))]
+    except OSError:
+        return ""
+    near = closest(os.path.basename(path), names)
+    return f" (did you mean '{os.path.join(os.path.dirname(path), near)}'?)" if near else ""
+
+
 def load_config(path: str) -> Config:
     """Reads a YAML config (safe loader) into a checked Config."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "config.yaml")
+        raise ConfigError(f"'{path}' is a folder, not a config file: pass a config file"
+                          + (f" ({inside}, the run folder's)" if os.path.isfile(inside) else
+                             ", such as configs/demo.yaml"))
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; the configs shipped with "
-                          "osrt-fast are in configs/ (e.g. configs/demo.yaml)")
+        raise ConfigError(f"config file '{path}' does not exist{similar_file(path)}; the configs "
+                          "shipped with osrt-fast are in configs/ (e.g. configs/demo.yaml)")
     with open(path, "r") as f:
         try:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
     try:
-        return config_from_dict(raw)
+        cfg = config_from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    find_relative_data(cfg, path)
+    return cfg
+
+
+def find_relative_data(cfg: Config, config_path: str, levels: int = 3) -> None:
+    """A relative data.path names a folder under the current one (as in the reference). Where the
+    current folder has no such path but the config's folder or one of the `levels` above it has
+    (a clone's configs/*.yaml, a run's runs/<name>/config.yaml, used from another folder), that
+    one is used, and a line says so: a command started elsewhere finds the data it was trained
+    on instead of generating a second copy."""
+    relative = cfg.data.resolved_path()
+    if os.path.isabs(relative) or os.path.exists(relative):
+        return
+    here = os.path.dirname(os.path.abspath(config_path))
+    for _ in range(levels + 1):
+        candidate = os.path.join(here, relative)
+        if os.path.exists(candidate):
+            cfg.data.path = candidate
+            print(f"note: data.path '{relative}' is not in the current folder; using {candidate}, "
+                  f"found from the config's folder")
+            return
+        here = os.path.dirname(here)
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -18,10 +18,10 @@ from typing import Optional, Sequence
 
 from . import process
 from .checkpoint import load_trained_model
-from .data import batch_spec, get_dataset
+from .data import batch_spec, get_dataset, scenes_and_views
 from .errors import UsageError, command
 from .files import write_error
-from .runs import run_dir_for
+from .runs import output_dir_for
 from .slots import encode_scenes, save_slots
 
 
@@ -63,11 +63,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     spec = batch_spec(cfg.data, dataset)
     if stop > len(dataset):
         raise UsageError(f"--scenes {args.scenes}: the {args.split} split has {len(dataset)} "
-                         f"scenes (0-{len(dataset) - 1})")
+                         f"items (0-{len(dataset) - 1}){scenes_and_views(dataset)}")
     t0 = time.perf_counter()
     slot_set = encode_scenes(model, dataset, spec, range(start, stop), cfg.to_dict(), device,
                              args.split, ckpt, state.get("it"))
-    out = args.out or os.path.join(run_dir_for(args.config), "slots.safetensors")
+    out = args.out or os.path.join(output_dir_for(args.config, args.checkpoint), "slots.safetensors")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save_slots(out, slot_set)

@@ -25,7 +25,7 @@ from .errors import command
 from .files import write_error
 from .metrics import adjusted_rand_index, fg_ari, lpips_metric, psnr, ssim
 from .progress import progress_bar
-from .runs import run_dir_for
+from .runs import output_dir_for, run_dir_for
 
 
 def compute_loss(model, batch: dict, max_rays: Optional[int] = None, slot_balance: float = 0.0,
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
               "it": state.get("it"), **result}
     # Printed first: a file that cannot be written loses none of what was computed.
     print(json.dumps(result, indent=2))
-    out = args.output or os.path.join(run_dir, f"eval_{split}{'_full' if args.full_scale else ''}.json")
+    out = args.output or os.path.join(output_dir_for(args.config, args.checkpoint, args.run_dir),
+                                      f"eval_{split}{'_full' if args.full_scale else ''}.json")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:

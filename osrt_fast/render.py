@@ -27,11 +27,13 @@ import torch
 from .cameras import MOTIONS
 from . import process
 from .checkpoint import CheckpointError, load_trained_model
-from .data import batch_spec, get_dataset, is_stream, model_batch, scene_records
+from .config import similar_file
+from .data import (batch_spec, get_dataset, is_stream, model_batch, scene_records,
+                   scenes_and_views)
 from .errors import UsageError, command
 from .files import WriteError, explain_write_error
 from .rendering import check_video_support, render_scene_frames
-from .runs import run_dir_for
+from .runs import output_dir_for, run_dir_for
 from .slots import SlotsError, check_model_matches, load_slots, visible_slots
 
 # What a render into an unwritable run folder can do instead: it has no output flag.
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=30, help="Video frame rate.")
     p.add_argument("--slots", type=str, help="Render the scenes of this slots file (python -m "
                                              "osrt_fast.encode) instead of the dataset's.")
+    p.add_argument("--scene", type=str, metavar="DIR",
+                   help="Encode this one scene folder (your own posed images, with a "
+                        "transforms.json: docs/datasets.md) and render new views of it, instead "
+                        "of the dataset's scenes.")
     p.add_argument("--hide", type=int, nargs="+", default=[], metavar="K",
                    help="Slots to leave out of the mixing (object removal).")
     p.add_argument("--solo", type=int, metavar="K", help="Render from this slot alone.")
@@ -81,6 +87,8 @@ def check_args(args) -> Tuple[int, int]:
         raise UsageError(f"--num-frames must be positive, got {args.num_frames}")
     if args.it is not None and args.checkpoint is not None:
         raise UsageError("--it and --checkpoint both name a checkpoint; give one of them")
+    if args.scene is not None and args.slots is not None:
+        raise UsageError("--scene and --slots both name what to render; give one of them")
     for flag in ("sceneid", "sceneid_start", "sceneid_stop"):
         value = getattr(args, flag)
         if value is not None and value < 0:
@@ -105,8 +113,14 @@ def checkpoint_of(args, run_dir: str) -> Optional[str]:
     if args.checkpoint is None and args.it is None:
         return None
     path = args.checkpoint or os.path.join(run_dir, f"model_{args.it}.pt")
+    if args.checkpoint and not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file '{path}' (--checkpoint) does not exist"
+                              f"{similar_file(path)}")
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}; check the path / iteration (--it) given")
+        saved = sorted(n for n in os.listdir(run_dir) if n.startswith("model_") and n.endswith(".pt")) \
+            if os.path.isdir(run_dir) else []
+        raise CheckpointError(f"no checkpoint at {path} (--it {args.it}); the run folder holds "
+                              + (", ".join(saved) if saved else "no model_<it>.pt backups"))
     return path
 
 
@@ -117,11 +131,25 @@ def dataset_scenes(cfg, train: bool, start: int, stop: int) -> Iterator[tuple]:
     spec = batch_spec(cfg.data, dataset)
     if not is_stream(dataset) and stop > len(dataset):
         raise UsageError(f"scene ids [{start}, {stop}) out of range: the {split} set has "
-                         f"{len(dataset)} scenes")
+                         f"{len(dataset)} items{scenes_and_views(dataset)}, so --sceneid takes 0 "
+                         f"to {len(dataset) - 1}")
     # A stream can't be indexed: it is skipped to the first scene, as the reference does (the
     # Kubric reader skips whole records without decoding them).
     for sceneid, record in zip(range(start, stop), scene_records(dataset, range(start, stop))):
         yield sceneid, model_batch(record, spec), None
+
+
+def folder_scene(cfg, folder: str) -> Iterator[tuple]:
+    """(the folder's name, model inputs, None) of one posed scene folder (data/posed.py), its
+    input views the config's data.kwargs num_input_views (default 1) first frames."""
+    from .data.posed import PosedDataset
+    if not os.path.isfile(os.path.join(folder, "transforms.json")):
+        raise UsageError(f"--scene {folder}: no transforms.json there; a scene folder holds its "
+                         f"images and a transforms.json (docs/datasets.md, 'Your own scenes')")
+    views = int((cfg.data.kwargs or {}).get("num_input_views") or 1)
+    dataset = PosedDataset(folder, None, num_input_views=views)
+    spec = batch_spec(cfg.data, dataset)
+    yield os.path.basename(os.path.normpath(folder)), model_batch(dataset[(0, 0)], spec), None
 
 
 def slots_file_scenes(path: str, model, start: int, stop: int) -> Iterator[tuple]:
@@ -183,10 +211,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     visible = visible_of(args, model, cfg)
     scenes = (slots_file_scenes(args.slots, model, start, stop) if args.slots
+              else folder_scene(cfg, args.scene) if args.scene
               else dataset_scenes(cfg, args.train, start, stop))
     name = args.name or args.motion
+    out_root = output_dir_for(args.config, ckpt_path)
     for sceneid, item, slots in scenes:
-        out_dir = os.path.join(run_dir, "render", name, str(sceneid))
+        out_dir = os.path.join(out_root, "render", name, str(sceneid))
         result = render_one(args, model, item, out_dir, device, slots, visible)
         fps = result["num_frames"] / max(result["seconds"], 1e-9)
         print(f"Scene {sceneid}: {result['num_frames']} frames ({fps:.1f} frames/s) written to "

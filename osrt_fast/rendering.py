@@ -423,7 +423,7 @@ def visualize(model, batch: dict, path: Optional[str], device, num_angles: int =
                             "clustering"))
             if i == 0 and "input_masks" in batch:
                 score = fg_ari(true.flatten(1, 2).float(), seg.flatten(1, 2).float())
-                labels = [f"FG-ARI {100 * s:.1f}" for s in score.tolist()]
+                labels = [f"FG-ARI {s:.2f}" for s in score.tolist()]
     if path is not None:
         draw_visualization_grid(columns, path, row_labels=labels)
     if was_training:

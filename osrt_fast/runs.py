@@ -32,6 +32,20 @@ def run_dir_for(config_path: str, override: Optional[str] = None) -> str:
     return os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
 
 
+def output_dir_for(config_path: str, checkpoint: Optional[str] = None,
+                   override: Optional[str] = None) -> str:
+    """Where a command that reads a trained model writes (renders, metrics, slots, views): the
+    config's run folder (`run_dir_for`), except for a --checkpoint from outside it, whose
+    outputs go to runs/checkpoint-<its name>/, so they never mix with a run of the same config
+    (configs/demo.pt with configs/demo.yaml: runs/checkpoint-demo/). `override`: --run-dir."""
+    run_dir = run_dir_for(config_path, override)
+    if override or not checkpoint:
+        return run_dir
+    if os.path.abspath(checkpoint).startswith(os.path.abspath(run_dir) + os.sep):
+        return run_dir
+    return os.path.join("runs", f"checkpoint-{os.path.splitext(os.path.basename(checkpoint))[0]}")
+
+
 def claim_run_dir(run_dir: str) -> FolderLock:
     """Makes the run directory and takes its lock (held until the process ends); removes the
     temporary files of saves that a killed run left. A folder that cannot be written is a
@@ -151,12 +165,39 @@ class TrainOptions:
     max_eval: Optional[int] = None       # evaluate on at most this many items
     full_scale: bool = False             # evaluate on every pixel of the target views
     print_model: bool = False            # print the model and its parameters
+    final_look: bool = True              # a run stopped between evaluations evaluates and draws once
 
     @classmethod
     def from_args(cls, args) -> "TrainOptions":
         """The options of train.py's parsed command line (`parse_train_args`)."""
         return cls(args.exit_after, args.max_minutes, "test" if args.test else "val", args.evalnow,
-                   args.visnow, args.wandb, args.max_eval, args.full_scale, args.print_model)
+                   args.visnow, args.wandb, args.max_eval, args.full_scale, args.print_model,
+                   not args.no_final_look)
+
+
+def whole_number(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def positive_minutes(text: str) -> float:
+    """argparse type: a number of minutes > 0."""
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -176,19 +217,23 @@ def parse_train_args(argv=None):
     import argparse
     p = argparse.ArgumentParser(description="Train OSRT (the reference's train.py flags).")
     p.add_argument("config", help="Path to a config file (configs/*.yaml or a run's config.yaml).")
-    p.add_argument("--exit-after", type=int, metavar="N",
+    p.add_argument("--exit-after", type=whole_number, metavar="N",
                    help="Stop (saving model.pt) at iteration N, counted from the run's start: a run "
                         "resumed at 1000 with --exit-after 1500 trains 500 more steps.")
-    p.add_argument("--max-minutes", type=float,
+    p.add_argument("--max-minutes", type=positive_minutes,
                    help="Stop (saving model.pt) once the run's training time, summed over all its "
                         "resumes as the log's 'time', reaches this many minutes.")
     p.add_argument("--test", action="store_true", help="Evaluate on the test split instead of val.")
     p.add_argument("--evalnow", action="store_true", help="Run evaluation on startup.")
     p.add_argument("--visnow", action="store_true", help="Run visualisation on startup.")
     p.add_argument("--wandb", action="store_true", help="Log to Weights and Biases (optional extra).")
-    p.add_argument("--max-eval", type=int, help="Limit the number of items in the evaluation set.")
+    p.add_argument("--max-eval", type=positive_int, help="Limit the number of items in the evaluation set.")
     p.add_argument("--full-scale", action="store_true", help="Evaluate on full images.")
     p.add_argument("--print-model", action="store_true", help="Print the model and its parameters.")
+    p.add_argument("--no-final-look", action="store_true",
+                   help="When the run stops between its evaluations (--exit-after, --max-minutes, "
+                        "Ctrl-C, SIGTERM), do not evaluate and draw its pictures once more after "
+                        "saving (Ctrl-C during that skips it too).")
     p.add_argument("--run-dir", help="Run directory (default: the config's folder for config.yaml, "
                                      "else runs/<config name>).")
     p.add_argument("--threads", type=positive_int, metavar="N",

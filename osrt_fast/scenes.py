@@ -579,8 +579,8 @@ def _render_scenes(root: str, todo: list, scenes: list, camera_pos: np.ndarray, 
     num_views = camera_pos.shape[1]
     bar = None
     if progress and todo:
-        from osrt_fast.progress import progress_bar
-        bar = progress_bar(total=len(todo), unit="scene", desc=f"generating {root}")
+        from osrt_fast.progress import progress_counter
+        bar = progress_counter(len(todo), f"generating {root}", "scene")
     for start in range(0, len(todo), batch_scenes):
         chunk = todo[start:start + batch_scenes]
         # Camera positions are rendered from the stored float32 values: the loader's rays

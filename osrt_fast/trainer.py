@@ -73,6 +73,7 @@ class Trainer:
         self.pending, self.saved_it, self.last_batch = [], None, None
         self.sign = 1 if self.t.model_selection_mode == "maximize" else -1
         self.best = -self.sign * math.inf
+        self.looked = {}                 # "evaluate" / "visualize" -> the iteration last done
         self.resume()
         self.build_loaders()
         self.guard = StepGuard(self.t.max_nonfinite_steps, self.t.divergence)
@@ -212,6 +213,7 @@ class Trainer:
         metric on the validation split is saved."""
         t, split = self.t, self.options.eval_split
         self.say(f"Evaluating on {split} ({len(self.eval_set)} items)...")
+        self.looked["evaluate"] = self.it
         result = evaluate(self.model, self.eval_loader, self.device, self.eval_spec,
                           max_rays=self.max_rays, precision=t.precision)
         self.say(f"Evaluation at it={self.it}: " + ", ".join(
@@ -228,6 +230,7 @@ class Trainer:
             self.say(f"New best model ({t.model_selection_metric} {self.best:.4f}), saved model_best.pt")
 
     def visualize(self) -> None:
+        self.looked["visualize"] = self.it
         for name, spec in (("val", self.eval_spec), ("train", self.train_spec)):
             path = os.path.join(self.run_dir, f"renders-{name}.png") if self.info.is_main else None
             visualize(self.model, make_batch(self.vis_records[name], spec), path, self.device,
@@ -322,6 +325,7 @@ class Trainer:
         diverged (nothing saved over the last good checkpoint)."""
         self.announce()
         self.model.train()
+        start = self.it
         with GracefulStop() as stop:
             batches, code = iter(self.train_loader), 0
             try:
@@ -352,6 +356,8 @@ class Trainer:
                 self.final_save()
             except DivergenceError as e:
                 return self.diverged(e)
+        # Out of the handlers: model.pt is saved, so a Ctrl-C here skips the rest at once.
+        self.final_look(start)
         if code:
             self.say("Saved. Run the same command to resume.")
             return code
@@ -359,6 +365,24 @@ class Trainer:
                    f"min of training) at iteration {self.it}" if self.out_of_time() else f"iteration {self.it}")
         self.say(f"Reached {reached}; saved {os.path.join(self.run_dir, 'model.pt')}.")
         return 0
+
+    def final_look(self, start: int) -> None:
+        """A run that stops between its evaluations (--exit-after, --max-minutes, a signal)
+        evaluates and draws its pictures once more at the iteration it reached, after saving, so
+        a short run still shows what it learned. Not when this run took no step or they are
+        off (validate_every / visualize_every 0), with --no-final-look, and Ctrl-C skips it."""
+        t = self.t
+        due = [(name, every) for name, every in (("visualize", t.visualize_every),
+                                                 ("evaluate", t.validate_every))
+               if every > 0 and self.looked.get(name) != self.it]
+        if not self.options.final_look or self.it == start or not due:
+            return
+        self.say(f"Stopped between evaluations: one more at iteration {self.it} (Ctrl-C skips it).")
+        try:
+            for name, _ in due:
+                getattr(self, name)()
+        except KeyboardInterrupt:
+            self.say("Skipped.")
 
     def diverged(self, e: Exception) -> int:
         print(f"error: {e} {self.resume_hint()}", file=sys.stderr)

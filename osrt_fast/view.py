@@ -33,7 +33,7 @@ import torch
 
 from . import process
 from .errors import MissingExtra, UsageError, command
-from .runs import run_dir_for
+from .runs import output_dir_for
 from .slots import SlotSet, SlotsError, check_model_matches, encode_scenes, load_slots, render_view
 from .drawing import segmentation_colors
 
@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 def save_dir_of(args) -> str:
     """Where 'save view as PNG' writes: --save-dir, else the run folder's views/ (not the
     current folder, which is often a clone's root)."""
-    return args.save_dir or os.path.join(run_dir_for(args.config), "views")
+    return args.save_dir or os.path.join(output_dir_for(args.config, args.checkpoint), "views")
 
 
 def open_viewer(args) -> Viewer:

@@ -27,7 +27,7 @@ def test_readme_demo_command_trains(tmp_path):
 
 MODULES = ("osrt_fast.evaluate", "osrt_fast.encode", "osrt_fast.view", "osrt_fast.scenes",
            "osrt_fast.data.check", "osrt_fast.data.kubric", "osrt_fast.data.nmr",
-           "osrt_fast.data.shards", "osrt_fast.render")
+           "osrt_fast.data.shards", "osrt_fast.data.posed", "osrt_fast.render")
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -116,5 +116,6 @@ def test_a_model_key_typo_names_the_config_file(tmp_path, monkeypatch, capsys):
     assert trainer.main([config, "--exit-after", "1"]) == 2
     assert evaluate_main([config, "--checkpoint", os.path.join(ROOT, "configs", "demo.pt"), "--no-cuda"]) == 2
     for line in capsys.readouterr().err.strip().splitlines():
-        assert line.startswith(f"error: {config}: unknown key(s) ['num_slot'] in model.encoder_kwargs")
+        assert line.startswith(f"error: {config}: unknown key(s) 'num_slot' (did you mean "
+                               f"'num_slots'?) in model.encoder_kwargs")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()

@@ -43,3 +43,16 @@ def test_a_wheel_installs_the_kernels_as_osrt_fast_kernels(tmp_path):
     package, kernel = out.stdout.split()
     assert package == str(site / "osrt_fast" / "__init__.py")
     assert kernel == str(site / "osrt_fast" / "kernels" / "slot_attention.py")
+    # The installed commands: entry points of the wheel, each running from any folder.
+    entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    scripts = zipfile.ZipFile(wheel).read(entry).decode()
+    commands = ("osrt-train", "osrt-evaluate", "osrt-render", "osrt-encode", "osrt-view",
+                "osrt-scenes", "osrt-check-data", "osrt-shards")
+    for name in commands:
+        assert f"{name} = osrt_fast." in scripts, name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("osrt-train", "osrt-scenes"):
+        out = subprocess.run([str(site / "bin" / name), "--help"], cwd=elsewhere, capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": str(site)})
+        assert out.returncode == 0 and "usage:" in out.stdout, (name, out.stderr)

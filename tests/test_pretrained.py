@@ -69,7 +69,7 @@ def test_commands_take_the_checkpoint(held_out, tmp_path, monkeypatch, capsys):
     spec.loader.exec_module(render)
     assert render.main([held_out, "--checkpoint", CHECKPOINT, "--num-frames", "2", "--novideo",
                         "--no-cuda"]) == 0
-    frames = tmp_path / "runs" / "demo_held_out" / "render" / "rotate" / "0" / "segmentations"
+    frames = tmp_path / "runs" / "checkpoint-demo" / "render" / "rotate" / "0" / "segmentations"
     assert len(os.listdir(frames)) == 2
     out = tmp_path / "eval.json"
     assert evaluate_main([held_out, "--checkpoint", CHECKPOINT, "--max-eval", "4", "--no-cuda",

@@ -58,7 +58,8 @@ def test_nmr_conversion(tmp_path):
 
 
 def test_kubric_conversion_and_random_views(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow_datasets",
+                        reason="tensorflow-datasets is not installed: pip install 'osrt-fast[tfds]'")
     from osrt_fast.data import kubric
     root = str(tmp_path / "k")
     kubric.write_fixture(root, {"train": 5, "validation": 1, "test": 1}, 16, 16, shards=1)

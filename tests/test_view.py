@@ -74,7 +74,7 @@ def test_viewer_renders_what_render_view_gives_from_a_split_or_a_slots_file(tiny
 def test_viewer_cli_names_bad_input(tiny_run, tmp_path, capsys):
     config, _ = tiny_run
     assert view_main([config, "--checkpoint", str(tmp_path / "none.pt")]) == 2
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert "(--checkpoint) does not exist" in capsys.readouterr().err
     assert view_main([config, "--slots", str(tmp_path / "none.safetensors")]) == 2
     assert "no slots file at" in capsys.readouterr().err
 
@@ -204,6 +204,8 @@ def test_the_viewer_shows_its_render_in_a_real_browser(tiny_run, tmp_path):
             driver.save_screenshot(shot_path)
         finally:
             driver.quit()
+        time.sleep(2)           # the browser gone: the viewer goes on without a warning
+        assert not [x for x in viewer.output if "Warning" in x], "".join(viewer.output)
     finally:
         viewer.stop()
     frame = np.asarray(Image.open(saved).convert("RGB"))

@@ -8,6 +8,7 @@ on the device, as a `BatchSpec` says (target rays, downsampling: `batch_spec(dat
     osrt / msn   kubric.KubricDataset      MSN-Hard, Kubric TFDS folder (msn: without masks)
     nmr          nmr.NMRDataset            NMR (SRT's format)
     shards       shards.ShardDataset       pre-decoded shards of any of the above (`shards.py`)
+    posed        posed.PosedDataset        your own scenes: folders with transforms.json
 """
 from __future__ import annotations
 
@@ -84,6 +85,9 @@ def get_dataset(split: str, data_cfg, max_len: Optional[int] = None):
     if name == "shards":
         from .shards import ShardDataset
         return ShardDataset(path, split, **common, **kwargs)
+    if name == "posed":
+        from .posed import PosedDataset
+        return cached(PosedDataset(path, split, **common, **kwargs), data_cfg)
     kwargs.pop("max_views", None)   # accepted and ignored, as by the reference
     if name == "procedural":
         _ensure_procedural(path, kwargs, downsample)
@@ -91,6 +95,15 @@ def get_dataset(split: str, data_cfg, max_len: Optional[int] = None):
             if k != "max_objects":
                 kwargs.pop(k, None)
     return cached(ObSuRFDataset(path, split, kind=name, **common, **kwargs), data_cfg)
+
+
+def scenes_and_views(dataset) -> str:
+    """' (S scenes, each with V choices of input views)' for a split whose items are its scenes
+    seen from several choices of input views (the folder readers), else ''."""
+    scenes = getattr(dataset, "num_scenes", None)
+    if not scenes or len(dataset) == scenes or len(dataset) % scenes:
+        return ""
+    return f" ({scenes} scenes, each with {len(dataset) // scenes} choices of input views)"
 
 
 def cached(dataset, data_cfg):
