@@ -91,8 +91,31 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        store = attempt_store(info)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
     return info, device
+
+
+def attempt_store(info: DistInfo):
+    """The process group's key-value store under torchrun: the rendezvous store that torchrun
+    names (MASTER_ADDR, MASTER_PORT), its keys under a prefix of this attempt
+    (TORCHELASTIC_RESTART_COUNT). torchrun's restarted workers share that store with the attempt
+    before, and torch's default group writes the same keys in every attempt, so a new worker
+    could read the address a killed one left there and fail to connect (gloo: 'connectFullMesh
+    failed ... Connection refused') or wait for it. None outside torchrun: torch's env://."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    from datetime import timedelta
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          info.world_size, is_master=not agent and info.rank == 0,
+                          timeout=timedelta(minutes=30), multi_tenant=not agent)
+    return dist.PrefixStore(f"osrt_fast/attempt_{attempt}", store)
 
 
 def shutdown_distributed(clean: bool = True) -> None:

@@ -10,9 +10,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -264,3 +266,81 @@ def test_optimizer_state_index_and_name_forms_round_trip():
         assert all(torch.equal(v[k], back["state"][i][k]) for k in v)
     with pytest.raises(ValueError, match="parameters"):
         parallel.optimizer_state_by_name(sd, names[:-1])
+
+
+def worker_pid(local_rank: int, marker: str):
+    """The pid of the train.py worker with LOCAL_RANK `local_rank` whose command line holds
+    `marker`, or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if "train.py" in cmdline and marker in cmdline and f"LOCAL_RANK={local_rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker to kill through /proc")
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_a_killed_worker_comes_back_on_the_first_restart_as_if_left_alone(tmp_path, data_dir,
+                                                                          parallel):
+    """Rank 1 SIGKILLed mid-run under `torchrun --max-restarts 1`: the job comes back on its first
+    restart (each attempt's process group keys apart: parallel.attempt_store), resumes from the
+    last checkpoint and ends with the weights of the same run left alone, bit for bit."""
+    steps, every = 40, 10
+    runs = {}
+    for name in ("alone", "killed"):
+        runs[name] = write_run(str(tmp_path / name), data_dir, parallel=parallel, max_it=steps,
+                               checkpoint_every=every, backup_every=0, print_every=1)
+    torchrun(runs["alone"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "1", os.path.join(ROOT, "train.py"), runs["killed"]]
+    proc = subprocess.Popen(cmd, env=torchrun_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(os.path.dirname(runs["killed"]), "log.jsonl")
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            its = [r.get("it") for r in map(json.loads, open(log))] if os.path.exists(log) else []
+            if any(it is not None and it >= every + 5 for it in its):
+                pid = worker_pid(1, runs["killed"])
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = max(i for i in its if i is not None)
+            time.sleep(0.02)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None and killed < steps, "rank 1 was not killed mid-run"
+    assert proc.returncode == 0, out[-6000:]
+    resumed = [int(m) for m in re.findall(r"Resumed from \S+ at iteration (\d+)", out)]
+    assert len(resumed) == 1 and resumed[0] % every == 0 and resumed[0] <= killed, out[-3000:]
+    a, b = (params(os.path.join(os.path.dirname(runs[n]), "model.pt")) for n in ("alone", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_torchrun_attempt_keeps_its_process_group_keys_apart(monkeypatch):
+    """What a restarted worker's process group writes into torchrun's store is under its attempt's
+    prefix, so it never reads what a worker of an earlier attempt left; outside torchrun, torch's
+    own env:// store."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from osrt_fast.parallel import DistInfo, attempt_store
+    for key in ("TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert attempt_store(DistInfo(0, 2, 0)) is None
+    server = dist.TCPStore("127.0.0.1", 0, None, is_master=True, timeout=timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        attempt_store(DistInfo(1, 2, 1)).set("default_pg/address", f"from attempt {attempt}")
+    assert server.get("osrt_fast/attempt_0/default_pg/address") == b"from attempt 0"
+    assert server.get("osrt_fast/attempt_1/default_pg/address") == b"from attempt 1"
