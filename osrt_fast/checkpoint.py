@@ -25,6 +25,27 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or does not fit the model; the message says why."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file is damaged (empty, cut short, unreadable, its weights changed since they
+    were written, or not finite): another checkpoint of the run may still be good."""
+
+
+def weights_digest(state: dict) -> str:
+    """SHA-256 of the encoder's and decoder's tensors (names, dtypes, shapes and bytes, in name
+    order), as written: load_checkpoint recomputes it, so a changed byte is found."""
+    import hashlib
+    h = hashlib.sha256()
+    for part in ("encoder", "decoder"):
+        for name in sorted(state[part]):
+            v = state[part][name]
+            if not isinstance(v, torch.Tensor):
+                continue
+            t = v.detach().cpu().contiguous()
+            h.update(f"{part}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module inside DDP / FSDP-style (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
@@ -112,7 +133,7 @@ def _write(path: str, model, state: dict, optim_sd, extras, scalars) -> None:
     from .version import __version__
     state["osrt_fast"] = {"version": FORMAT_VERSION, "package_version": __version__,
                           "model_config": _config_dict(cfg) if cfg is not None else None,
-                          **(extras or {})}
+                          "weights_sha256": weights_digest(state), **(extras or {})}
     try:
         _write_verified(path, state)
     except (OSError, RuntimeError) as e:
@@ -158,7 +179,8 @@ def _write_verified(path: str, state: dict) -> None:
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"checkpoint for {path} holds a value that weights_only loading "
                                   f"rejects (only tensors and plain values may be saved): {e}") from None
-        intact = all(set(check[p]) == set(state[p]) for p in ("encoder", "decoder"))
+        intact = (all(set(check[p]) == set(state[p]) for p in ("encoder", "decoder"))
+                  and weights_digest(check) == state["osrt_fast"]["weights_sha256"])
         if not intact or not _all_finite(check):
             raise CheckpointError(f"the checkpoint written for {path} did not read back intact "
                                   "(missing keys or non-finite tensors); the old file is kept")
@@ -226,9 +248,9 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     damaged = ("Use another checkpoint of the run (model_best.pt, a model_<it>.pt backup) or "
                "the original file")
     if kind == "empty":
-        raise CheckpointError(f"'{path}' is empty (0 bytes), not a checkpoint. {damaged}.")
+        raise DamagedCheckpoint(f"'{path}' is empty (0 bytes), not a checkpoint. {damaged}.")
     if kind == "unknown":
-        raise CheckpointError(f"'{path}' is not a PyTorch checkpoint (it is neither a zip archive "
+        raise DamagedCheckpoint(f"'{path}' is not a PyTorch checkpoint (it is neither a zip archive "
                               f"nor a pickle): the file is damaged or of another kind. {damaged}.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -241,7 +263,7 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
             f"'{path}.safe.pt')\"\n"
             f"and load '{path}.safe.pt'. Details: {str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"'{path}' is damaged: it could not be read as a PyTorch checkpoint "
+        raise DamagedCheckpoint(f"'{path}' is damaged: it could not be read as a PyTorch checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cut short'}). "
                               f"{damaged}.") from None
     if not isinstance(state, dict):
@@ -271,6 +293,7 @@ _EXTRAS = {
     "lr_scheduler": (lambda v: isinstance(v, dict), "a mapping"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
     "world_size": (lambda v: _whole(v, 1), "a whole number >= 1"),
+    "weights_sha256": (lambda v: isinstance(v, str) and len(v) == 64, "a SHA-256 hex digest"),
     "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
             and v["torch"].dtype == torch.uint8
             and all(isinstance(x, torch.Tensor) for x in v.get("cuda") or []),
@@ -288,7 +311,7 @@ def check_entries(state: dict, path: str) -> None:
         for key, (ok, expected) in table.items():
             if key in entries and not ok(entries[key]):
                 value = repr(entries[key])
-                raise CheckpointError(
+                raise DamagedCheckpoint(
                     f"'{path}' is damaged: '{where}{key}' is {value[:60]}{'...' if len(value) > 60 else ''}, "
                     f"expected {expected}. Use another checkpoint of the run (model_best.pt, a "
                     f"model_<it>.pt backup)")
@@ -396,10 +419,16 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     check_entries(state, path)
     bad = _non_finite(state)
     if bad:
-        raise CheckpointError(
+        raise DamagedCheckpoint(
             f"'{path}' has non-finite (NaN or infinite) weights ({', '.join(bad[:4])}"
             f"{' ...' if len(bad) > 4 else ''}, {len(bad)} tensors): it would render and evaluate "
             f"as NaN. Use an earlier checkpoint of the run (model_best.pt, a model_<it>.pt backup)")
+    written = (state.get("osrt_fast") or {}).get("weights_sha256")
+    if written is not None and weights_digest(state) != written:
+        raise DamagedCheckpoint(f"'{path}' is damaged: its weights differ from what was written "
+                                f"(their SHA-256 does not match the one saved with them). Use "
+                                f"another checkpoint of the run (model_best.pt, a model_<it>.pt "
+                                f"backup)")
     model = unwrap(model)
     modules = {part: unwrap(getattr(model, part)) for part in ("encoder", "decoder")}
     problems = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -23,7 +24,8 @@ from typing import Optional
 import torch
 
 from . import parallel, process
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (DamagedCheckpoint, capture_rng_state, load_checkpoint, restore_rng_state,
+                         save_checkpoint)
 from .config import Config, load_config, micro_batch_size
 from .data import (DataError, batch_spec, first_records, get_dataset, is_stream, make_batch,
                    to_device, training_loaders)
@@ -122,12 +124,28 @@ class Trainer:
 
     def resume(self) -> None:
         """Continues from the run's model_<max_it>.pt or model.pt, if there is one: parameters,
-        optimizer, iteration, best metric and RNG state."""
-        path = next((p for p in (os.path.join(self.run_dir, f"model_{self.t.max_it}.pt"),
-                                 os.path.join(self.run_dir, "model.pt")) if os.path.exists(p)), None)
-        if path is None:
+        optimizer, iteration, best metric and RNG state. A damaged one (cut short, a changed byte,
+        non-finite weights) is named and the next good one used: model.pt, then the model_<it>.pt
+        backups, newest first; when every one is damaged, the first one's error (never a silent
+        start from scratch)."""
+        found = [p for p in (os.path.join(self.run_dir, f"model_{self.t.max_it}.pt"),
+                             os.path.join(self.run_dir, "model.pt")) if os.path.exists(p)]
+        if not found:
             return
-        state = load_checkpoint(path, self.model, self.optimizer, map_location="cpu")
+        backups = sorted((int(m.group(1)), n) for n in os.listdir(self.run_dir)
+                         for m in [re.fullmatch(r"model_(\d+)\.pt", n)] if m)
+        found += [p for p in (os.path.join(self.run_dir, n) for _, n in reversed(backups))
+                  if p not in found]
+        first = None
+        for path in found:
+            try:
+                state = load_checkpoint(path, self.model, self.optimizer, map_location="cpu")
+                break
+            except DamagedCheckpoint as e:
+                first = first or e
+                self.say(f"warning: {e}; trying the run's next checkpoint.")
+        else:
+            raise first
         self.it = self.saved_it = int(state.get("it", 0))
         self.elapsed, self.run_id = float(state.get("t", 0.0)), state.get("run_id")
         self.best = float(state.get("loss_val_best", self.best))

@@ -344,3 +344,22 @@ def test_each_torchrun_attempt_keeps_its_process_group_keys_apart(monkeypatch):
         attempt_store(DistInfo(1, 2, 1)).set("default_pg/address", f"from attempt {attempt}")
     assert server.get("osrt_fast/attempt_0/default_pg/address") == b"from attempt 0"
     assert server.get("osrt_fast/attempt_1/default_pg/address") == b"from attempt 1"
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, data_dir):
+    """Rank 1 alone computes a NaN loss at step 3 (DDP): the mean loss every rank judges is NaN,
+    so all skip that step together, the run goes on, and the replicas end identical."""
+    config = write_run(str(tmp_path / "run"), data_dir, parallel="ddp", max_it=6, backup_every=0,
+                       checkpoint_every=0)
+    script = os.path.join(ROOT, "tests", "fixtures", "faults", "train_nan_on_one_rank.py")
+    cmd = torchrun_command(config)
+    cmd[cmd.index(os.path.join(ROOT, "train.py"))] = script
+    env = dict(torchrun_env(), OSRT_TEST_NAN_RANK="1", OSRT_TEST_NAN_STEP="3")
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert len(re.findall(r"non-finite loss .* at iteration 2", out)) == 2, out[-3000:]   # each rank
+    assert sorted(train_log(os.path.dirname(config))) == [1, 2, 4, 5, 6]     # step 3 skipped
+    run = os.path.dirname(config)
+    a, b = (torch.load(os.path.join(run, f"params_rank{r}.pt")) for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -318,6 +318,53 @@ def test_non_finite_weights_are_refused_by_evaluate_and_resume(tmp_path, data_di
     assert trainer.main([run]) == 2
 
 
+def test_a_changed_byte_in_the_weights_is_found(good_checkpoint, tmp_path):
+    """The weights' SHA-256 is saved with them: a changed value is named, not loaded; flipped
+    bits anywhere in the file are refused as damage."""
+    state = torch.load(good_checkpoint, weights_only=True)
+    key = next(k for k, v in state["encoder"].items() if v.is_floating_point())
+    state["encoder"][key].view(-1)[0] += 1e-3
+    path = str(tmp_path / "changed.pt")
+    torch.save(state, path)
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="its weights differ from what was written"):
+        load_checkpoint(path, OSRT(tiny_model_config()))
+    data = open(good_checkpoint, "rb").read()
+    for at in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):
+        flipped = bytearray(data)
+        flipped[at] ^= 0x10
+        (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+        with pytest.raises(checkpoint.DamagedCheckpoint):
+            load_checkpoint(str(tmp_path / "flipped.pt"), OSRT(tiny_model_config()))
+
+
+def test_resume_falls_back_to_the_newest_good_checkpoint(tmp_path, data_dir, capsys):
+    """model.pt cut short and the newest backup changed: the run names both, resumes from the
+    next good backup and trains on; with every checkpoint damaged it stops with the first one's
+    error instead of starting from scratch."""
+    run = write_run(tmp_path / "run", data_dir, max_it=8, checkpoint_every=2, backup_every=2)
+    assert trainer.main([run, "--exit-after", "6"]) == 0
+    folder = tmp_path / "run"
+    model_pt = folder / "model.pt"
+    model_pt.write_bytes(model_pt.read_bytes()[:5000])
+    state = torch.load(folder / "model_6.pt", weights_only=True)
+    next(v for v in state["decoder"].values() if v.is_floating_point()).view(-1)[0] += 1.0
+    torch.save(state, folder / "model_6.pt")
+    capsys.readouterr()
+    assert trainer.main([run]) == 0
+    out = capsys.readouterr().out
+    assert f"'{model_pt}' is damaged" in out and f"'{folder / 'model_6.pt'}' is damaged" in out
+    assert f"Resumed from {folder / 'model_4.pt'} at iteration 4" in out
+    assert logged_its(str(folder))[-4:] == [5, 6, 7, 8]
+    for name in os.listdir(folder):
+        if name.endswith(".pt"):
+            (folder / name).write_bytes(b"")
+    assert trainer.main([run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: '{folder / 'model_8.pt'}' is empty (0 bytes), not a checkpoint. " \
+        "Use another checkpoint of the run (model_best.pt, a model_<it>.pt backup) or the " \
+        "original file."
+
+
 # -- full and read-only disks -----------------------------------------------------------------
 
 def test_a_full_disk_is_named_and_the_old_checkpoint_kept(good_checkpoint, monkeypatch):
