@@ -346,16 +346,22 @@ def test_each_torchrun_attempt_keeps_its_process_group_keys_apart(monkeypatch):
     assert server.get("osrt_fast/attempt_1/default_pg/address") == b"from attempt 1"
 
 
+def run_with_fault(config: str, **fault) -> subprocess.CompletedProcess:
+    """torchrun, 2 processes, of tests/fixtures/faults/train_with_fault.py with the fault that
+    the environment variables `fault` name."""
+    cmd = torchrun_command(config)
+    cmd[cmd.index(os.path.join(ROOT, "train.py"))] = os.path.join(
+        ROOT, "tests", "fixtures", "faults", "train_with_fault.py")
+    return subprocess.run(cmd, env=dict(torchrun_env(), **fault), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, data_dir):
     """Rank 1 alone computes a NaN loss at step 3 (DDP): the mean loss every rank judges is NaN,
     so all skip that step together, the run goes on, and the replicas end identical."""
     config = write_run(str(tmp_path / "run"), data_dir, parallel="ddp", max_it=6, backup_every=0,
                        checkpoint_every=0)
-    script = os.path.join(ROOT, "tests", "fixtures", "faults", "train_nan_on_one_rank.py")
-    cmd = torchrun_command(config)
-    cmd[cmd.index(os.path.join(ROOT, "train.py"))] = script
-    env = dict(torchrun_env(), OSRT_TEST_NAN_RANK="1", OSRT_TEST_NAN_STEP="3")
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_with_fault(config, OSRT_TEST_NAN_RANK="1", OSRT_TEST_NAN_STEP="3")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert len(re.findall(r"non-finite loss .* at iteration 2", out)) == 2, out[-3000:]   # each rank
@@ -363,3 +369,23 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, data_d
     run = os.path.dirname(config)
     a, b = (torch.load(os.path.join(run, f"params_rank{r}.pt")) for r in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_a_save_that_fails_on_the_writing_rank_stops_every_rank_and_keeps_the_checkpoint(
+        tmp_path, data_dir, parallel):
+    """Rank 0 (the one that writes) finds the disk full at the run's second save: no rank goes
+    on, each ends with one clear message (exit 2), and model.pt is still the first save's."""
+    config = write_run(str(tmp_path / "run"), data_dir, parallel=parallel, max_it=8,
+                       checkpoint_every=3, backup_every=0)
+    proc = run_with_fault(config, OSRT_TEST_FULL_DISK_RANK="0", OSRT_TEST_FULL_DISK_SAVE="2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    run = os.path.dirname(config)
+    errors = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert any("the disk is full" in x and "model.pt" in x for x in errors), out[-4000:]
+    assert any("rank 0 could not write" in x for x in errors), out[-4000:]
+    assert not re.search(r'File ".*osrt_fast', out), out[-4000:]      # no worker's traceback
+    model = OSRT(tiny_model_config())
+    assert load_checkpoint(os.path.join(run, "model.pt"), model)["it"] == 3
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
