@@ -320,6 +320,10 @@ class TrainingConfig:
     seed: int = option(0, "the seed of weights, batches and ray samples")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     max_nonfinite_steps: int = option(5, "non-finite losses in a row that stop the run", min=1)
+    collective_timeout_s: float = option(1800.0, "with several processes: seconds a process waits "
+                                                 "for the others at a collective before the run "
+                                                 "stops, naming the wait (a hung process)",
+                                         min=1.0)
     divergence: DivergenceConfig = option(
         default_factory=DivergenceConfig,
         help="e.g. {loss_factor: 5, grad_norm_factor: 0, window: 100, max_spikes: 5}")

@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import ConfigError
+from .errors import UserError
 
 
 @dataclass
@@ -76,9 +77,11 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+def init_distributed(device: torch.device, timeout_s: Optional[float] = None
+                     ) -> tuple[DistInfo, torch.device]:
     """Joins the process group torchrun set up (NCCL on CUDA, gloo on CPU); without torchrun, a
-    single process. Returns this process's DistInfo and device (cuda:LOCAL_RANK on GPUs)."""
+    single process. `timeout_s`: how long a collective waits for the other processes (torch's
+    default where None). Returns this process's DistInfo and device (cuda:LOCAL_RANK on GPUs)."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
@@ -91,12 +94,15 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        from datetime import timedelta
         store = attempt_store(info)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        wait = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         if store is None:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **wait)
         else:
-            dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
+            dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
+                                    **wait)
     return info, device
 
 
@@ -137,6 +143,56 @@ def current() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return DistInfo()
+
+
+STAGES = ("loading its batch", "in its forward pass", "in its backward pass", "done")
+
+
+def note_progress(step: int, stage: str) -> None:
+    """With several processes, records where this one is (training step `step`, one of STAGES)
+    in the process group's store, so a wait that times out can say which process fell behind
+    (`behind`)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.distributed_c10d._get_default_store().set(
+                f"osrt_fast/progress/{dist.get_rank()}", f"{step}:{STAGES.index(stage)}")
+        except Exception:          # a store that is gone: the timeout's message says less
+            pass
+
+
+def behind() -> str:
+    """' Behind the others: rank R (step S, in its forward pass).' from what `note_progress`
+    recorded; '' where it tells nothing."""
+    try:
+        store, n = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+        keys = [f"osrt_fast/progress/{r}" for r in range(n)]
+        if not store.check(keys):
+            return ""
+        where = [tuple(int(x) for x in v.decode().split(":")) for v in store.multi_get(keys)]
+    except Exception:
+        return ""
+    lagging = [r for r, w in enumerate(where) if w < max(where)]
+    if not lagging:
+        return ""
+    return (" Behind the others: " + ", ".join(f"rank {r} (step {where[r][0]}, "
+                                                 f"{STAGES[where[r][1]]})" for r in lagging)
+            + f"; the furthest at step {max(where)[0]}, {STAGES[max(where)[1]]}.")
+
+
+class CollectiveTimeout(UserError):
+    """A process waited longer than training.collective_timeout_s for the others."""
+
+
+def collective_timeout(e: BaseException, timeout_s: float) -> Optional[CollectiveTimeout]:
+    """The CollectiveTimeout that says what a timed-out wait (gloo, NCCL) means and what to do,
+    or None for another error."""
+    if "timed out" not in str(e).lower() and "timeout" not in type(e).__name__.lower():
+        return None
+    return CollectiveTimeout(
+        f"rank {current().rank} waited {timeout_s:g} s (training.collective_timeout_s) for the "
+        f"other processes at a collective operation and gave up: one stopped answering (stuck "
+        f"in I/O or a slow loader, or gone).{behind()} model.pt holds the last good checkpoint; "
+        f"run the same command to resume.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -267,18 +267,22 @@ class Trainer:
         losses, terms_sum = [], defaultdict(list)
         balance = slot_balance_at(t, self.it)
         for m in range(t.grad_accum):
+            parallel.note_progress(self.it + 1, "loading its batch")
             batch = self.last_batch = make_batch(to_device(next(batches), self.device), self.train_spec)
+            parallel.note_progress(self.it + 1, "in its forward pass")
             self.rates.count_flops(self.cfg.model, batch)
             with parallel.gradient_sync(self.model, m == t.grad_accum - 1):
                 with parallel.autocast(self.device, t.precision):
                     mse, terms = compute_loss(self.model, batch, slot_balance=balance)
                 loss = mse.mean()
                 aux = terms.pop("aux_loss", None)
+                parallel.note_progress(self.it + 1, "in its backward pass")
                 ((loss if aux is None else loss + aux.mean()) / t.grad_accum).backward()
             losses.append(loss.detach().float())
             for k in TERMS_LOGGED:
                 if k in terms:
                     terms_sum[k].append(terms[k].mean())
+        parallel.note_progress(self.it + 1, "done")
         loss = parallel.all_reduce_mean(torch.stack(losses).mean())
         norm = parallel.grad_norm_and_clip(self.params, t.grad_clip).to(loss.device)
         return StepResult(loss, norm, lr, terms_sum)
@@ -410,7 +414,8 @@ class Trainer:
 def train(cfg: Config, run_dir: str, options: Optional[TrainOptions] = None) -> int:
     """The training loop, on one process or on each of several started by torchrun. Returns a
     process exit code."""
-    info, device = parallel.init_distributed(parallel.resolve_device(cfg.training.device))
+    info, device = parallel.init_distributed(parallel.resolve_device(cfg.training.device),
+                                             cfg.training.collective_timeout_s)
     clean = False
     try:
         code = Trainer(cfg, run_dir, options, info, device).run()
@@ -422,6 +427,12 @@ def train(cfg: Config, run_dir: str, options: Optional[TrainOptions] = None) -> 
         # Said before the process group is torn down: once one process has exited, torchrun's
         # agent stops the others, and a teardown that waits on the gone peer would lose this.
         return report(e)
+    except RuntimeError as e:
+        timed_out = parallel.collective_timeout(e, cfg.training.collective_timeout_s) \
+            if info.distributed else None
+        if timed_out is None:
+            raise
+        return report(timed_out)
     finally:
         parallel.shutdown_distributed(clean)
 

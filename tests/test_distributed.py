@@ -389,3 +389,25 @@ def test_a_save_that_fails_on_the_writing_rank_stops_every_rank_and_keeps_the_ch
     model = OSRT(tiny_model_config())
     assert load_checkpoint(os.path.join(run, "model.pt"), model)["it"] == 3
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+
+
+def test_a_hung_rank_ends_the_job_with_a_message_and_it_resumes(tmp_path, data_dir):
+    """Rank 1 stops answering in its 5th step's forward pass: rank 0 waits
+    training.collective_timeout_s at the gradients' all-reduce, then ends the job with one line
+    naming the wait and the rank behind; model.pt is the last good one (step 3), and the run
+    resumes from it to its end."""
+    config = write_run(str(tmp_path / "run"), data_dir, parallel="ddp", max_it=6, backup_every=0,
+                       checkpoint_every=3, collective_timeout_s=8)
+    proc = run_with_fault(config, OSRT_TEST_HANG_RANK="1", OSRT_TEST_HANG_STEP="5")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    errors = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1, out[-4000:]
+    assert errors[0].startswith("error: rank 0 waited 8 s (training.collective_timeout_s)"), errors
+    assert "Behind the others: rank 1 (step 5, in its forward pass)" in errors[0], errors
+    assert not re.search(r'File ".*osrt_fast', out), out[-4000:]      # no worker's traceback
+    run = os.path.dirname(config)
+    assert load_checkpoint(os.path.join(run, "model.pt"), OSRT(tiny_model_config()))["it"] == 3
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    out = torchrun(config)
+    assert "Resumed from" in out and "at iteration 3" in out and "Reached iteration 6" in out
