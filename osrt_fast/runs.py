@@ -175,41 +175,32 @@ class TrainOptions:
                    not args.no_final_look)
 
 
-def whole_number(text: str) -> int:
-    """argparse type: a whole number >= 0."""
+def _checked(text: str, parse, ok, expected: str):
+    """`parse(text)` if it reads and `ok` accepts it, else argparse's error naming `expected`."""
     import argparse
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def whole_number(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    return _checked(text, int, lambda v: v >= 0, "a whole number >= 0")
 
 
 def positive_minutes(text: str) -> float:
     """argparse type: a number of minutes > 0."""
-    import argparse
     import math
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v > 0 and math.isfinite(v), "a number of minutes > 0")
 
 
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1."""
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "a whole number >= 1")
 
 
 def parse_train_args(argv=None):
