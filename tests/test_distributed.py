@@ -411,3 +411,26 @@ def test_a_hung_rank_ends_the_job_with_a_message_and_it_resumes(tmp_path, data_d
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
     out = torchrun(config)
     assert "Resumed from" in out and "at iteration 3" in out and "Reached iteration 6" in out
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_a_run_resumes_in_another_number_of_processes(tmp_path, data_dir, parallel):
+    """2 processes for two steps, then 3 from that checkpoint: steps 3 and 4 are the one-process
+    run's (within fp32 tolerance), and every process's share of each global batch is the same
+    scenes whatever the number of processes (none repeated, none skipped)."""
+    one = str(tmp_path / "one")
+    assert trainer.main([write_run(one, data_dir, batch_size=6), "--exit-after", "4"]) == 0
+    run = str(tmp_path / "run")
+    config = write_run(run, data_dir, batch_size=6, parallel=parallel)
+    torchrun(config, "--exit-after", "2", nproc=2)
+    out = torchrun(config, "--exit-after", "4", nproc=3)
+    assert "Resumed from" in out and "at iteration 2" in out and "3 processes" in out, out[-3000:]
+    for it in (3, 4):
+        assert_close_params(os.path.join(one, f"model_{it}.pt"), os.path.join(run, f"model_{it}.pt"))
+        assert_same_step(train_log(one), train_log(run), it)
+    for it in range(2, 6):
+        whole = ResumableBatchSampler(36, 6, seed=3).batch(it)
+        for world in (2, 3):
+            shares = [ResumableBatchSampler(36, 6, seed=3, rank=r, world_size=world).batch(it)
+                      for r in range(world)]
+            assert [i for share in shares for i in share] == whole
