@@ -434,3 +434,20 @@ def test_a_run_resumes_in_another_number_of_processes(tmp_path, data_dir, parall
             shares = [ResumableBatchSampler(36, 6, seed=3, rank=r, world_size=world).batch(it)
                       for r in range(world)]
             assert [i for share in shares for i in share] == whole
+
+
+def test_the_soak_script_runs_and_its_table_is_current():
+    """benchmarks/reliability/soak.py, small: a run interrupted twice ends as the run left alone;
+    docs/reliability.md's soak table is the one the committed results give."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.reliability.soak", "--interruptions",
+                           "2", "--steps", "30", "--no-save"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["final_exit"] == 0 and result["reached"] == 30
+    assert result["max_abs_difference"] == 0.0 and sum(result["interruptions"].values()) >= 1
+    from benchmarks.reliability.soak import RESULTS, TABLE_BEGIN, TABLE_END, table_text
+    records = [json.loads(x) for x in open(RESULTS)] if os.path.exists(RESULTS) else []
+    text = open(os.path.join(ROOT, "docs", "reliability.md")).read()
+    written = text[text.index(TABLE_BEGIN) + len(TABLE_BEGIN):text.index(TABLE_END)]
+    assert written == "\n" + table_text(records) + "\n", "run python -m benchmarks.reliability.soak --table"
