@@ -451,3 +451,25 @@ def test_the_soak_script_runs_and_its_table_is_current():
     text = open(os.path.join(ROOT, "docs", "reliability.md")).read()
     written = text[text.index(TABLE_BEGIN) + len(TABLE_BEGIN):text.index(TABLE_END)]
     assert written == "\n" + table_text(records) + "\n", "run python -m benchmarks.reliability.soak --table"
+
+
+def test_a_worker_killed_in_the_middle_of_a_save_comes_back_as_if_left_alone(tmp_path, data_dir):
+    """Rank 0 SIGKILLed halfway through writing its second checkpoint (DDP, --max-restarts 1):
+    model.pt is still the first save's, the restart removes the half-written file, resumes
+    from it, and the run ends with the weights of the same run left alone."""
+    runs = {name: write_run(str(tmp_path / name), data_dir, parallel="ddp", max_it=9,
+                            checkpoint_every=3, backup_every=0) for name in ("alone", "killed")}
+    torchrun(runs["alone"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "1", os.path.join(ROOT, "tests", "fixtures", "faults",
+                                               "train_with_fault.py"), runs["killed"]]
+    proc = subprocess.run(cmd, env=dict(torchrun_env(), OSRT_TEST_KILL_IN_SAVE="2"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "Removed temporary files of interrupted saves" in out, out[-3000:]
+    assert re.search(r"Resumed from \S+ at iteration 3 ", out), out[-3000:]
+    run = os.path.dirname(runs["killed"])
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    a, b = (params(os.path.join(os.path.dirname(runs[n]), "model.pt")) for n in ("alone", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
