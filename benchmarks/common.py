@@ -104,6 +104,16 @@ def quantiles(times: list[float]) -> dict:
             "p80_ms": t.quantile(0.8).item()}
 
 
+def between_markers(text: str, begin: str, end: str, block: str, where: str) -> str:
+    """`text` with what stands between the marker lines `begin` and `end` replaced by `block`
+    (a generated table); SystemExit naming `where` when the markers are missing."""
+    if begin not in text or end not in text:
+        raise SystemExit(f"{where} has no table markers ({begin} ... {end})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
+
+
 def append_result(name: str, record: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.jsonl")

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 
-from benchmarks.common import RESULTS_DIR, ROOT
+from benchmarks.common import RESULTS_DIR, ROOT, between_markers
 
 README = os.path.join(ROOT, "README.md")
 BEGIN = "<!-- suite-table:begin (written by python -m benchmarks.gpu.suite_report; do not edit) -->"
@@ -192,11 +192,7 @@ def readme_block(results_dir: str = RESULTS_DIR) -> str:
 
 
 def update_readme(text: str, block: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no suite table markers ({BEGIN} ... {END})")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+    return between_markers(text, BEGIN, END, block, "README.md (the suite table)")
 
 
 def import_run(src: str, results_dir: str = RESULTS_DIR) -> list[str]:

@@ -37,7 +37,7 @@ from ..cameras import nmr_origin, nmr_ray_matrix
 from .errors import CorruptFile, DataError, SkipCounter
 from ..errors import command
 from .png import read_png
-from .records import SceneCache, ViewPolicy, random_seed
+from .records import SceneCache, ViewPolicy, item_and_seed
 
 NUM_VIEWS = 24
 SPLITS = ("train", "val", "test")
@@ -211,10 +211,7 @@ class NMRDataset(SceneCache, Dataset):
         self._read_scene(k)
 
     def __getitem__(self, idx):
-        seed = None
-        if isinstance(idx, (tuple, list)):
-            idx, seed = idx
-        idx = int(idx)
+        idx, seed = item_and_seed(idx)
         scene, inputs, targets = self.policy.choose(idx, self.num_scenes, self.num_views)
         _, (images, cams) = self.skipped.first_readable(
             self._load_scene, ((scene + a) % self.num_scenes for a in itertools.count()),
@@ -228,7 +225,7 @@ class NMRDataset(SceneCache, Dataset):
                                        self.height, self.width),
             "input_views": inputs,
             "target_views": targets,
-            "seed": random_seed() if seed is None else int(seed),
+            "seed": seed,
             "sceneid": idx,
         }
 

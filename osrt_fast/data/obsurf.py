@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 
 from ..cameras import camera_ray_matrix
 from .errors import CorruptFile, DataError, SkipCounter
-from .png import read_png
-from .records import SceneCache, ViewPolicy, random_seed
+from .png import read_png, read_rgb
+from .records import SceneCache, ViewPolicy, item_and_seed
 
 GENERATE_HINT = ("The built-in procedural data needs no download: set `dataset: procedural` in "
                  "the config (it is generated on first use), or generate it with "
@@ -219,11 +219,7 @@ class ObSuRFDataset(SceneCache, Dataset):
         """(RGB [H, W, 3], ids [H, W]) uint8 of one view; CorruptFile if a file is missing or
         damaged, of the wrong size or channel count, or has an id beyond the O - 1 slots."""
         img_path, mask_path = self._image_path(scene, view), self._mask_path(scene, view)
-        img = read_png(img_path)
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, -1)
-        if img.shape[-1] < 3:
-            raise CorruptFile(f"'{img_path}' has {img.shape[-1]} channels; images need RGB(A)")
+        img = read_rgb(img_path)
         self._check_size(img_path, img)
         mask = read_png(mask_path)
         if mask.ndim == 3:
@@ -233,7 +229,7 @@ class ObSuRFDataset(SceneCache, Dataset):
             raise CorruptFile(f"'{mask_path}' has instance id {mask.max()}, but metadata 'shape' "
                               f"has only {self.num_entities} slots (ids 0-"
                               f"{self.num_entities - 1})")
-        return np.ascontiguousarray(img[..., :3], dtype=np.uint8), mask.astype(np.uint8)
+        return img, mask.astype(np.uint8)
 
     def split_scenes(self) -> list:
         n = len(self.idxs)
@@ -248,10 +244,7 @@ class ObSuRFDataset(SceneCache, Dataset):
         self._read_scene(int(self.idxs[k]))
 
     def __getitem__(self, idx):
-        seed = None
-        if isinstance(idx, (tuple, list)):
-            idx, seed = idx
-        idx = int(idx)
+        idx, seed = item_and_seed(idx)
         n = len(self.idxs)
         scene, loaded = self.skipped.first_readable(
             self._load_scene, (int(self.idxs[(idx + a) % n]) for a in itertools.count()),
@@ -267,6 +260,6 @@ class ObSuRFDataset(SceneCache, Dataset):
             "ray_mats": self.ray_mats[scene],
             "input_views": in_views,
             "target_views": tgt_views,
-            "seed": random_seed() if seed is None else int(seed),
+            "seed": seed,
             "sceneid": idx,
         }

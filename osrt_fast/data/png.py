@@ -61,6 +61,17 @@ def decode_png(data: bytes, name: str, mode: Optional[str] = None) -> np.ndarray
         raise CorruptFile(f"{name}: {type(e).__name__}: {e}") from None
 
 
+def read_rgb(path: str) -> np.ndarray:
+    """[H, W, 3] uint8 of a PNG of RGB(A) or grey pixels (grey repeated, alpha dropped);
+    CorruptFile for one with fewer than 3 channels otherwise, or as `read_png`."""
+    img = read_png(path)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, -1)
+    if img.shape[-1] < 3:
+        raise CorruptFile(f"'{path}' has {img.shape[-1]} channels; images need RGB(A)")
+    return np.ascontiguousarray(img[..., :3], dtype=np.uint8)
+
+
 def read_png(path: str, mode: Optional[str] = None) -> np.ndarray:
     """`decode_png` of the file at `path`; CorruptFile if it is missing or unreadable."""
     try:

@@ -43,8 +43,8 @@ from torch.utils.data import Dataset
 from ..cameras import camera_axes
 from ..errors import command
 from .errors import CorruptFile, DataError, SkipCounter
-from .png import read_png
-from .records import SceneCache, ViewPolicy, random_seed
+from .png import read_png, read_rgb
+from .records import SceneCache, ViewPolicy, item_and_seed
 
 LAYOUT = ("<root>/{train,val,test}/<scene>/transforms.json (instant-ngp / nerfstudio: intrinsics "
           "fl_x, fl_y, cx, cy, w, h or camera_angle_x; frames with file_path, transform_matrix "
@@ -246,13 +246,9 @@ class PosedDataset(SceneCache, Dataset):
         s = self.scenes[scene]
         images = []
         for path in s.images:
-            img = read_png(path)
-            if img.ndim == 2:
-                img = np.repeat(img[..., None], 3, -1)
-            if img.shape[-1] < 3:
-                raise CorruptFile(f"'{path}' has {img.shape[-1]} channels; images need RGB(A)")
+            img = read_rgb(path)
             self._check_size(path, img)
-            images.append(np.ascontiguousarray(img[..., :3], dtype=np.uint8))
+            images.append(img)
         if not self.has_masks:
             return np.stack(images), None
         masks = []
@@ -271,10 +267,7 @@ class PosedDataset(SceneCache, Dataset):
         self._read_scene(k)
 
     def __getitem__(self, idx):
-        seed = None
-        if isinstance(idx, (tuple, list)):
-            idx, seed = idx
-        idx = int(idx)
+        idx, seed = item_and_seed(idx)
         n = len(self.scenes)
         scene, (images, ids) = self.skipped.first_readable(
             self._load_scene, ((idx + a) % n for a in itertools.count()), self.MAX_SKIPS + 1,
@@ -283,7 +276,7 @@ class PosedDataset(SceneCache, Dataset):
         _, in_views, tgt_views = self.policy.choose(idx, n, self.num_views)
         record = {"images": images, "origins": self.origins[scene], "ray_mats": self.ray_mats[scene],
                   "input_views": in_views, "target_views": tgt_views,
-                  "seed": random_seed() if seed is None else int(seed), "sceneid": idx}
+                  "seed": seed, "sceneid": idx}
         if ids is not None:
             record["ids"] = ids
         return record

@@ -241,6 +241,13 @@ def random_seed() -> int:
     return int(np.random.randint(0, 2 ** 62))
 
 
+def item_and_seed(item) -> tuple:
+    """(index, seed) of a reader's item: `index`, or `(index, seed)` where the seed fixes its
+    target-ray draw; an item without one gets `random_seed()`."""
+    idx, seed = item if isinstance(item, (tuple, list)) else (item, None)
+    return int(idx), random_seed() if seed is None else int(seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # Device-side batch
 

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from .errors import CorruptFile, DataError, SkipCounter
 from ..errors import command
 from .png import decode_png
-from .records import ViewPolicy, random_seed
+from .records import ViewPolicy, item_and_seed
 
 FORMAT = "osrt-fast-shards"
 FORMAT_VERSION = 1
@@ -388,9 +388,7 @@ class ShardDataset(Dataset):
     def plan(self, item) -> tuple:
         """(index, seed, scene, input views, target views) of an item `index` or
         `(index, seed)`: everything about it but its pixels (shared with the DALI loader)."""
-        idx, seed = item if isinstance(item, (tuple, list)) else (item, None)
-        idx = int(idx)
-        seed = random_seed() if seed is None else int(seed)
+        idx, seed = item_and_seed(item)
         scene, in_views, tgt_views = self.policy.choose(idx, self.num_scenes, self.num_views,
                                                         np.random.default_rng(seed))
         return idx, seed, scene, in_views, tgt_views
