@@ -112,9 +112,55 @@ VARIANTS = {
 }
 
 
+# The full family: configs/full.yaml (the built-in scenes at full difficulty: the ground with
+# shadows, 2-6 objects, 64x64) with what each name says changed, run as the config runs (folded,
+# bf16, cached scenes). Runs whose data differ name their own data folder.
+FULL = os.path.join(ROOT, "configs", "full.yaml")
+WIDTH_128 = ([f"model.encoder_kwargs.{k}={v}" for k, v in
+              (("slot_dim", 128), ("latent_dim", 128), ("conv_dim", 32), ("mlp_dim", 256), ("head_dim", 32))] +
+             [f"model.decoder_kwargs.{k}={v}" for k, v in (("slot_dim", 128), ("render_hidden_dim", 128))])
+FULL_VARIANTS = {
+    "full": ("nothing: configs/full.yaml as it is (its long run, the family's baseline)", []),
+    "full_zoom_1.0": ("the generator's default zoom 1.0 (objects 6-10 pixels wide) instead of 1.5",
+                      ["data.kwargs.zoom=1.0", "data.path=data/full_scenes_zoom_1.0"]),
+    "full_one_conv_block": ("one conv block: 32x32 tokens of 2x2 pixels per view (4x the tokens)",
+                            ["model.encoder_kwargs.num_conv_blocks=1"]),
+    "full_three_conv_blocks": ("three conv blocks: 8x8 tokens of 8x8 pixels per view",
+                               ["model.encoder_kwargs.num_conv_blocks=3"]),
+    "full_slots_10": ("10 slots instead of 7 (more spare slots)", ["model.encoder_kwargs.num_slots=10"]),
+    "full_slot_iters_5": ("5 slot-attention iterations instead of 3", ["model.encoder_kwargs.slot_iters=5"]),
+    "full_batch_32": ("32 scenes per step instead of 16", ["batch_size=32"]),
+    "full_rays_1024": ("1024 target rays per scene instead of 512", ["data.num_points=1024"]),
+    "full_width_128": ("widths 128 instead of 64 (slots, tokens, MLPs and the render MLP)", WIDTH_128),
+    "full_warmup_2000": ("learning-rate warm-up over 2000 steps instead of 100 (Slot Attention warms "
+                         "up over 10,000 of its 500,000)", ["lr_warmup=2000"]),
+    "full_lr_5e-4": ("peak learning rate 5e-4 instead of 1e-3", ["peak_lr=5e-4"]),
+    "full_balance_10000": ("the slot-importance loss faded out over 10,000 steps instead of 3000",
+                           ["slot_balance_until=10000"]),
+    "full_no_slot_balance": ("without the slot-importance loss", ["slot_balance=0"]),
+    "full_plain": ("a plain background instead of the ground with shadows (what the ground costs)",
+                   ["data.kwargs.background=plain", "data.path=data/full_scenes_plain"]),
+    "full_objects_2_3_first": ("a curriculum's first phase: 2-3 objects (its 1000 steps start "
+                               "full_objects_curriculum)",
+                               ["data.kwargs.max_objects=3", "data.path=data/full_scenes_2_3"]),
+    "full_objects_curriculum": ("a curriculum: 1000 steps on 2-3 objects (full_objects_2_3_first), "
+                                "then 2-6", []),
+}
+# Runs that start from another run's checkpoint: name: (the run, its steps; run to exactly those)
+FULL_STARTS = {"full_objects_curriculum": ("full_objects_2_3_first", 1000)}
+
+FAMILIES = {
+    # family: (config, options every run adds, variants, runs that start from another, markers)
+    "demo": (DEMO, STUDIED, VARIANTS, {}, "study-table"),
+    "full": (FULL, [], FULL_VARIANTS, FULL_STARTS, "full-study-table"),
+}
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.learning.learning_study",
                                 description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=list(FAMILIES), default="demo",
+                   help="'demo': configs/demo.yaml's study; 'full': configs/full.yaml's")
     p.add_argument("--only", nargs="*", help="run these variants (default: all)")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--table", action="store_true", help="print the results as a Markdown table")
@@ -128,20 +174,33 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def run(name: str, steps: int, eval_every: int, threads) -> int:
-    """Runs (or resumes) one variant; train.py's exit code."""
-    sets = STUDIED + VARIANTS[name][1]
+def run(family: str, name: str, steps: int, eval_every: int, threads) -> int:
+    """Runs (or resumes) one variant; train.py's exit code. A variant that starts from another
+    runs that one first, to exactly its steps."""
+    config, studied, variants, starts, _ = FAMILIES[family]
+    start = []
+    if name in starts:
+        first, first_steps = starts[name]
+        code = run(family, first, first_steps, eval_every, threads)
+        if code != 0:
+            return code
+        start = ["--resume-from", os.path.join(RESULTS, first, "run", "model.pt")]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    cmd = [sys.executable, "-m", "benchmarks.learning.bench_learning", "--config", DEMO,
+    cmd = [sys.executable, "-m", "benchmarks.learning.bench_learning", "--config", config,
            "--name", name, "--steps", str(steps), "--eval-every", str(eval_every), "--max-eval", "64",
-           "--set", *sets]
+           *start, "--set", *studied, *variants[name][1]]
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
-def table_rows(names) -> list:
+def fg_ari_at(points: list, it: int):
+    """FG-ARI of the evaluation at step `it`, or None."""
+    return next((p.get("fg_ari") for p in points if p["it"] == it), None)
+
+
+def table_rows(names, variants: dict, at=None) -> list:
     """Markdown rows (linking from docs/learning.md): name, what it tests, steps, training minutes (the run's curves, summed over
     its resumes), best and last val PSNR over the mean image's, best and last FG-ARI, the top
-    slot's share at the end."""
+    slot's share at the end; with `at`, FG-ARI at those steps too (runs compare at equal steps)."""
     rows = []
     for name in names:
         path = os.path.join(RESULTS, name, "curves.json")
@@ -154,59 +213,74 @@ def table_rows(names) -> list:
         last, base = pts[-1], c.get("mean_image_psnr")
         best_psnr = max(p["psnr"] for p in pts)
         fg = [p.get("fg_ari") for p in pts if p.get("fg_ari") is not None]
-        rows.append(f"| [`{name}`](../benchmarks/results/learning/{name}/curves.png) | {VARIANTS.get(name, ('',))[0]} | "
+        at_cells = "".join(f" {v:.2f} |" if (v := fg_ari_at(pts, it)) is not None else " - |"
+                           for it in at or ())
+        rows.append(f"| [`{name}`](../benchmarks/results/learning/{name}/curves.png) | {variants.get(name, ('',))[0]} | "
                     f"{last['it']} | {last.get('train_s', float('nan')) / 60:.1f} | "
-                    f"{best_psnr:.2f} / {last['psnr']:.2f} ({base:.2f}) | "
-                    + (f"{max(fg):.2f} / {fg[-1]:.2f} | {last.get('slot_max_share', float('nan')):.2f} |"
-                       if fg else "- | - |"))
+                    f"{best_psnr:.2f} / {last['psnr']:.2f} ({base:.2f}) |" + at_cells
+                    + (f" {max(fg):.2f} / {fg[-1]:.2f} | {last.get('slot_max_share', float('nan')):.2f} |"
+                       if fg else " - | - |"))
     return rows
 
 
 DOC = os.path.join(ROOT, "docs", "learning.md")
-BEGIN = ("<!-- study-table:begin (written by python -m benchmarks.learning.learning_study "
-         "--write) -->")
-END = "<!-- study-table:end -->"
+# The full family's runs compare at these steps (each run is evaluated there).
+FULL_AT = (1000, 2000)
 
 
-def table(names) -> str:
+def markers(family: str) -> tuple:
+    tag = FAMILIES[family][4]
+    return (f"<!-- {tag}:begin (written by python -m benchmarks.learning.learning_study "
+            + ("" if family == "demo" else f"--family {family} ") + "--write) -->", f"<!-- {tag}:end -->")
+
+
+BEGIN, END = markers("demo")
+
+
+def table(names, family: str = "demo") -> str:
     """The Markdown table of the variants' results (those with curves)."""
+    at = FULL_AT if family == "full" else ()
     return "\n".join(["| run | what differs from the recipe | steps | training min | val PSNR best / "
-                      "last (mean image) | val FG-ARI best / last | top slot's share |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"] + table_rows(names))
+                      "last (mean image) |" + "".join(f" FG-ARI at {it} |" for it in at)
+                      + " val FG-ARI best / last | top slot's share |",
+                      "| --- | --- | --- | --- | --- |" + " --- |" * len(at) + " --- | --- |"]
+                     + table_rows(names, FAMILIES[family][2], at))
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    names = args.only or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    variants = FAMILIES[args.family][2]
+    names = args.only or list(variants)
+    unknown = [n for n in names if n not in variants]
     if unknown:
-        print(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        print(f"unknown variant(s) {unknown}; known: {', '.join(variants)}", file=sys.stderr)
         return 2
     if args.list:
         for n in names:
-            print(f"{n}: {VARIANTS[n][0]}")
+            print(f"{n}: {variants[n][0]}")
         return 0
     if args.table:
-        print(table(names))
+        print(table(names, args.family))
         return 0
     if args.write or args.check:
+        begin, end = markers(args.family)
         text = open(DOC).read()
-        if BEGIN not in text or END not in text:
-            print(f"{DOC} has no study-table markers", file=sys.stderr)
+        if begin not in text or end not in text:
+            print(f"{DOC} has no {FAMILIES[args.family][4]} markers", file=sys.stderr)
             return 2
-        head, rest = text.split(BEGIN, 1)
-        new = head + BEGIN + "\n" + table(names) + "\n" + END + rest.split(END, 1)[1]
+        head, rest = text.split(begin, 1)
+        new = head + begin + "\n" + table(names, args.family) + "\n" + end + rest.split(end, 1)[1]
         if args.check:
             if new != text:
-                print(f"{DOC}'s study table is stale: "
-                      "python -m benchmarks.learning.learning_study --write", file=sys.stderr)
+                print(f"{DOC}'s {args.family} study table is stale: python -m "
+                      f"benchmarks.learning.learning_study --family {args.family} --write", file=sys.stderr)
                 return 1
             return 0
         with open(DOC, "w") as f:
             f.write(new)
-        print(f"wrote the study table into {DOC}")
+        print(f"wrote the {args.family} study table into {DOC}")
         return 0
-    failed = [n for n in names if run(n, args.steps, args.eval_every, args.threads) != 0]
+    failed = [n for n in names if run(args.family, n, args.steps, args.eval_every, args.threads) != 0]
     if failed:      # e.g. a variant another study process is running (its run folder is locked)
         print(f"the study went on past these failed variants: {', '.join(failed)}", file=sys.stderr)
         return 1
