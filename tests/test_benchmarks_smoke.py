@@ -294,6 +294,33 @@ def test_every_study_variant_is_a_valid_config(tmp_path):
     assert learning_study.main(["--only", "nonsense"]) == 2
 
 
+def test_every_full_study_variant_is_a_valid_config(tmp_path):
+    """The full family's variants (learning_study --family full) on configs/full.yaml: each
+    loads, builds, and differs from the recipe (the baseline 'full' nowhere); a curriculum starts
+    from a variant of the family, on the same model."""
+    import types
+
+    import torch
+    from benchmarks.learning import bench_learning, learning_study
+    from osrt_fast import OSRT
+    from osrt_fast.config import load_config
+    configs = {}
+    for name, (_, sets) in learning_study.FULL_VARIANTS.items():
+        args = types.SimpleNamespace(config=learning_study.FULL, eval_every=500, set=sets)
+        cfg = load_config(bench_learning.prepare_run(args, str(tmp_path / name)))
+        with torch.device("meta"):
+            OSRT(cfg.model)
+        configs[name] = cfg.to_dict()
+    for name, cfg in configs.items():
+        if name not in learning_study.FULL_STARTS:
+            assert (cfg != configs["full"]) == (name != "full"), name
+    for name, (first, steps) in learning_study.FULL_STARTS.items():
+        assert first in configs and steps > 0
+        assert configs[first]["model"] == configs[name]["model"] == configs["full"]["model"]
+    assert learning_study.main(["--family", "full", "--list"]) == 0
+    assert learning_study.main(["--family", "full", "--only", "recipe"]) == 2
+
+
 def test_bench_init_signal_measures_the_stem(tiny_run):
     """The reference's conv init leaves the stem's tokens nearly alike; He init does not."""
     from benchmarks.learning import bench_init_signal

@@ -1,6 +1,7 @@
-"""The shipped checkpoint, configs/demo.pt (configs/demo.yaml trained on the 2-core CPU;
-docs/learning.md): it loads into the demo's model, reconstructs and segments held-out built-in scenes
-above a floor, and render.py, evaluate and encode take it with --checkpoint."""
+"""The shipped checkpoints, configs/demo.pt and configs/full.pt (configs/demo.yaml and
+configs/full.yaml trained on the 2-core CPU; docs/learning.md): each loads into its config's
+model, reconstructs and segments held-out built-in scenes above a floor, and render.py, evaluate
+and encode take it with --checkpoint."""
 import json
 import os
 
@@ -10,34 +11,37 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "configs", "demo.pt")
-# Measured on these 16 scenes with demo.pt at step 40000 (sha256 d7d3462f9008): PSNR 23.96,
-# FG-ARI 0.82 (at step 24129: 23.75, 0.78). The floors leave room for other CPUs' rounding, and
-# stay far above what an untrained or collapsed model gives (the mean image is about 19 dB; one
-# slot, FG-ARI 0).
-PSNR_FLOOR, FG_ARI_FLOOR = 23.0, 0.7
+# family: (checkpoint, PSNR floor, FG-ARI floor) on 16 held-out scenes (generator seed 7).
+# demo.pt at step 40000 (sha256 d7d3462f9008) measured PSNR 23.96, FG-ARI 0.82 there (at step
+# 24129: 23.75, 0.78). The floors leave room for other CPUs' rounding, and stay far above what an
+# untrained or collapsed model gives (the mean image is about 19 dB; one slot, FG-ARI 0).
+FAMILIES = {"demo": (CHECKPOINT, 23.0, 0.7)}
 
 
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
-    """configs/demo.yaml on 20 scenes the checkpoint never saw (generator seed 7, not 0): the
-    config's path and the data section."""
-    tmp = tmp_path_factory.mktemp("held_out")
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "demo.yaml")))
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def held_out(request, tmp_path_factory):
+    """(family, the config's path): configs/<family>.yaml on 20 scenes its checkpoint never saw
+    (generator seed 7, not 0)."""
+    family = request.param
+    tmp = tmp_path_factory.mktemp(f"held_out_{family}")
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", f"{family}.yaml")))
     cfg["data"]["path"] = str(tmp / "data")
     cfg["data"]["kwargs"].update(num_scenes=20, seed=7)
     cfg["training"].update(device="cpu", num_workers=0)
-    path = tmp / "demo_held_out.yaml"
+    path = tmp / f"{family}_held_out.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return family, str(path)
 
 
-def test_the_checkpoint_is_small_and_the_demos():
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_checkpoint_is_small_and_its_configs(family):
     from osrt_fast.checkpoint import load_checkpoint
     from osrt_fast.config import load_config
     from osrt_fast.model import OSRT
-    assert os.path.getsize(CHECKPOINT) <= 20 * 2 ** 20
-    model = OSRT(load_config(os.path.join(ROOT, "configs", "demo.yaml")).model)
-    state = load_checkpoint(CHECKPOINT, model, map_location="cpu")
+    checkpoint = FAMILIES[family][0]
+    assert os.path.getsize(checkpoint) <= 20 * 2 ** 20
+    model = OSRT(load_config(os.path.join(ROOT, "configs", f"{family}.yaml")).model)
+    state = load_checkpoint(checkpoint, model, map_location="cpu")
     assert state["it"] > 0
 
 
@@ -45,36 +49,42 @@ def test_the_checkpoint_reconstructs_and_segments_held_out_scenes(held_out):
     from osrt_fast.checkpoint import load_trained_model
     from osrt_fast.data import batch_spec, get_dataset, record_loader
     from osrt_fast.evaluate import evaluate
+    family, config = held_out
+    checkpoint, psnr_floor, fg_ari_floor = FAMILIES[family]
     torch.manual_seed(0)
-    cfg, model, _, _ = load_trained_model(held_out, CHECKPOINT, "cpu")
+    cfg, model, _, _ = load_trained_model(config, checkpoint, "cpu")
     dataset = get_dataset("train", cfg.data, max_len=16)
     result = evaluate(model, record_loader(dataset, 8, {"num_workers": 0}, train=False),
                       torch.device("cpu"), batch_spec(cfg.data, dataset), progress=False)
     assert result["num_scenes"] == 16
-    assert result["psnr"] >= PSNR_FLOOR, result
-    assert result["fg_ari"] >= FG_ARI_FLOOR, result
+    assert result["psnr"] >= psnr_floor, result
+    assert result["fg_ari"] >= fg_ari_floor, result
 
 
 def test_commands_take_the_checkpoint(held_out, tmp_path, monkeypatch, capsys):
     """render.py, python -m osrt_fast.evaluate and python -m osrt_fast.encode, each with
-    --checkpoint configs/demo.pt (the README's commands, on the held-out scenes)."""
+    --checkpoint configs/<family>.pt (the README's commands, on the held-out scenes)."""
     import importlib.util
 
+    from osrt_fast.config import load_config
     from osrt_fast.encode import main as encode_main
     from osrt_fast.evaluate import main as evaluate_main
     from osrt_fast.slots import load_slots
+    family, config = held_out
+    checkpoint = FAMILIES[family][0]
     monkeypatch.chdir(tmp_path)
     spec = importlib.util.spec_from_file_location("render_py", os.path.join(ROOT, "render.py"))
     render = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render)
-    assert render.main([held_out, "--checkpoint", CHECKPOINT, "--num-frames", "2", "--novideo",
+    assert render.main([config, "--checkpoint", checkpoint, "--num-frames", "2", "--novideo",
                         "--no-cuda"]) == 0
-    frames = tmp_path / "runs" / "checkpoint-demo" / "render" / "rotate" / "0" / "segmentations"
+    frames = tmp_path / "runs" / f"checkpoint-{family}" / "render" / "rotate" / "0" / "segmentations"
     assert len(os.listdir(frames)) == 2
     out = tmp_path / "eval.json"
-    assert evaluate_main([held_out, "--checkpoint", CHECKPOINT, "--max-eval", "4", "--no-cuda",
+    assert evaluate_main([config, "--checkpoint", checkpoint, "--max-eval", "4", "--no-cuda",
                           "--output", str(out)]) == 0
     assert json.load(open(out))["num_scenes"] == 4
-    assert encode_main([held_out, "--checkpoint", CHECKPOINT, "--split", "train", "--scenes", "0:2",
+    assert encode_main([config, "--checkpoint", checkpoint, "--split", "train", "--scenes", "0:2",
                         "--out", str(tmp_path / "slots.safetensors"), "--no-cuda"]) == 0
-    assert load_slots(str(tmp_path / "slots.safetensors")).slots.shape == (2, 4, 64)
+    enc = load_config(config).model.encoder_kwargs
+    assert load_slots(str(tmp_path / "slots.safetensors")).slots.shape == (2, enc["num_slots"], enc["slot_dim"])

@@ -15,6 +15,10 @@ study process is running it, is reported at the end and the others go on); with 
 two studies can share the 2-core CPU, e.g. `--only` halves in two shells.
 docs/learning.md tabulates the results (`--write` puts the table there, `--check` says whether it
 is current; a test runs --check).
+
+`--family full` studies configs/full.yaml instead (the built-in scenes at full difficulty; its
+variants run as the config runs, folded and bf16, and its table compares FG-ARI at equal steps);
+a variant may start from another's checkpoint (a curriculum: FULL_STARTS), which then runs first.
 """
 from __future__ import annotations
 
@@ -145,9 +149,15 @@ FULL_VARIANTS = {
                                ["data.kwargs.max_objects=3", "data.path=data/full_scenes_2_3"]),
     "full_objects_curriculum": ("a curriculum: 1000 steps on 2-3 objects (full_objects_2_3_first), "
                                 "then 2-6", []),
+    "full_32px_first": ("a curriculum's first phase: views of 32x32 (8x8 tokens per view; its 1000 "
+                        "steps start full_size_curriculum)",
+                        ["data.kwargs.height=32", "data.kwargs.width=32", "data.path=data/full_scenes_32px"]),
+    "full_size_curriculum": ("a curriculum: 1000 steps on views of 32x32 (full_32px_first), then 64x64",
+                             []),
 }
 # Runs that start from another run's checkpoint: name: (the run, its steps; run to exactly those)
-FULL_STARTS = {"full_objects_curriculum": ("full_objects_2_3_first", 1000)}
+FULL_STARTS = {"full_objects_curriculum": ("full_objects_2_3_first", 1000),
+               "full_size_curriculum": ("full_32px_first", 1000)}
 
 FAMILIES = {
     # family: (config, options every run adds, variants, runs that start from another, markers)
