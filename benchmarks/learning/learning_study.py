@@ -123,16 +123,22 @@ FULL = os.path.join(ROOT, "configs", "full.yaml")
 WIDTH_128 = ([f"model.encoder_kwargs.{k}={v}" for k, v in
               (("slot_dim", 128), ("latent_dim", 128), ("conv_dim", 32), ("mlp_dim", 256), ("head_dim", 32))] +
              [f"model.decoder_kwargs.{k}={v}" for k, v in (("slot_dim", 128), ("render_hidden_dim", 128))])
+# The family's first recipe had two conv blocks; the variants run on it say so (compare them
+# with full_two_conv_blocks at equal steps).
+TWO_CONV = ["model.encoder_kwargs.num_conv_blocks=2"]
 FULL_VARIANTS = {
-    "full": ("nothing: configs/full.yaml as it is (its long run, the family's baseline)", []),
+    "full": ("nothing: configs/full.yaml as it is (its long run, the family's baseline; one conv block)",
+             []),
+    "full_two_conv_blocks": ("two conv blocks: 16x16 tokens of 4x4 pixels per view (the family's first "
+                             "recipe, run to step 9450)", TWO_CONV),
     "full_zoom_1.0": ("the generator's default zoom 1.0 (objects 6-10 pixels wide) instead of 1.5",
                       ["data.kwargs.zoom=1.0", "data.path=data/full_scenes_zoom_1.0"]),
-    "full_one_conv_block": ("one conv block: 32x32 tokens of 2x2 pixels per view (4x the tokens)",
-                            ["model.encoder_kwargs.num_conv_blocks=1"]),
     "full_three_conv_blocks": ("three conv blocks: 8x8 tokens of 8x8 pixels per view",
                                ["model.encoder_kwargs.num_conv_blocks=3"]),
-    "full_slots_10": ("10 slots instead of 7 (more spare slots)", ["model.encoder_kwargs.num_slots=10"]),
-    "full_slot_iters_5": ("5 slot-attention iterations instead of 3", ["model.encoder_kwargs.slot_iters=5"]),
+    "full_slots_10": ("10 slots instead of 7 (more spare slots), on two conv blocks",
+                      TWO_CONV + ["model.encoder_kwargs.num_slots=10"]),
+    "full_slot_iters_5": ("5 slot-attention iterations instead of 3, on two conv blocks",
+                          TWO_CONV + ["model.encoder_kwargs.slot_iters=5"]),
     "full_batch_32": ("32 scenes per step instead of 16", ["batch_size=32"]),
     "full_rays_1024": ("1024 target rays per scene instead of 512", ["data.num_points=1024"]),
     "full_width_128": ("widths 128 instead of 64 (slots, tokens, MLPs and the render MLP)", WIDTH_128),
@@ -158,6 +164,19 @@ FULL_VARIANTS = {
 # Runs that start from another run's checkpoint: name: (the run, its steps; run to exactly those)
 FULL_STARTS = {"full_objects_curriculum": ("full_objects_2_3_first", 1000),
                "full_size_curriculum": ("full_32px_first", 1000)}
+
+# Runs of other scripts that the tables list beside the variants: name: what it is.
+TABLE_ONLY = {
+    "demo": {"demo": ("configs/demo.yaml's own run to the end of its schedule (bench_learning; "
+                      "the shipped configs/demo.pt; 2 threads, idle to step 12,500)", [])},
+    "full": {},
+}
+REFERENCE_ROWS = {
+    "demo": {"reference_demo": ("the reference's own code (stelzner/osrt: its model at the paper's "
+                                "widths, training step and schedule), the demo's data, batch and "
+                                "rays, 30 minutes on one thread (bench_reference.py)", [])},
+    "full": {},
+}
 
 FAMILIES = {
     # family: (config, options every run adds, variants, runs that start from another, markers)
@@ -248,13 +267,17 @@ BEGIN, END = markers("demo")
 
 
 def table(names, family: str = "demo") -> str:
-    """The Markdown table of the variants' results (those with curves)."""
+    """The Markdown table of the variants' results (those with curves), then the runs of other
+    scripts it lists (the family's own long run, the reference's)."""
     at = FULL_AT if family == "full" else ()
+    others = {**TABLE_ONLY[family], **REFERENCE_ROWS[family]}
+    described = {**FAMILIES[family][2], **others}
+    names = list(names) + [n for n in others if n not in names]
     return "\n".join(["| run | what differs from the recipe | steps | training min | val PSNR best / "
                       "last (mean image) |" + "".join(f" FG-ARI at {it} |" for it in at)
                       + " val FG-ARI best / last | top slot's share |",
                       "| --- | --- | --- | --- | --- |" + " --- |" * len(at) + " --- | --- |"]
-                     + table_rows(names, FAMILIES[family][2], at))
+                     + table_rows(names, described, at))
 
 
 def main(argv=None) -> int:
