@@ -99,6 +99,14 @@ def test_the_learning_study_table_is_the_results():
     """docs/learning.md's study table is what the committed curves give (learning_study --check)."""
     from benchmarks.learning import learning_study
     assert learning_study.main(["--check"]) == 0
+    assert learning_study.main(["--family", "full", "--check"]) == 0
+
+
+def test_the_generalisation_table_is_the_results():
+    """docs/learning.md's generalisation table is what benchmarks/results/generalise.jsonl
+    gives (bench_generalise --check)."""
+    from benchmarks.learning import bench_generalise
+    assert bench_generalise.main(["--check"]) == 0
 
 
 def test_no_two_files_differ_only_in_case():

@@ -109,7 +109,15 @@ CURVE_KEYS = ("psnr", "ari", "fg_ari", "mse", "slot_max_share", "slot_similarity
 def curves(run_dir: str, batch_size: int) -> list:
     steps, evals = read_log(run_dir)
     seconds = {r["it"]: r["time"] for r in steps}
-    return [{"it": e["it"], "scenes_seen": e["it"] * batch_size, "train_s": seconds.get(e["it"]),
+
+    def train_s(it: int):
+        """Training seconds at step `it`: its log line's, or (an evaluation after a stop between
+        log lines) the last logged step's before it."""
+        if it in seconds:
+            return seconds[it]
+        return max(((i, t) for i, t in seconds.items() if i <= it), default=(0, None))[1]
+
+    return [{"it": e["it"], "scenes_seen": e["it"] * batch_size, "train_s": train_s(e["it"]),
              **{k: e[k] for k in CURVE_KEYS if k in e}} for e in evals]
 
 

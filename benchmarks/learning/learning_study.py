@@ -130,7 +130,7 @@ FULL_VARIANTS = {
     "full": ("nothing: configs/full.yaml as it is (its long run, the family's baseline; one conv block)",
              []),
     "full_two_conv_blocks": ("two conv blocks: 16x16 tokens of 4x4 pixels per view (the family's first "
-                             "recipe, run to step 9450)", TWO_CONV),
+                             "recipe, run to step 9496)", TWO_CONV),
     "full_zoom_1.0": ("the generator's default zoom 1.0 (objects 6-10 pixels wide) instead of 1.5",
                       ["data.kwargs.zoom=1.0", "data.path=data/full_scenes_zoom_1.0"]),
     "full_three_conv_blocks": ("three conv blocks: 8x8 tokens of 8x8 pixels per view",
@@ -197,6 +197,8 @@ def parse(argv=None):
                    help="write that table into docs/learning.md, between its study-table markers")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if docs/learning.md's table is not the results' table")
+    p.add_argument("--plot", action="store_true",
+                   help="draw the runs' curves in one figure, docs/<family>_study.png")
     p.add_argument("--steps", type=int, default=3000, help="steps per variant")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs")
@@ -280,6 +282,36 @@ def table(names, family: str = "demo") -> str:
                      + table_rows(names, described, at))
 
 
+def plot(names, family: str, path: str, last_step: int = 4000) -> bool:
+    """One figure of the family's runs: val FG-ARI and PSNR against steps (to `last_step`), one
+    line each, for comparing at equal steps; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: --plot needs matplotlib: pip install 'osrt-fast[bench]'")
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for i, name in enumerate(names):
+        f = os.path.join(RESULTS, name, "curves.json")
+        if not os.path.exists(f):
+            continue
+        pts = [p for p in json.load(open(f))["points"] if p["it"] <= last_step and "fg_ari" in p]
+        style = dict(lw=2.4, color="black") if name == family else dict(lw=1.1, ls="-" if i < 10 else "--")
+        b.plot([p["it"] for p in pts], [p["fg_ari"] for p in pts], marker=".", label=name, **style)
+        a.plot([p["it"] for p in pts], [p["psnr"] for p in pts], marker=".", label=name, **style)
+    a.set(xlabel="step", ylabel="val PSNR (dB)", title="reconstruction")
+    b.set(xlabel="step", ylabel="val FG-ARI", ylim=(-0.05, 1.0), title="segmentation")
+    b.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"learning_study --family {family}: each run's first {last_step} steps (64 val scenes)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     variants = FAMILIES[args.family][2]
@@ -294,6 +326,11 @@ def main(argv=None) -> int:
         return 0
     if args.table:
         print(table(names, args.family))
+        return 0
+    if args.plot:
+        path = os.path.join(ROOT, "docs", f"{args.family}_study.png")
+        if plot(names, args.family, path):
+            print(f"wrote {path}")
         return 0
     if args.write or args.check:
         begin, end = markers(args.family)
