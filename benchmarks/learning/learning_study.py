@@ -123,24 +123,23 @@ FULL = os.path.join(ROOT, "configs", "full.yaml")
 WIDTH_128 = ([f"model.encoder_kwargs.{k}={v}" for k, v in
               (("slot_dim", 128), ("latent_dim", 128), ("conv_dim", 32), ("mlp_dim", 256), ("head_dim", 32))] +
              [f"model.decoder_kwargs.{k}={v}" for k, v in (("slot_dim", 128), ("render_hidden_dim", 128))])
-# The family's first recipe had two conv blocks; the variants run on it say so (compare them
-# with full_two_conv_blocks at equal steps).
-TWO_CONV = ["model.encoder_kwargs.num_conv_blocks=2"]
+# For a while the recipe had one conv block; the variants run on it say so (compare them with
+# full_one_conv_block at equal steps).
+ONE_CONV = ["model.encoder_kwargs.num_conv_blocks=1"]
 FULL_VARIANTS = {
-    "full": ("nothing: configs/full.yaml as it is (its long run, the family's baseline; one conv block)",
-             []),
-    "full_two_conv_blocks": ("two conv blocks: 16x16 tokens of 4x4 pixels per view (the family's first "
-                             "recipe, run to step 9496)", TWO_CONV),
+    "full": ("nothing: configs/full.yaml as it is (its long run, the family's baseline)", []),
+    "full_one_conv_block": ("one conv block: 32x32 tokens of 2x2 pixels per view (4x the tokens), "
+                            "run to step 8975", ONE_CONV),
     "full_zoom_1.0": ("the generator's default zoom 1.0 (objects 6-10 pixels wide) instead of 1.5",
                       ["data.kwargs.zoom=1.0", "data.path=data/full_scenes_zoom_1.0"]),
     "full_three_conv_blocks": ("three conv blocks: 8x8 tokens of 8x8 pixels per view",
                                ["model.encoder_kwargs.num_conv_blocks=3"]),
-    "full_slots_10": ("10 slots instead of 7 (more spare slots), on two conv blocks",
-                      TWO_CONV + ["model.encoder_kwargs.num_slots=10"]),
-    "full_slot_iters_5": ("5 slot-attention iterations instead of 3, on two conv blocks",
-                          TWO_CONV + ["model.encoder_kwargs.slot_iters=5"]),
-    "full_batch_32": ("32 scenes per step instead of 16", ["batch_size=32"]),
-    "full_rays_1024": ("1024 target rays per scene instead of 512", ["data.num_points=1024"]),
+    "full_slots_10": ("10 slots instead of 7 (more spare slots)", ["model.encoder_kwargs.num_slots=10"]),
+    "full_slot_iters_5": ("5 slot-attention iterations instead of 3", ["model.encoder_kwargs.slot_iters=5"]),
+    "full_batch_32": ("32 scenes per step instead of 16, on one conv block (compare with "
+                      "full_one_conv_block)", ONE_CONV + ["batch_size=32"]),
+    "full_rays_1024": ("1024 target rays per scene instead of 512, on one conv block (compare with "
+                       "full_one_conv_block)", ONE_CONV + ["data.num_points=1024"]),
     "full_width_128": ("widths 128 instead of 64 (slots, tokens, MLPs and the render MLP)", WIDTH_128),
     "full_warmup_2000": ("learning-rate warm-up over 2000 steps instead of 100 (Slot Attention warms "
                          "up over 10,000 of its 500,000)", ["lr_warmup=2000"]),
