@@ -136,8 +136,7 @@ FULL_VARIANTS = {
                                ["model.encoder_kwargs.num_conv_blocks=3"]),
     "full_slots_10": ("10 slots instead of 7 (more spare slots)", ["model.encoder_kwargs.num_slots=10"]),
     "full_slot_iters_5": ("5 slot-attention iterations instead of 3", ["model.encoder_kwargs.slot_iters=5"]),
-    "full_batch_32": ("32 scenes per step instead of 16, on one conv block (compare with "
-                      "full_one_conv_block)", ONE_CONV + ["batch_size=32"]),
+    "full_batch_32": ("32 scenes per step instead of 16", ["batch_size=32"]),
     "full_rays_1024": ("1024 target rays per scene instead of 512, on one conv block (compare with "
                        "full_one_conv_block)", ONE_CONV + ["data.num_points=1024"]),
     "full_width_128": ("widths 128 instead of 64 (slots, tokens, MLPs and the render MLP)", WIDTH_128),
