@@ -130,6 +130,8 @@ FULL_VARIANTS = {
     "full": ("nothing: configs/full.yaml as it is (its long run, the family's baseline)", []),
     "full_one_conv_block": ("one conv block: 32x32 tokens of 2x2 pixels per view (4x the tokens), "
                             "run to step 8975", ONE_CONV),
+    "full_seed_1": ("nothing but the seed (training.seed 1: another init and order of batches): "
+                    "how far runs differ by chance", ["seed=1"]),
     "full_zoom_1.0": ("the generator's default zoom 1.0 (objects 6-10 pixels wide) instead of 1.5",
                       ["data.kwargs.zoom=1.0", "data.path=data/full_scenes_zoom_1.0"]),
     "full_three_conv_blocks": ("three conv blocks: 8x8 tokens of 8x8 pixels per view",
