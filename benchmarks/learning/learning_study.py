@@ -292,7 +292,7 @@ def plot(names, family: str, path: str, last_step: int = 4000) -> bool:
     except ImportError:
         print("note: --plot needs matplotlib: pip install 'osrt-fast[bench]'")
         return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.4))
     for i, name in enumerate(names):
         f = os.path.join(RESULTS, name, "curves.json")
         if not os.path.exists(f):
@@ -303,9 +303,9 @@ def plot(names, family: str, path: str, last_step: int = 4000) -> bool:
         a.plot([p["it"] for p in pts], [p["psnr"] for p in pts], marker=".", label=name, **style)
     a.set(xlabel="step", ylabel="val PSNR (dB)", title="reconstruction")
     b.set(xlabel="step", ylabel="val FG-ARI", ylim=(-0.05, 1.0), title="segmentation")
-    b.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"learning_study --family {family}: each run's first {last_step} steps (64 val scenes)",
-                 fontsize=9)
+    b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"learning_study --family {family}: each run's first {last_step} steps (64 val scenes; "
+                 "PSNR compares only runs on the same data)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
