@@ -196,6 +196,35 @@ def test_bench_learning_records_curves_and_resumes(tmp_path):
     assert [p["it"] for p in curves["points"]] == [4] and curves["points"][0]["scenes_seen"] == 8
 
 
+def test_bench_reference_trains_the_reference_code_and_resumes(tmp_path):
+    """bench_reference on a stand-in checkout (tests/fixtures/reference_standin: the reference's
+    class names and LrScheduler): evaluations at steps 0-2, then a second invocation resumes the
+    saved run and adds step 3; the curves and the config copy name the reference's model."""
+    import json
+
+    import yaml
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"dataset": "procedural", "path": str(tmp_path / "data"), "num_points": 16,
+                 "kwargs": {"num_scenes": 12, "height": 16, "width": 16, "num_views": 3,
+                            "min_objects": 2, "max_objects": 3, "zoom": 1.5}},
+        "model": {"encoder": "osrt", "encoder_kwargs": {"num_slots": 3}, "decoder": "slot_mixer"},
+        "training": {"batch_size": 1, "num_workers": 0, "eval_batch_size": 2, "device": "cpu"}}))
+    standin = os.path.join(ROOT, "tests", "fixtures", "reference_standin")
+    common = ["--reference", standin, "--config", str(config), "--eval-every", "1", "--max-eval", "2",
+              "--out", str(tmp_path / "out"), "--no-save", "--lr-warmup", "1"]
+    run_module("benchmarks.learning.bench_reference", "--steps", "2", *common)
+    assert "resuming the reference's run at step 2" in run_module(
+        "benchmarks.learning.bench_reference", "--steps", "3", *common)
+    curves = json.load(open(tmp_path / "out" / "curves.json"))
+    assert [p["it"] for p in curves["points"]] == [0, 1, 2, 3]
+    assert all({"psnr", "fg_ari", "train_s"} <= set(p) for p in curves["points"])
+    assert curves["points"][-1]["scenes_seen"] == 3 and curves["set"] == ["reference=reference_standin"]
+    copied = yaml.safe_load(open(tmp_path / "out" / "config.yaml"))
+    assert copied["model"]["encoder_kwargs"] == {"pos_start_octave": -5, "num_slots": 3}
+    assert copied["training"]["peak_lr"] == 1e-4
+
+
 def test_results_name_no_folder_outside_the_repository(tmp_path):
     """A result names a file by its path in the repository (a config outside it, by its copy
     beside the curves), never by a machine's folder; no committed result does."""

@@ -183,6 +183,29 @@ def draw(points: list, title: str, path: str, baseline=None) -> bool:
     return True
 
 
+def write_results(out: str, name: str, recorded: str, sets: list, points: list, baseline: float,
+                  env: dict, save: bool = True, **totals) -> dict:
+    """A run's results in `out`: curves.json (its points, the mean image's PSNR, the machine),
+    curves.png, and a summary (the best values, steps and time to each FG-ARI threshold, plus
+    `totals`) appended to benchmarks/results/learning.jsonl where `save`; returns the summary."""
+    with open(os.path.join(out, "curves.json"), "w") as f:
+        json.dump({"config": recorded, "set": sets, "mean_image_psnr": baseline,
+                   "points": points, **env}, f, indent=1)
+    draw(points, curves_title(name, recorded, sets, env), os.path.join(out, "curves.png"), baseline)
+    summary = {"bench": "learning", "name": name, "config": recorded, "set": sets, **totals,
+               "best_psnr": max((p["psnr"] for p in points), default=None),
+               "mean_image_psnr": baseline,
+               "best_fg_ari": max((p.get("fg_ari", 0.0) for p in points), default=None),
+               "last": points[-1] if points else None, **env}
+    for threshold in THRESHOLDS:
+        hit = first_reaching(points, threshold)
+        summary[f"to_fg_ari_{threshold}"] = {"it": hit["it"], "train_s": hit["train_s"]} if hit else None
+    if save:
+        append_result("learning", summary)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
 def torch_threads() -> int:
     """The intra-op threads train.py ran with (OMP_NUM_THREADS where set, else torch's default)."""
     import torch
@@ -225,23 +248,9 @@ def main(argv=None) -> int:
     save_config_copy(config, copy)      # what was trained, beside its curves
     # A config outside the repository (a temporary folder) is named by its copy beside the curves.
     recorded = recorded_path(args.config, copy)
-    with open(os.path.join(out, "curves.json"), "w") as f:
-        json.dump({"config": recorded, "set": args.set, "mean_image_psnr": baseline,
-                   "points": points, **env}, f, indent=1)
-    draw(points, curves_title(name, recorded, args.set, env), os.path.join(out, "curves.png"), baseline)
-    summary = {"bench": "learning", "name": name, "config": recorded,
-               "set": args.set, "steps": points[-1]["it"] if points else 0,
-               "train_s": points[-1]["train_s"] if points else 0, "wall_s_this_invocation": wall,
-               "best_psnr": max((p["psnr"] for p in points), default=None),
-               "mean_image_psnr": baseline,
-               "best_fg_ari": max((p.get("fg_ari", 0.0) for p in points), default=None),
-               "last": points[-1] if points else None, **env}
-    for threshold in THRESHOLDS:
-        hit = first_reaching(points, threshold)
-        summary[f"to_fg_ari_{threshold}"] = {"it": hit["it"], "train_s": hit["train_s"]} if hit else None
-    if not args.no_save:
-        append_result("learning", summary)
-    print(json.dumps(summary, indent=1))
+    write_results(out, name, recorded, args.set, points, baseline, env, save=not args.no_save,
+                  steps=points[-1]["it"] if points else 0,
+                  train_s=points[-1]["train_s"] if points else 0, wall_s_this_invocation=wall)
     if code in INTERRUPTED:
         print("interrupted: the curves so far are written; run the same command to resume")
     return code

@@ -31,9 +31,9 @@ import signal
 import sys
 import time
 
-from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, recorded_path
-from benchmarks.learning.bench_learning import (THRESHOLDS, curves_title, draw, first_reaching,
-                                                mean_image_psnr, save_config_copy, torch_threads)
+from benchmarks.common import RESULTS_DIR, ROOT, environment, recorded_path
+from benchmarks.learning.bench_learning import (mean_image_psnr, save_config_copy, torch_threads,
+                                                write_results)
 
 
 def parse(argv=None):
@@ -194,21 +194,8 @@ def main(argv=None) -> int:
     baseline = mean_image_psnr(args.config, args.max_eval)
     recorded = recorded_path(args.config, config_copy)
     sets = [f"reference={os.path.basename(os.path.normpath(args.reference))}"]
-    with open(os.path.join(out, "curves.json"), "w") as f:
-        json.dump({"config": recorded, "set": sets, "mean_image_psnr": baseline, "points": points,
-                   **env}, f, indent=1)
-    draw(points, curves_title(args.name, recorded, sets, env), os.path.join(out, "curves.png"), baseline)
-    summary = {"bench": "learning", "name": args.name, "config": recorded, "set": sets, "steps": it,
-               "train_s": train_s, "best_psnr": max((p["psnr"] for p in points), default=None),
-               "mean_image_psnr": baseline,
-               "best_fg_ari": max((p.get("fg_ari", 0.0) for p in points), default=None),
-               "last": points[-1] if points else None, **env}
-    for threshold in THRESHOLDS:
-        hit = first_reaching(points, threshold)
-        summary[f"to_fg_ari_{threshold}"] = {"it": hit["it"], "train_s": hit["train_s"]} if hit else None
-    if not args.no_save:
-        append_result("learning", summary)
-    print(json.dumps(summary, indent=1))
+    write_results(out, args.name, recorded, sets, points, baseline, env, save=not args.no_save,
+                  steps=it, train_s=train_s)
     return 0
 
 
