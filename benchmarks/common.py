@@ -114,6 +114,18 @@ def between_markers(text: str, begin: str, end: str, block: str, where: str) -> 
     return f"{head}{begin}\n{block}\n{end}{tail}"
 
 
+def write_between_markers(path: str, begin: str, end: str, block: str, where: str,
+                          check: bool = False) -> bool:
+    """Puts `block` between the markers of the file at `path` (between_markers); with `check`,
+    writes nothing. True when the file held `block` there already."""
+    text = open(path).read()
+    new = between_markers(text, begin, end, block, where)
+    if new != text and not check:
+        with open(path, "w") as f:
+            f.write(new)
+    return new == text
+
+
 def append_result(name: str, record: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.jsonl")

@@ -26,7 +26,7 @@ import tempfile
 
 import yaml
 
-from benchmarks.common import RESULTS_DIR, ROOT, append_result, between_markers, environment, recorded_path
+from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, recorded_path, write_between_markers
 from benchmarks.learning.bench_learning import mean_image_psnr
 from benchmarks.learning.bench_pretrained import sha256_prefix
 
@@ -125,16 +125,11 @@ def main(argv=None) -> int:
         if args.table:
             print(table())
             return 0
-        text = open(DOC).read()
-        new = between_markers(text, *MARKERS, table(), DOC)
-        if args.check:
-            if new != text:
-                print(f"{DOC}'s generalise table is stale: python -m "
-                      "benchmarks.learning.bench_generalise --write", file=sys.stderr)
-                return 1
-            return 0
-        with open(DOC, "w") as f:
-            f.write(new)
+        current = write_between_markers(DOC, *MARKERS, table(), DOC, check=args.check)
+        if args.check and not current:
+            print(f"{DOC}'s generalise table is stale: python -m "
+                  "benchmarks.learning.bench_generalise --write", file=sys.stderr)
+            return 1
         return 0
     from osrt_fast.config import load_config
     checkpoint = args.checkpoint or os.path.splitext(args.config)[0] + ".pt"

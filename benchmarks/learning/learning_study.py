@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks.common import RESULTS_DIR, ROOT
+from benchmarks.common import RESULTS_DIR, ROOT, write_between_markers
 
 RESULTS = os.path.join(RESULTS_DIR, "learning")
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -338,16 +338,12 @@ def main(argv=None) -> int:
         if begin not in text or end not in text:
             print(f"{DOC} has no {FAMILIES[args.family][4]} markers", file=sys.stderr)
             return 2
-        head, rest = text.split(begin, 1)
-        new = head + begin + "\n" + table(names, args.family) + "\n" + end + rest.split(end, 1)[1]
+        current = write_between_markers(DOC, begin, end, table(names, args.family), DOC, check=args.check)
         if args.check:
-            if new != text:
+            if not current:
                 print(f"{DOC}'s {args.family} study table is stale: python -m "
                       f"benchmarks.learning.learning_study --family {args.family} --write", file=sys.stderr)
-                return 1
-            return 0
-        with open(DOC, "w") as f:
-            f.write(new)
+            return 0 if current else 1
         print(f"wrote the {args.family} study table into {DOC}")
         return 0
     failed = [n for n in names if run(args.family, n, args.steps, args.eval_every, args.threads) != 0]

@@ -26,7 +26,7 @@ import time
 
 import yaml
 
-from benchmarks.common import RESULTS_DIR, ROOT, append_result, between_markers, environment
+from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, write_between_markers
 from benchmarks.speed.bench_cpu import machine
 
 RESULTS = os.path.join(RESULTS_DIR, "reliability.jsonl")
@@ -159,10 +159,8 @@ def table_text(records: list) -> str:
 
 def write_table(path: str = os.path.join(ROOT, "docs", "reliability.md")) -> None:
     records = [json.loads(x) for x in open(RESULTS)] if os.path.exists(RESULTS) else []
-    text = between_markers(open(path).read(), TABLE_BEGIN, TABLE_END, table_text(records),
-                           "docs/reliability.md (the soak table)")
-    with open(path, "w") as f:
-        f.write(text)
+    write_between_markers(path, TABLE_BEGIN, TABLE_END, table_text(records),
+                          "docs/reliability.md (the soak table)")
 
 
 def main(argv=None) -> int:

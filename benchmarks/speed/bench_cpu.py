@@ -40,8 +40,8 @@ import time
 
 import yaml
 
-from benchmarks.common import (RESULTS_DIR, ROOT, append_result, between_markers, environment,
-                               recorded_path, set_option)
+from benchmarks.common import (RESULTS_DIR, ROOT, append_result, environment,
+                               recorded_path, set_option, write_between_markers)
 
 # name -> (what it is, options as --set takes them, train.py flags); each the config with
 # those options changed (for configs/demo.yaml: cache, one process, folded, precision auto).
@@ -404,10 +404,7 @@ def table_text(records: list) -> str:
 
 def write_table(readme: str = os.path.join(ROOT, "README.md")) -> None:
     records = [json.loads(line) for line in open(RESULTS)] if os.path.exists(RESULTS) else []
-    text = between_markers(open(readme).read(), TABLE_BEGIN, TABLE_END, table_text(records),
-                           "README.md (the CPU table)")
-    with open(readme, "w") as f:
-        f.write(text)
+    write_between_markers(readme, TABLE_BEGIN, TABLE_END, table_text(records), "README.md (the CPU table)")
 
 
 def main(argv=None) -> int:
