@@ -225,6 +225,29 @@ def test_bench_reference_trains_the_reference_code_and_resumes(tmp_path):
     assert copied["training"]["peak_lr"] == 1e-4
 
 
+def test_bench_generalise_evaluates_a_checkpoint_on_new_scenes(tiny_run, tmp_path, monkeypatch, capsys):
+    """bench_generalise on a tiny run: its conditions (zooms around the trained one, 1-3 input
+    views, objects from the most trained to beyond K - 1), and three of them evaluated, new
+    scenes generated where a condition needs its own."""
+    import yaml
+    from benchmarks.learning import bench_generalise
+    config, data = tiny_run
+    checkpoint = os.path.join(os.path.dirname(config), "model.pt")
+    todo = bench_generalise.conditions(data, num_slots=4)
+    assert {"test split", "unseen seed", "zoom 0.7", "zoom 1.3", "1 input view", "2 input views", "3 input views",
+            "3 objects", "4 objects", "5 objects"} == set(todo)
+    monkeypatch.setattr(bench_generalise, "GENERATED", str(tmp_path / "generated"))
+    monkeypatch.setattr(bench_generalise, "SCENES", 20)
+    assert bench_generalise.main(["--config", config, "--checkpoint", checkpoint, "--items", "4",
+                                  "--no-save", "--only", "unseen seed", "1 input view", "4 objects"]) == 0
+    out = capsys.readouterr().out
+    for name in ("unseen seed", "1 input view", "4 objects"):
+        assert f"{name}: PSNR" in out and "on 4 items" in out.split(f"{name}: PSNR")[1].split("\n")[0]
+    generated = yaml.safe_load(open(tmp_path / "generated" / "config-objects4" / "generator.json"))
+    assert generated["min_objects"] == generated["max_objects"] == 4
+    assert bench_generalise.main(["--config", config, "--only", "nonsense"]) == 2
+
+
 def test_results_name_no_folder_outside_the_repository(tmp_path):
     """A result names a file by its path in the repository (a config outside it, by its copy
     beside the curves), never by a machine's folder; no committed result does."""

@@ -30,8 +30,8 @@ from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, rec
 from benchmarks.learning.bench_learning import mean_image_psnr
 from benchmarks.learning.bench_pretrained import sha256_prefix
 
-CONFIGS = {"demo": (os.path.join(ROOT, "configs", "demo.yaml"), os.path.join(ROOT, "configs", "demo.pt")),
-           "full": (os.path.join(ROOT, "configs", "full.yaml"), os.path.join(ROOT, "configs", "full.pt"))}
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+GENERATED = os.path.join(ROOT, "data", "generalise")      # where conditions' own scenes are generated
 RESULTS = os.path.join(RESULTS_DIR, "generalise.jsonl")
 DOC = os.path.join(ROOT, "docs", "learning.md")
 MARKERS = ("<!-- generalise-table:begin (written by python -m benchmarks.learning.bench_generalise "
@@ -58,7 +58,7 @@ def conditions(data: dict, num_slots: int) -> dict:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.learning.bench_generalise",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=CONFIGS["demo"][0])
+    p.add_argument("--config", default=DEMO)
     p.add_argument("--checkpoint", help="default: the config's shipped checkpoint (configs/<name>.pt)")
     p.add_argument("--items", type=int, default=200, help="evaluation items per condition")
     p.add_argument("--only", nargs="*", help="these conditions only (default: all)")
@@ -81,7 +81,7 @@ def evaluate_condition(config: str, checkpoint: str, name: str, change: tuple, i
     cfg = yaml.safe_load(open(config))
     base = os.path.splitext(os.path.basename(config))[0]
     cfg["data"]["kwargs"].update(kwargs)
-    cfg["data"]["path"] = (os.path.join(ROOT, "data", "generalise", f"{base}-{folder}") if folder
+    cfg["data"]["path"] = (os.path.join(GENERATED, f"{base}-{folder}") if folder
                            else os.path.join(ROOT, cfg["data"]["path"]))
     cfg["training"].update(device="cpu", num_workers=0)
     with tempfile.TemporaryDirectory() as tmp:
