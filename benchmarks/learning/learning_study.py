@@ -58,6 +58,11 @@ REFERENCE_RAYS = ["model.encoder_kwargs.ray_param=camera", "model.decoder_kwargs
 # steps; every variant keeps these so that a rerun computes as the committed curves did.
 STUDIED = ["model.backend=eager", "precision=fp32", "data.cache=false", "num_workers=1"]
 
+# Widths 128 instead of 64: slots, tokens, MLPs and the render MLP.
+WIDTH_128 = ([f"model.encoder_kwargs.{k}={v}" for k, v in
+              (("slot_dim", 128), ("latent_dim", 128), ("conv_dim", 32), ("mlp_dim", 256), ("head_dim", 32))] +
+             [f"model.decoder_kwargs.{k}={v}" for k, v in (("slot_dim", 128), ("render_hidden_dim", 128))])
+
 # name: (what it tests, --set options on top of STUDIED)
 VARIANTS = {
     "recipe": ("nothing: configs/demo.yaml as it is (the study's baseline, at the study's threads "
@@ -98,12 +103,7 @@ VARIANTS = {
     # What more compute buys (the shipped checkpoint's gap): per step, and per second
     "batch_32": ("32 scenes per step instead of 16 (2x the compute per step)", ["batch_size=32"]),
     "rays_1024": ("1024 target rays per scene instead of 512", ["data.num_points=1024"]),
-    "width_128": ("widths 128 instead of 64 (slots, tokens, MLPs and the render MLP)",
-                  [f"model.encoder_kwargs.{k}={v}" for k, v in
-                   (("slot_dim", 128), ("latent_dim", 128), ("conv_dim", 32), ("mlp_dim", 256),
-                    ("head_dim", 32))] +
-                  [f"model.decoder_kwargs.{k}={v}" for k, v in
-                   (("slot_dim", 128), ("render_hidden_dim", 128))]),
+    "width_128": ("widths 128 instead of 64 (slots, tokens, MLPs and the render MLP)", WIDTH_128),
     "lr_3e-4": ("peak learning rate 3e-4 instead of 1e-3", ["peak_lr=3e-4"]),
     "reference_options": ("every model option the reference's, no slot balance (the recipe's data, "
                           "widths and schedule)",
@@ -120,9 +120,6 @@ VARIANTS = {
 # shadows, 2-6 objects, 64x64) with what each name says changed, run as the config runs (folded,
 # bf16, cached scenes). Runs whose data differ name their own data folder.
 FULL = os.path.join(ROOT, "configs", "full.yaml")
-WIDTH_128 = ([f"model.encoder_kwargs.{k}={v}" for k, v in
-              (("slot_dim", 128), ("latent_dim", 128), ("conv_dim", 32), ("mlp_dim", 256), ("head_dim", 32))] +
-             [f"model.decoder_kwargs.{k}={v}" for k, v in (("slot_dim", 128), ("render_hidden_dim", 128))])
 # For a while the recipe had one conv block; the variants run on it say so (compare them with
 # full_one_conv_block at equal steps).
 ONE_CONV = ["model.encoder_kwargs.num_conv_blocks=1"]
@@ -165,14 +162,11 @@ FULL_VARIANTS = {
 FULL_STARTS = {"full_objects_curriculum": ("full_objects_2_3_first", 1000),
                "full_size_curriculum": ("full_32px_first", 1000)}
 
-# Runs of other scripts that the tables list beside the variants: name: what it is.
-TABLE_ONLY = {
+# Runs of other scripts that the tables list beside the variants: family: {name: (what it is, [])}.
+OTHER_ROWS = {
     "demo": {"demo": ("configs/demo.yaml's own run to the end of its schedule (bench_learning; "
-                      "the shipped configs/demo.pt; 2 threads, idle to step 12,500)", [])},
-    "full": {},
-}
-REFERENCE_ROWS = {
-    "demo": {"reference_demo": ("the reference's own code (stelzner/osrt: its model at the paper's "
+                      "the shipped configs/demo.pt; 2 threads, idle to step 12,500)", []),
+             "reference_demo": ("the reference's own code (stelzner/osrt: its model at the paper's "
                                 "widths, training step and schedule), the demo's data, batch and "
                                 "rays, 30 minutes on one thread (bench_reference.py)", [])},
     "full": {},
@@ -272,7 +266,7 @@ def table(names, family: str = "demo") -> str:
     """The Markdown table of the variants' results (those with curves), then the runs of other
     scripts it lists (the family's own long run, the reference's)."""
     at = FULL_AT if family == "full" else ()
-    others = {**TABLE_ONLY[family], **REFERENCE_ROWS[family]}
+    others = OTHER_ROWS[family]
     described = {**FAMILIES[family][2], **others}
     names = list(names) + [n for n in others if n not in names]
     return "\n".join(["| run | what differs from the recipe | steps | training min | val PSNR best / "
