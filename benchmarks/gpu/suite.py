@@ -240,6 +240,13 @@ def import_reference(path: str):
     return ReferenceOSRT, SRTTrainer
 
 
+def reference_model_config(num_slots: int) -> dict:
+    """The reference's OSRT config with its own keys only (it has no width options: the paper's
+    widths), `num_slots` slots and pos_start_octave -5 (as its CLEVR3D and MSN configs set)."""
+    return {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": num_slots},
+            "decoder": "slot_mixer", "decoder_kwargs": {"pos_start_octave": -5}}
+
+
 def reference_batch(scenes: int, shape, slots: int, device) -> dict:
     """bench_train_step's random batch plus one-hot target masks (34 channels, as MSN-Hard):
     the reference computes ARI and FG-ARI of every training batch from them."""

@@ -67,11 +67,6 @@ def import_reference_training(path: str):
     return ReferenceOSRT, SRTTrainer, module.LrScheduler
 
 
-def reference_model_config(num_slots: int) -> dict:
-    return {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": num_slots},
-            "decoder": "slot_mixer", "decoder_kwargs": {"pos_start_octave": -5}}
-
-
 def evaluate_reference(ref_model, model_cfg: dict, loader, spec, device) -> dict:
     """This project's evaluation of the reference's current weights (its eager model, loaded
     with them)."""
@@ -115,6 +110,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     ReferenceOSRT, SRTTrainer, LrScheduler = import_reference_training(args.reference)
     device = torch.device("cpu")
+    from benchmarks.gpu.suite import reference_model_config
     model_cfg = reference_model_config(cfg.model.encoder_kwargs["num_slots"])
     torch.manual_seed(0)
     ref_model = ReferenceOSRT(model_cfg).to(device)

@@ -306,7 +306,7 @@ def reference(args) -> list:
     median, its ratio the median of the per-round ratios to the reference's step."""
     import torch
 
-    from benchmarks.gpu.suite import import_reference, reference_batch
+    from benchmarks.gpu.suite import import_reference, reference_batch, reference_model_config
     from benchmarks.speed.bench_train_step import Step
     from osrt_fast import process
 
@@ -314,8 +314,7 @@ def reference(args) -> list:
 
     scenes, views, size, rays, slots = args.ref_shape
     ReferenceOSRT, SRTTrainer = import_reference(args.reference)
-    model_cfg = {"encoder": "osrt", "encoder_kwargs": {"pos_start_octave": -5, "num_slots": slots},
-                 "decoder": "slot_mixer", "decoder_kwargs": {"pos_start_octave": -5}}
+    model_cfg = reference_model_config(slots)
     cpu = torch.device("cpu")
     batch = reference_batch(scenes, (views, size, rays), slots, cpu)
     torch.manual_seed(0)
