@@ -32,6 +32,7 @@ import sys
 import time
 
 from benchmarks.common import RESULTS_DIR, ROOT, environment, recorded_path
+from benchmarks.gpu.suite import import_reference, reference_model_config
 from benchmarks.learning.bench_learning import (mean_image_psnr, save_config_copy, torch_threads,
                                                 write_results)
 
@@ -57,7 +58,6 @@ def parse(argv=None):
 
 def import_reference_training(path: str):
     """(OSRT, SRTTrainer, LrScheduler) of the reference checkout at `path`."""
-    from benchmarks.gpu.suite import import_reference
     ReferenceOSRT, SRTTrainer = import_reference(path)
     # Its train.py runs only under __main__; loaded under another name, so that it cannot be
     # taken for this project's train.py.
@@ -67,15 +67,12 @@ def import_reference_training(path: str):
     return ReferenceOSRT, SRTTrainer, module.LrScheduler
 
 
-def evaluate_reference(ref_model, model_cfg: dict, loader, spec, device) -> dict:
-    """This project's evaluation of the reference's current weights (its eager model, loaded
-    with them)."""
+def evaluate_reference(ref_model, ours, loader, spec, device) -> dict:
+    """This project's evaluation of the reference's current weights: `ours`, this project's
+    eager model of the same config, loaded with them."""
     import torch
 
-    from osrt_fast import OSRT
-    from osrt_fast.config import model_config_from_any
     from osrt_fast.evaluate import evaluate
-    ours = OSRT(model_config_from_any(model_cfg)).to(device)
     ours.encoder.load_state_dict(ref_model.encoder.state_dict())
     ours.decoder.load_state_dict(ref_model.decoder.state_dict())
     with torch.no_grad():
@@ -97,7 +94,8 @@ def main(argv=None) -> int:
     import torch
     import yaml
 
-    from osrt_fast.config import load_config
+    from osrt_fast import OSRT
+    from osrt_fast.config import load_config, model_config_from_any
     from osrt_fast.data import batch_spec, get_dataset
     from osrt_fast.data.loaders import loader_options, record_loader
     from osrt_fast.data.records import make_batch
@@ -110,10 +108,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     ReferenceOSRT, SRTTrainer, LrScheduler = import_reference_training(args.reference)
     device = torch.device("cpu")
-    from benchmarks.gpu.suite import reference_model_config
     model_cfg = reference_model_config(cfg.model.encoder_kwargs["num_slots"])
     torch.manual_seed(0)
     ref_model = ReferenceOSRT(model_cfg).to(device)
+    ours = OSRT(model_config_from_any(model_cfg)).to(device)            # scores ref_model's weights
     schedule = LrScheduler(peak_lr=1e-4, peak_it=args.lr_warmup, decay_it=4_000_000, decay_rate=0.16)
     optimizer = torch.optim.Adam(ref_model.parameters(), lr=schedule.get_cur_lr(0))
     trainer = SRTTrainer(ref_model, optimizer, {"training": {}}, device, run_dir, {})
@@ -142,7 +140,7 @@ def main(argv=None) -> int:
                (args.minutes is not None and train_s >= 60 * args.minutes)
 
     def evaluate_now() -> None:
-        result = evaluate_reference(ref_model, model_cfg, eval_loader, eval_spec, device)
+        result = evaluate_reference(ref_model, ours, eval_loader, eval_spec, device)
         point = {"it": it, "scenes_seen": it * t.batch_size, "train_s": train_s,
                  **{k: result[k] for k in ("psnr", "ari", "fg_ari", "mse", "slot_max_share",
                                            "slot_similarity") if k in result}}
