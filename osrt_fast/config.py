@@ -317,6 +317,9 @@ class TrainingConfig:
     lr_warmup: int = option(2500, "linear learning-rate warm-up steps", min=0)
     peak_lr: float = option(1e-4, "the learning rate after warm-up", min=0.0)
     decay_rate: float = option(0.16, "learning-rate decay per decay_it steps", min=0.0)
+    lr_cooldown: int = option(0, "the last N steps before max_it scale the learning rate linearly "
+                                 "to 0 (a warm-up-stable-decay schedule's cooldown, MiniCPM, "
+                                 "arXiv:2404.06395; 0 = off, as the reference)", min=0)
     seed: int = option(0, "the seed of weights, batches and ray samples")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     max_nonfinite_steps: int = option(5, "non-finite losses in a row that stop the run", min=1)

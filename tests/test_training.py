@@ -47,6 +47,23 @@ def test_lr_schedule_matches_the_reference():
     assert s(10000 + 4_000_000) == pytest.approx(1.6e-5)
 
 
+def test_lr_cooldown_ends_the_schedule_at_zero_and_leaves_the_steps_before_it():
+    plain = LrSchedule(peak_lr=1e-3, warmup=100, decay_rate=0.16, decay_it=40000)
+    cooled = LrSchedule(peak_lr=1e-3, warmup=100, decay_rate=0.16, decay_it=40000, cooldown=8000,
+                        max_it=38000)
+    for it in (0, 50, 100, 20000, 30000):
+        assert cooled(it) == plain(it)
+    assert cooled(34000) == pytest.approx(plain(34000) / 2)
+    assert cooled(38000) == 0.0 and cooled(39000) == 0.0
+    assert "cooldown" not in plain.state_dict()         # checkpoints without one compare unchanged
+    assert cooled.state_dict()["cooldown"] == 8000
+    with pytest.raises(ValueError, match="max_it"):
+        LrSchedule(cooldown=10)
+    t = config_from_dict({"training": {"peak_lr": 1e-3, "lr_warmup": 100, "decay_it": 40000,
+                                       "max_it": 38000, "lr_cooldown": 8000}}).training
+    assert LrSchedule.from_config(t).state_dict() == cooled.state_dict()
+
+
 def test_loss_falls_on_a_fixed_batch(data_dir):
     cfg = config_from_dict({"data": tiny_data_section(data_dir)})
     ds = get_dataset("train", cfg.data)
