@@ -400,3 +400,47 @@ def test_study_table_reads_the_curves(tmp_path, monkeypatch, capsys):
     assert rows == ["| [`no_plucker`](../benchmarks/results/learning/no_plucker/curves.png) | camera position "
                     "and direction (the reference's rays) instead of Pluecker | 500 | 1.5 | 19.50 / 19.25 "
                     "(19.00) | 0.40 / 0.40 | 0.50 |"]
+
+
+def test_grow_slots_keeps_every_trained_weight_and_adds_spare_slots(tmp_path):
+    """benchmarks.learning.grow_slots: a checkpoint of K slots -> K + 2, every other weight and
+    the optimiser's state kept, the new slots near their sources, and the grown file loads into
+    (and runs) the model of K + 2 slots with its optimiser."""
+    import torch
+
+    from benchmarks.learning.grow_slots import KEY, grow
+    from osrt_fast import OSRT
+    from osrt_fast.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from tests.conftest import scene_inputs, tiny_model_config
+
+    torch.manual_seed(0)
+    model = OSRT(tiny_model_config())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, cam, rays, tcam, trays, target = scene_inputs(rays=11)
+    pixels, _ = model(images, cam, rays, tcam, trays)
+    (pixels - target).square().mean().backward()
+    optimizer.step()
+    old_path, new_path = str(tmp_path / "k3.pt"), str(tmp_path / "k5.pt")
+    save_checkpoint(old_path, model, optimizer, it=7)
+    grow(old_path, 5, new_path, noise=0.1)
+
+    old, new = read_checkpoint(old_path), read_checkpoint(new_path)
+    assert new["it"] == 7 and new["osrt_fast"]["model_config"]["encoder_kwargs"]["num_slots"] == 5
+    slots = new["encoder"][KEY]
+    assert slots.shape == (5, 32) and torch.equal(slots[:3], old["encoder"][KEY])
+    assert not torch.equal(slots[3:], old["encoder"][KEY][:2])                 # noise added
+    assert (slots[3:] - old["encoder"][KEY][:2]).abs().max() < 1.0             # near the sources
+    for part in ("encoder", "decoder"):
+        for k, v in old[part].items():
+            if k != KEY:
+                assert torch.equal(new[part][k], v), k
+    grown = OSRT(tiny_model_config(encoder_kwargs={**tiny_model_config()["encoder_kwargs"], "num_slots": 5}))
+    grown_opt = torch.optim.Adam(grown.parameters(), lr=1e-3)
+    load_checkpoint(new_path, grown, grown_opt)
+    index = [n for n, _ in grown.named_parameters()].index("encoder." + KEY)
+    moments = grown_opt.state_dict()["state"][index]["exp_avg_sq"]
+    assert moments.shape == (5, 32) and torch.equal(moments[3:], moments[:2])
+    pixels, extras = grown(images, cam, rays, tcam, trays)
+    assert extras["segmentation"].shape[-1] == 5 and torch.isfinite(pixels).all()
+    with pytest.raises(SystemExit, match="give more"):
+        grow(old_path, 3, str(tmp_path / "same.pt"))
