@@ -444,3 +444,36 @@ def test_grow_slots_keeps_every_trained_weight_and_adds_spare_slots(tmp_path):
     assert extras["segmentation"].shape[-1] == 5 and torch.isfinite(pixels).all()
     with pytest.raises(SystemExit, match="give more"):
         grow(old_path, 3, str(tmp_path / "same.pt"))
+
+
+def test_segmentation_errors_count_edges_background_slot_and_merges():
+    """bench_segmentation_errors' measures on hand-made scenes whose answers are known."""
+    import torch
+
+    from benchmarks.learning.bench_segmentation_errors import edge_pixels, scene_errors
+    labels = torch.zeros(4, 4, dtype=torch.long)
+    labels[1:3, 1:3] = 1                                        # a 2x2 object in a 4x4 view
+    edge = edge_pixels(labels)
+    assert edge[1:3, 1:3].all() and edge.sum() == 4 + 8        # its 4 pixels and 8 neighbours
+    assert not edge[0, 0] and not edge[3, 3]
+    one_hot = lambda idx, n: torch.nn.functional.one_hot(torch.tensor(idx), n).float()[None]  # noqa: E731
+    # 8 pixels: background x2, object 1 x3, object 2 x3
+    masks = one_hot([0, 0, 1, 1, 1, 2, 2, 2], 3)
+    apart = one_hot([0, 0, 1, 1, 0, 2, 2, 2], 3)               # one pixel of object 1 in the background's slot
+    merged = one_hot([0, 0, 1, 1, 1, 1, 1, 2], 3)              # both objects mostly in slot 1
+    a, = scene_errors(masks, apart)
+    assert a["objects"] == 2 and not a["merged"]
+    assert a["in_background_slot"] == pytest.approx(1 / 6) and a["least_purity"] == pytest.approx(2 / 3)
+    m, = scene_errors(masks, merged)
+    assert m["merged"] and m["in_background_slot"] == 0 and m["least_purity"] == pytest.approx(2 / 3)
+
+
+def test_bench_segmentation_errors_measures_a_checkpoint(tiny_run):
+    from benchmarks.learning import bench_segmentation_errors
+    config, _ = tiny_run
+    checkpoint = os.path.join(os.path.dirname(config), "model.pt")
+    row = bench_segmentation_errors.main(["--config", config, "--checkpoint", checkpoint,
+                                          "--split", "val", "--max-eval", "3", "--no-save"])
+    assert row["items"] == 3 and row["it"] == 2
+    assert -1 <= row["fg_ari_without_edges"] <= 1 and 0 < row["edge_share_of_object_pixels"] <= 1
+    assert sum(v["scenes"] for v in row["by_objects"].values()) == 3
