@@ -169,7 +169,13 @@ OTHER_ROWS = {
              "reference_demo": ("the reference's own code (stelzner/osrt: its model at the paper's "
                                 "widths, training step and schedule), the demo's data, batch and "
                                 "rays, 30 minutes on one thread (bench_reference.py)", [])},
-    "full": {},
+    "full": {"full_cooldown_from_29k": ("the long run's step-29,000 checkpoint, its learning rate then cooled "
+                                        "down linearly to 0 over 8000 steps (lr_cooldown=8000, max_it=37000)", []),
+             "full_cooldown_from_40k": ("the long run's step-40,000 checkpoint cooled down over 8000 steps "
+                                        "(lr_cooldown=8000, max_it=48000): the control of the next row", []),
+             "full_slots_10_from_40k": ("the long run's step-40,000 checkpoint grown to 10 slots "
+                                        "(grow_slots.py: 3 spare slots), cooled down over 8000 steps "
+                                        "as the row above", [])},
 }
 
 FAMILIES = {
