@@ -175,7 +175,9 @@ OTHER_ROWS = {
                                         "(lr_cooldown=8000, max_it=48000): the control of the next row", []),
              "full_slots_10_from_40k": ("the long run's step-40,000 checkpoint grown to 10 slots "
                                         "(grow_slots.py: 3 spare slots), cooled down over 8000 steps "
-                                        "as the row above", [])},
+                                        "as the row above", []),
+             "full_cooldown_16000_from_40k": ("the long run's step-40,000 checkpoint cooled down over "
+                                              "16,000 steps (lr_cooldown=16000, max_it=56000)", [])},
 }
 
 FAMILIES = {
