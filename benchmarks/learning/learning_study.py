@@ -177,7 +177,9 @@ OTHER_ROWS = {
                                         "(grow_slots.py: 3 spare slots), cooled down over 8000 steps "
                                         "as the row above", []),
              "full_cooldown_16000_from_40k": ("the long run's step-40,000 checkpoint cooled down over "
-                                              "16,000 steps (lr_cooldown=16000, max_it=56000)", [])},
+                                              "16,000 steps (lr_cooldown=16000, max_it=56000)", []),
+             "full_slots_10_long": ("10 slots instead of 7 from the start, on the recipe's whole schedule "
+                                    "(a long run under way; resumes from its committed run folder)", [])},
 }
 
 FAMILIES = {
