@@ -26,9 +26,9 @@ import tempfile
 
 import yaml
 
-from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, recorded_path, write_between_markers
+from benchmarks.common import RESULTS_DIR, ROOT, append_result, environment, write_between_markers
 from benchmarks.learning.bench_learning import mean_image_psnr
-from benchmarks.learning.bench_pretrained import sha256_prefix
+from benchmarks.learning.bench_pretrained import checkpoint_fields
 
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 GENERATED = os.path.join(ROOT, "data", "generalise")      # where conditions' own scenes are generated
@@ -95,8 +95,7 @@ def evaluate_condition(config: str, checkpoint: str, name: str, change: tuple, i
                           torch.device("cpu"), batch_spec(run_cfg.data, dataset, full_scale=True),
                           progress=False, precision=run_cfg.training.precision)
         baseline = mean_image_psnr(path, items, split=split)
-    return {"bench": "generalise", "config": recorded_path(config), "checkpoint": recorded_path(checkpoint),
-            "sha256": sha256_prefix(checkpoint), "it": state.get("it"), "condition": name, "split": split,
+    return {"bench": "generalise", **checkpoint_fields(config, checkpoint), "it": state.get("it"), "condition": name, "split": split,
             "items": result["num_scenes"], "psnr": result["psnr"], "mean_image_psnr": baseline,
             "ari": result["ari"], "fg_ari": result["fg_ari"], "data": kwargs, **environment()}
 

@@ -40,6 +40,13 @@ def sha256_prefix(path: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def checkpoint_fields(config: str, checkpoint: str) -> dict:
+    """What names a checkpoint's result: its config and file (as recorded_path gives them) and
+    the first 12 hex digits of the file's SHA-256."""
+    return {"config": recorded_path(config), "checkpoint": recorded_path(checkpoint),
+            "sha256": sha256_prefix(checkpoint)}
+
+
 def main(argv=None) -> dict:
     from osrt_fast import evaluate
     args = parse(argv)
@@ -51,9 +58,8 @@ def main(argv=None) -> dict:
         if evaluate.main(cmd) != 0:
             raise SystemExit("evaluation failed; its error is above")
         result = json.load(open(out))
-    row = {"bench": "pretrained", "config": recorded_path(args.config),
-           "checkpoint": recorded_path(args.checkpoint),
-           "sha256": sha256_prefix(args.checkpoint), "it": result["it"], "split": args.split,
+    row = {"bench": "pretrained", **checkpoint_fields(args.config, args.checkpoint),
+           "it": result["it"], "split": args.split,
            "scenes": result["num_scenes"], "psnr": result["psnr"], "ssim": result.get("ssim"),
            "ari": result["ari"],
            "fg_ari": result["fg_ari"],

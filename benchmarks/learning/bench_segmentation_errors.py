@@ -22,8 +22,8 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks.common import ROOT, append_result, environment, recorded_path
-from benchmarks.learning.bench_pretrained import sha256_prefix
+from benchmarks.common import ROOT, append_result, environment
+from benchmarks.learning.bench_pretrained import checkpoint_fields
 
 
 def parse(argv=None):
@@ -104,8 +104,7 @@ def measure(config: str, checkpoint: str, split: str, max_eval: int) -> dict:
 def main(argv=None) -> dict:
     args = parse(argv)
     result = measure(args.config, args.checkpoint, args.split, args.max_eval)
-    row = {"bench": "segmentation_errors", "config": recorded_path(args.config),
-           "checkpoint": recorded_path(args.checkpoint), "sha256": sha256_prefix(args.checkpoint),
+    row = {"bench": "segmentation_errors", **checkpoint_fields(args.config, args.checkpoint),
            "split": args.split, **result, **environment()}
     if not args.no_save:
         append_result("segmentation_errors", row)
