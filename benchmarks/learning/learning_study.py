@@ -168,7 +168,12 @@ OTHER_ROWS = {
                       "the shipped configs/demo.pt; 2 threads, idle to step 12,500)", []),
              "reference_demo": ("the reference's own code (stelzner/osrt: its model at the paper's "
                                 "widths, training step and schedule), the demo's data, batch and "
-                                "rays, 30 minutes on one thread (bench_reference.py)", [])},
+                                "rays, 30 minutes on one thread (bench_reference.py)", []),
+             "demo_64": ("the demo's scenes at 64x64 with two conv blocks (16x16 tokens of 4x4 pixels), "
+                         "a 32,000-step schedule cooled down over its last 6000 (bench_learning --set "
+                         "data.kwargs.height=64 data.kwargs.width=64 model.encoder_kwargs.num_conv_blocks=2 "
+                         "max_it=32000 lr_cooldown=6000); one thread beside the full family's run, "
+                         "stopped at step 12,120, resumable from its committed run folder", [])},
     "full": {"full_cooldown_from_29k": ("the long run's step-29,000 checkpoint, its learning rate then cooled "
                                         "down linearly to 0 over 8000 steps (lr_cooldown=8000, max_it=37000)", []),
              "full_cooldown_from_40k": ("the long run's step-40,000 checkpoint cooled down over 8000 steps "
