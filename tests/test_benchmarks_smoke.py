@@ -347,9 +347,9 @@ def test_every_study_variant_is_a_valid_config(tmp_path):
 
 
 def test_every_full_study_variant_is_a_valid_config(tmp_path):
-    """The full family's variants (learning_study --family full) on configs/full.yaml: each
-    loads, builds, and differs from the recipe (the baseline 'full' nowhere); a curriculum starts
-    from a variant of the family, on the same model."""
+    """The full family's variants (learning_study --family full) on configs/full.yaml as the
+    study ran it (7 slots): each loads, builds, and differs from the recipe (the baseline 'full'
+    nowhere); a curriculum starts from a variant of the family, on the same model."""
     import types
 
     import torch
@@ -358,7 +358,8 @@ def test_every_full_study_variant_is_a_valid_config(tmp_path):
     from osrt_fast.config import load_config
     configs = {}
     for name, (_, sets) in learning_study.FULL_VARIANTS.items():
-        args = types.SimpleNamespace(config=learning_study.FULL, eval_every=500, set=sets)
+        args = types.SimpleNamespace(config=learning_study.FULL, eval_every=500,
+                                     set=learning_study.FULL_STUDIED + sets)
         cfg = load_config(bench_learning.prepare_run(args, str(tmp_path / name)))
         with torch.device("meta"):
             OSRT(cfg.model)

@@ -12,8 +12,9 @@ sources'. The step count, schedule and RNG state are kept: continue it with the 
 model.encoder_kwargs.num_slots=K).
 
 Why: on the full family, the errors left at step 40,000 are merged objects in scenes of 5 and 6
-objects (the ground takes one or two of the 7 slots); a model trained with K = 10 from the start
-learns no faster early on (the study's full_slots_10).
+objects (the ground takes one or two of the 7 slots). Grown at step 40,000 and cooled down, the
+10 slots did not separate more objects within 8000 steps; trained with K = 10 from the start
+(full_slots_10_long), they did, and configs/full.yaml has 10 since.
 """
 from __future__ import annotations
 

@@ -118,13 +118,16 @@ VARIANTS = {
 
 # The full family: configs/full.yaml (the built-in scenes at full difficulty: the ground with
 # shadows, 2-6 objects, 64x64) with what each name says changed, run as the config runs (folded,
-# bf16, cached scenes). Runs whose data differ name their own data folder.
+# bf16, cached scenes). Runs whose data differ name their own data folder. The study ran with 7
+# slots, as the config had them then (it has 10 since full_slots_10_long ended ahead): every run
+# of the family adds FULL_STUDIED, so each variant is what it was.
 FULL = os.path.join(ROOT, "configs", "full.yaml")
+FULL_STUDIED = ["model.encoder_kwargs.num_slots=7"]
 # For a while the recipe had one conv block; the variants run on it say so (compare them with
 # full_one_conv_block at equal steps).
 ONE_CONV = ["model.encoder_kwargs.num_conv_blocks=1"]
 FULL_VARIANTS = {
-    "full": ("nothing: configs/full.yaml as it is (its long run, the family's baseline)", []),
+    "full": ("nothing: configs/full.yaml with 7 slots (its first long run, the family's baseline)", []),
     "full_one_conv_block": ("one conv block: 32x32 tokens of 2x2 pixels per view (4x the tokens), "
                             "run to step 8975", ONE_CONV),
     "full_seed_1": ("nothing but the seed (training.seed 1: another init and order of batches): "
@@ -184,13 +187,13 @@ OTHER_ROWS = {
              "full_cooldown_16000_from_40k": ("the long run's step-40,000 checkpoint cooled down over "
                                               "16,000 steps (lr_cooldown=16000, max_it=56000)", []),
              "full_slots_10_long": ("10 slots instead of 7 from the start, on the recipe's whole schedule "
-                                    "(a long run under way; resumes from its committed run folder)", [])},
+                                    "(configs/full.yaml since; the shipped configs/full.pt)", [])},
 }
 
 FAMILIES = {
     # family: (config, options every run adds, variants, runs that start from another, markers)
     "demo": (DEMO, STUDIED, VARIANTS, {}, "study-table"),
-    "full": (FULL, [], FULL_VARIANTS, FULL_STARTS, "full-study-table"),
+    "full": (FULL, FULL_STUDIED, FULL_VARIANTS, FULL_STARTS, "full-study-table"),
 }
 
 
