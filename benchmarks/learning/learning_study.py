@@ -175,8 +175,8 @@ OTHER_ROWS = {
              "demo_64": ("the demo's scenes at 64x64 with two conv blocks (16x16 tokens of 4x4 pixels), "
                          "a 32,000-step schedule cooled down over its last 6000 (bench_learning --set "
                          "data.kwargs.height=64 data.kwargs.width=64 model.encoder_kwargs.num_conv_blocks=2 "
-                         "max_it=32000 lr_cooldown=6000); one thread beside the full family's run, "
-                         "stopped at step 12,120, resumable from its committed run folder", [])},
+                         "max_it=32000 lr_cooldown=6000); one thread beside the full family's run to step 12,120, "
+                         "then two threads on the idle CPU", [])},
     "full": {"full_cooldown_from_29k": ("the long run's step-29,000 checkpoint, its learning rate then cooled "
                                         "down linearly to 0 over 8000 steps (lr_cooldown=8000, max_it=37000)", []),
              "full_cooldown_from_40k": ("the long run's step-40,000 checkpoint cooled down over 8000 steps "
