@@ -55,8 +55,11 @@ REFERENCE_RAYS = ["model.encoder_kwargs.ray_param=camera", "model.decoder_kwargs
 # How the study's runs computed (configs/demo.yaml's settings then): the eager model in fp32,
 # scenes decoded by a loader process. configs/demo.yaml now runs the same model faster (the folded
 # algebra, bf16 where native, cached scenes; docs/performance.md), with the same learning at 5000
-# steps; every variant keeps these so that a rerun computes as the committed curves did.
-STUDIED = ["model.backend=eager", "precision=fp32", "data.cache=false", "num_workers=1"]
+# steps; every variant keeps these so that a rerun computes as the committed curves did. The
+# recipe's slot-importance loss then faded out over 3000 steps, and its schedule had no cooldown
+# (the config holds the loss for 10,000 steps and cools down since demo_balance_10000 ended ahead).
+STUDIED = ["model.backend=eager", "precision=fp32", "data.cache=false", "num_workers=1",
+           "slot_balance_until=3000", "lr_cooldown=0"]
 
 # Widths 128 instead of 64: slots, tokens, MLPs and the render MLP.
 WIDTH_128 = ([f"model.encoder_kwargs.{k}={v}" for k, v in
@@ -167,8 +170,10 @@ FULL_STARTS = {"full_objects_curriculum": ("full_objects_2_3_first", 1000),
 
 # Runs of other scripts that the tables list beside the variants: family: {name: (what it is, [])}.
 OTHER_ROWS = {
-    "demo": {"demo": ("configs/demo.yaml's own run to the end of its schedule (bench_learning; "
-                      "the shipped configs/demo.pt; 2 threads, idle to step 12,500)", []),
+    "demo": {"demo": ("configs/demo.yaml's first long run, to the end of its schedule, with the "
+                      "slot-importance loss for 3000 steps and no cooldown (bench_learning; "
+                      "configs/demo.pt until demo_balance_10000 replaced it; 2 threads, idle to step "
+                      "12,500)", []),
              "reference_demo": ("the reference's own code (stelzner/osrt: its model at the paper's "
                                 "widths, training step and schedule), the demo's data, batch and "
                                 "rays, 30 minutes on one thread (bench_reference.py)", []),
@@ -176,7 +181,19 @@ OTHER_ROWS = {
                          "a 32,000-step schedule cooled down over its last 6000 (bench_learning --set "
                          "data.kwargs.height=64 data.kwargs.width=64 model.encoder_kwargs.num_conv_blocks=2 "
                          "max_it=32000 lr_cooldown=6000); one thread beside the full family's run to step 12,120, "
-                         "then two threads on the idle CPU", [])},
+                         "then two threads on the idle CPU", []),
+             "demo_slots_6": ("6 slots instead of 4 (two more spare), run to step 10,000 (bench_learning "
+                              "--set model.encoder_kwargs.num_slots=6 lr_cooldown=8000; the cooldown "
+                              "would start at step 32,000); one thread beside demo_balance_10000", []),
+             "demo_balance_10000": ("the slot-importance loss faded out over 10,000 steps instead of "
+                                    "3000, and the last 8000 steps a linear cooldown of the rate to 0 "
+                                    "(bench_learning --set slot_balance_until=10000 lr_cooldown=8000); "
+                                    "one thread beside another run (configs/demo.yaml since; the "
+                                    "shipped configs/demo.pt)", []),
+             "demo_balance_40000": ("the slot-importance loss faded out over the whole schedule, 40,000 "
+                                    "steps, and the same cooldown (slot_balance_until=40000 "
+                                    "lr_cooldown=8000); one thread beside demo_balance_10000, then "
+                                    "beside a batch-32 run and the shipped checkpoint's measurements", [])},
     "full": {"full_cooldown_from_29k": ("the long run's step-29,000 checkpoint, its learning rate then cooled "
                                         "down linearly to 0 over 8000 steps (lr_cooldown=8000, max_it=37000)", []),
              "full_cooldown_from_40k": ("the long run's step-40,000 checkpoint cooled down over 8000 steps "
