@@ -56,10 +56,12 @@ REFERENCE_RAYS = ["model.encoder_kwargs.ray_param=camera", "model.decoder_kwargs
 # scenes decoded by a loader process. configs/demo.yaml now runs the same model faster (the folded
 # algebra, bf16 where native, cached scenes; docs/performance.md), with the same learning at 5000
 # steps; every variant keeps these so that a rerun computes as the committed curves did. The
-# recipe's slot-importance loss then faded out over 3000 steps, and its schedule had no cooldown
-# (the config holds the loss for 10,000 steps and cools down since demo_balance_10000 ended ahead).
+# recipe's slot-importance loss then faded out over 3000 steps, its schedule had no cooldown and
+# its batch was 16 scenes (the config holds the loss for 10,000 steps and cools down since
+# demo_balance_10000 ended ahead, and takes 32 scenes per step since demo_balance_10000_batch_32
+# ended ahead of that).
 STUDIED = ["model.backend=eager", "precision=fp32", "data.cache=false", "num_workers=1",
-           "slot_balance_until=3000", "lr_cooldown=0"]
+           "slot_balance_until=3000", "lr_cooldown=0", "batch_size=16"]
 
 # Widths 128 instead of 64: slots, tokens, MLPs and the render MLP.
 WIDTH_128 = ([f"model.encoder_kwargs.{k}={v}" for k, v in
@@ -188,8 +190,14 @@ OTHER_ROWS = {
              "demo_balance_10000": ("the slot-importance loss faded out over 10,000 steps instead of "
                                     "3000, and the last 8000 steps a linear cooldown of the rate to 0 "
                                     "(bench_learning --set slot_balance_until=10000 lr_cooldown=8000); "
-                                    "one thread beside another run (configs/demo.yaml since; the "
-                                    "shipped configs/demo.pt)", []),
+                                    "one thread beside another run (configs/demo.pt until "
+                                    "demo_balance_10000_batch_32 replaced it)", []),
+             "demo_balance_10000_batch_32": ("demo_balance_10000's recipe at 32 scenes per step "
+                                             "(--set batch_size=32 slot_balance_until=10000 "
+                                             "lr_cooldown=8000); two threads, beside demo_balance_40000 "
+                                             "and the measurements of the checkpoint it replaced to "
+                                             "step 3839, then on the idle CPU (configs/demo.yaml "
+                                             "since; the shipped configs/demo.pt)", []),
              "demo_balance_40000": ("the slot-importance loss faded out over the whole schedule, 40,000 "
                                     "steps, and the same cooldown (slot_balance_until=40000 "
                                     "lr_cooldown=8000); one thread beside demo_balance_10000, then "

@@ -47,6 +47,7 @@ from benchmarks.common import (RESULTS_DIR, ROOT, append_result, environment,
 # those options changed (for configs/demo.yaml: cache, one process, folded, precision auto).
 VARIANTS = {
     "demo": ("the config as it is", [], []),
+    "batch_16": ("16 scenes per step, as the demo trained before its batch was 32", ["training.batch_size=16"], []),
     "fp32": ("fp32, not bf16", ["training.precision=fp32"], []),
     "eager": ("the eager decoder and slot attention, not the folded algebra",
               ["model.backend=eager"], []),
