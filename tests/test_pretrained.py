@@ -13,9 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "configs", "demo.pt")
 # family: (checkpoint, PSNR floor, FG-ARI floor) on 16 held-out scenes (generator seed 7).
 # demo.pt at step 40000 (sha256 fa6a93a844e0) measured PSNR 24.62, FG-ARI 0.89 there (the
-# checkpoints it replaced: 24.47, 0.88 and 23.96, 0.82). The floors leave room for other CPUs' rounding, and
-# stay far above what an untrained or collapsed model gives (the mean image is about 19 dB; one
-# slot, FG-ARI 0).
+# checkpoints it replaced: 24.47, 0.88 and 23.96, 0.82). The floors leave room for other CPUs'
+# rounding, and stay far above what an untrained or collapsed model gives (the mean image is
+# about 19 dB; one slot, FG-ARI 0).
 # full.pt (10 slots) at step 58000 (sha256 7da1aef327c8) measured PSNR 23.48, FG-ARI 0.87 there
 # (the 7-slot checkpoint it replaced: 22.66, 0.88; its mean image is about 16.5 dB).
 FAMILIES = {"demo": (CHECKPOINT, 23.5, 0.75),
